@@ -1,0 +1,367 @@
+"""The memory core: three implementations agree, streaming is exact, and it is the paper's math."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from titans_jax import memory as mem
+
+BATCH, HEADS, KEY_DIM = 2, 2, 6
+
+
+def make_inputs(seed, length, key_dim=KEY_DIM, value_dim=KEY_DIM, dtype=jnp.float64, batch=BATCH, heads=HEADS):
+    """Random normalised keys, values, queries and gates in realistic ranges."""
+    r = jax.random.split(jax.random.PRNGKey(seed), 6)
+    keys = jax.random.normal(r[0], (batch, heads, length, key_dim), dtype)
+    keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True)
+    values = jax.random.normal(r[1], (batch, heads, length, value_dim), dtype)
+    queries = jax.random.normal(r[2], (batch, heads, length, key_dim), dtype)
+    theta = 0.4 * jax.nn.sigmoid(jax.random.normal(r[3], (batch, heads, length), dtype))
+    log_eta = jax.nn.log_sigmoid(jax.random.normal(r[4], (batch, heads, length), dtype) + 1.0)
+    log_keep = jax.nn.log_sigmoid(jax.random.normal(r[5], (batch, heads, length), dtype) + 2.0)
+    return keys, values, queries, theta, log_eta, log_keep
+
+
+def make_params(config, seed=7, dtype=jnp.float64, heads=HEADS):
+    params = mem.init_memory_params(jax.random.PRNGKey(seed), config, heads, dtype)
+    # non-trivial biases and norm parameters, so their gradients are exercised
+    r = iter(jax.random.split(jax.random.PRNGKey(seed + 1), 8))
+    layers = tuple({name: leaf + (0.1 * jax.random.normal(next(r), leaf.shape, dtype) if name == "b" else 0)
+                    for name, leaf in layer.items()} for layer in params["layers"])
+    params = {**params, "layers": layers}
+    if "norm" in params:
+        params["norm"] = {"scale": 1 + 0.1 * jax.random.normal(next(r), params["norm"]["scale"].shape, dtype),
+                          "bias": 0.1 * jax.random.normal(next(r), params["norm"]["bias"].shape, dtype)}
+    return params
+
+
+def scalar_objective(config):
+    """A loss over outputs and the final state, so every output and state leaf gets a gradient."""
+
+    def objective(params, keys, values, queries, theta, log_eta, log_keep):
+        out, state = mem.memory_apply(params, keys, values, queries, theta, log_eta, log_keep, config)
+        total = jnp.sum(jnp.sin(3 * out))
+        for layer, surprise in zip(state.weights, state.momentum):
+            total += sum(jnp.sum(jnp.cos(leaf)) for leaf in layer.values())
+            total += sum(jnp.sum(leaf * leaf) for leaf in surprise.values())
+        return total, out
+
+    return jax.jit(jax.value_and_grad(objective, argnums=tuple(range(7)), has_aux=True))
+
+
+def max_abs_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def max_rel_diff(a, b):
+    """Largest |a - b| of each leaf relative to that leaf's scale (max |b|, at least 1)."""
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / max(1.0, float(np.max(np.abs(np.asarray(y))))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+VARIANTS = {
+    "plain": {},
+    "bias_residual_norm": dict(use_bias=True, residual_norm=True),
+    "no_momentum": {},  # log_eta=None
+    "no_forgetting": {},  # log_keep=None
+    "silu_mean_loss": dict(activation="silu", loss_scale=1.0 / KEY_DIM),
+}
+
+
+def run_all_impls(depth, chunk_size, variant, length=23):
+    results = {}
+    with jax.enable_x64(True):
+        inputs = list(make_inputs(0, length))
+        if variant == "no_momentum":
+            inputs[4] = None
+        if variant == "no_forgetting":
+            inputs[5] = None
+        for impl in mem.IMPLEMENTATIONS:
+            config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=depth, expansion=2,
+                                      chunk_size=chunk_size, impl=impl, **VARIANTS[variant])
+            params = make_params(config)
+            (value, out), grads = scalar_objective(config)(params, *inputs)
+            grads = [g for g, x in zip(grads, [params] + inputs) if x is not None]
+            results[impl] = (out, grads)
+    return results
+
+
+# depth x chunk size: by default every depth and every chunk size appear at least once (compiling
+# three implementations with gradients takes ~10 s a case on 2 cores); the full product runs
+# with -m slow.
+FAST_CASES = [(1, 5), (2, 1), (2, 16), (3, 3)]
+ALL_CASES = [(d, c) for d in (1, 2, 3) for c in (1, 3, 16, 5)]
+CASES = FAST_CASES + [pytest.param(*case, marks=pytest.mark.slow) for case in ALL_CASES if case not in FAST_CASES]
+
+
+@pytest.mark.parametrize("depth,chunk_size", CASES)
+def test_implementations_agree_forward_and_gradients(depth, chunk_size):
+    results = run_all_impls(depth, chunk_size, "plain")
+    ref_out, ref_grads = results["reference"]
+    assert np.all(np.isfinite(np.asarray(ref_out)))
+    for impl in ("chunked", "associative"):
+        out, grads = results[impl]
+        assert max_rel_diff(out, ref_out) < 1e-12, impl
+        assert max_rel_diff(grads, ref_grads) < 1e-11, impl
+
+
+@pytest.mark.parametrize("variant", ["bias_residual_norm", "no_momentum", "no_forgetting", "silu_mean_loss"])
+def test_implementations_agree_variants(variant):
+    results = run_all_impls(2, 5, variant)
+    ref_out, ref_grads = results["reference"]
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(ref_grads))
+    for impl in ("chunked", "associative"):
+        out, grads = results[impl]
+        assert max_rel_diff(out, ref_out) < 1e-12, impl
+        assert max_rel_diff(grads, ref_grads) < 1e-11, impl
+
+
+@pytest.mark.parametrize("remat_every", [0, 2, 3])
+def test_remat_does_not_change_results(remat_every):
+    with jax.enable_x64(True):
+        inputs = make_inputs(1, 29)
+        base = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, remat_every=1)
+        other = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, remat_every=remat_every)
+        params = make_params(base)
+        (_, out_a), grads_a = scalar_objective(base)(params, *inputs)
+        (_, out_b), grads_b = scalar_objective(other)(params, *inputs)
+    assert max_abs_diff(out_a, out_b) < 1e-12
+    assert max_rel_diff(grads_a, grads_b) < 1e-11
+
+
+def stream(config, params, inputs, splits):
+    """Feed the sequence in pieces of the given sizes, carrying the state."""
+    step = jax.jit(functools.partial(mem.memory_apply, config=config))
+    state, outs, start = None, [], 0
+    for size in splits:
+        piece = [x[:, :, start:start + size] for x in inputs]
+        out, state = step(params, *piece, state=state)
+        outs.append(out)
+        start += size
+    return jnp.concatenate(outs, axis=2), state
+
+
+@pytest.mark.parametrize("impl", mem.IMPLEMENTATIONS)
+def test_streaming_equals_one_call(impl):
+    length = 23
+    with jax.enable_x64(True):
+        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2, chunk_size=5, impl=impl)
+        params = make_params(config)
+        inputs = make_inputs(3, length)
+        whole, whole_state = stream(config, params, inputs, [length])
+        pieces, pieces_state = stream(config, params, inputs, [7, 7, 7, 2])  # offsets 0, 2, 4, 1
+        tokens, tokens_state = stream(config, params, inputs, [1] * length)
+    for out, state in ((pieces, pieces_state), (tokens, tokens_state)):
+        assert max_abs_diff(out, whole) < 1e-12
+        assert max_abs_diff(state, whole_state) < 1e-12
+    assert int(whole_state.num_pending) == length % 5
+
+
+def test_streaming_across_exact_chunk_boundaries():
+    """Pieces that end exactly on chunk boundaries, and a piece longer than several chunks."""
+    with jax.enable_x64(True):
+        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=1, chunk_size=4)
+        params = make_params(config)
+        inputs = make_inputs(4, 24)
+        whole, whole_state = stream(config, params, inputs, [24])
+        pieces, pieces_state = stream(config, params, inputs, [4, 8, 4, 8])
+    assert max_abs_diff(pieces, whole) < 1e-12
+    assert max_abs_diff(pieces_state, whole_state) < 1e-12
+    assert int(whole_state.num_pending) == 0
+
+
+def test_fresh_state_equals_explicit_initial_state():
+    with jax.enable_x64(True):
+        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=3)
+        params = make_params(config)
+        inputs = make_inputs(5, 10)
+        out_a, state_a = mem.memory_apply(params, *inputs, config)
+        initial = mem.init_memory_state(params, BATCH, config)
+        out_b, state_b = mem.memory_apply(params, *inputs, config, state=initial)
+    assert max_abs_diff(out_a, out_b) == 0
+    assert max_abs_diff(state_a, state_b) == 0
+
+
+def test_short_sequences():
+    """Shorter than one chunk and length 1, for every implementation."""
+    with jax.enable_x64(True):
+        for impl in mem.IMPLEMENTATIONS:
+            config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=16, impl=impl)
+            params = make_params(config)
+            for length in (1, 7):
+                out, state = mem.memory_apply(params, *make_inputs(6, length), config)
+                assert out.shape == (BATCH, HEADS, length, KEY_DIM)
+                assert int(state.num_pending) == length
+                assert np.all(np.isfinite(np.asarray(out)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's math, written out by hand
+
+
+def test_chunk_size_one_is_the_per_token_recurrence_of_eqs_10_13_14():
+    """Plain Python loop over tokens, linear memory, gradient of 0.5 ||k W - v||^2 written by hand."""
+    length = 13
+    with jax.enable_x64(True):
+        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=1, chunk_size=1)
+        params = make_params(config)
+        inputs = make_inputs(8, length)
+        out, state = mem.memory_apply(params, *inputs, config)
+    keys, values, queries, theta, log_eta, log_keep = (np.asarray(x) for x in inputs)
+    w0 = np.asarray(params["layers"][0]["w"])
+    for b in range(BATCH):
+        for h in range(HEADS):
+            weights, surprise = w0[h].copy(), np.zeros_like(w0[h])
+            for t in range(length):
+                k, v = keys[b, h, t][None, :], values[b, h, t][None, :]
+                grad = k.T @ (k @ weights - v)  # d/dW 0.5 ||k W - v||^2
+                surprise = np.exp(log_eta[b, h, t]) * surprise - theta[b, h, t] * grad  # eq. 10/14
+                weights = np.exp(log_keep[b, h, t]) * weights + surprise  # eq. 13
+                np.testing.assert_allclose(out[b, h, t], queries[b, h, t] @ weights, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(state.weights[0]["w"][b, h], weights, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(state.momentum[0]["w"][b, h], surprise, rtol=0, atol=1e-12)
+
+
+def test_deep_memory_chunk_size_one_matches_a_python_loop_with_autodiff():
+    length = 9
+    with jax.enable_x64(True):
+        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2, chunk_size=1)
+        params = make_params(config)
+        inputs = make_inputs(9, length)
+        out, _ = mem.memory_apply(params, *inputs, config)
+        keys, values, queries, theta, log_eta, log_keep = inputs
+        b, h = 1, 0
+        weights = tuple({"w": layer["w"][h]} for layer in params["layers"])
+        surprise = jax.tree.map(jnp.zeros_like, weights)
+        for t in range(length):
+            grad = jax.grad(mem.inner_loss)(weights, None, keys[b, h, t], values[b, h, t], config)
+            surprise = jax.tree.map(lambda s, g: jnp.exp(log_eta[b, h, t]) * s - theta[b, h, t] * g, surprise, grad)
+            weights = jax.tree.map(lambda w, s: jnp.exp(log_keep[b, h, t]) * w + s, weights, surprise)
+            expected = jax.nn.gelu(queries[b, h, t] @ weights[0]["w"], approximate=True) @ weights[1]["w"]
+            np.testing.assert_allclose(out[b, h, t], expected, rtol=0, atol=1e-12)
+
+
+def test_no_momentum_no_forgetting_is_ttt_minibatch_gradient_descent():
+    """eta = alpha = 0: TTT-Linear. Inside a chunk token i sees W_0 - sum_{j<=i} theta_j grad_j(W_0)."""
+    length, chunk = 14, 4
+    with jax.enable_x64(True):
+        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=1, chunk_size=chunk)
+        params = make_params(config)
+        keys, values, queries, theta, _, _ = make_inputs(10, length)
+        out, state = mem.memory_apply(params, keys, values, queries, theta, None, None, config)
+    keys, values, queries, theta = (np.asarray(x) for x in (keys, values, queries, theta))
+    w0 = np.asarray(params["layers"][0]["w"])
+    for b in range(BATCH):
+        for h in range(HEADS):
+            weights = w0[h].copy()
+            for start in range(0, length, chunk):
+                stop = min(start + chunk, length)
+                k, v = keys[b, h, start:stop], values[b, h, start:stop]
+                per_token = theta[b, h, start:stop, None, None] * (k[:, :, None] * (k @ weights - v)[:, None, :])
+                running = weights - np.cumsum(per_token, axis=0)
+                expected = np.einsum("ci,cio->co", queries[b, h, start:stop], running)
+                np.testing.assert_allclose(out[b, h, start:stop], expected, rtol=0, atol=1e-12)
+                if stop - start == chunk:
+                    weights = running[-1]
+            np.testing.assert_allclose(state.weights[0]["w"][b, h], weights, rtol=0, atol=1e-12)
+
+
+def test_gates_switched_off_give_finite_gradients_in_float32():
+    config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4)
+    params = make_params(config, dtype=jnp.float32)
+    keys, values, queries, theta, _, _ = make_inputs(11, 11, dtype=jnp.float32)
+
+    def loss(params, theta):
+        return jnp.sum(mem.memory_apply(params, keys, values, queries, theta, None, None, config)[0] ** 2)
+
+    grads = jax.grad(loss, argnums=(0, 1))(params, theta)
+    for leaf in jax.tree.leaves(grads):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+        assert float(jnp.max(jnp.abs(leaf))) > 0
+
+
+def test_strong_forgetting_is_stable():
+    """log(1 - alpha) of -30 per token: the segment sums never form 0 * inf or inf - inf."""
+    config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=8)
+    params = make_params(config, dtype=jnp.float32)
+    keys, values, queries, theta, log_eta, _ = make_inputs(12, 16, dtype=jnp.float32)
+    log_keep = jnp.full(theta.shape, -30.0)
+    out, _ = mem.memory_apply(params, keys, values, queries, theta, log_eta, log_keep, config)
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input gives clear errors
+
+
+@pytest.fixture
+def small():
+    config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4)
+    params = make_params(config, dtype=jnp.float32)
+    return config, params, make_inputs(13, 6, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("field,value", [("chunk_size", 0), ("chunk_size", -3), ("depth", 0), ("depth", 5),
+                                         ("impl", "fast"), ("activation", "swish2"), ("remat_every", -1),
+                                         ("loss_scale", 0.0)])
+def test_bad_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        mem.MemoryConfig(key_dim=4, value_dim=4, **{field: value})
+
+
+def test_residual_norm_needs_equal_widths():
+    with pytest.raises(ValueError, match="key_dim == value_dim"):
+        mem.MemoryConfig(key_dim=4, value_dim=8, residual_norm=True)
+
+
+def test_wrong_rank_and_shape(small):
+    config, params, (k, v, q, theta, le, lk) = small
+    with pytest.raises(ValueError, match="rank 4"):
+        mem.memory_apply(params, k[0], v, q, theta, le, lk, config)
+    with pytest.raises(ValueError, match="key_dim"):
+        mem.memory_apply(params, k[..., :3], v, q[..., :3], theta, le, lk, config)
+    with pytest.raises(ValueError, match="values shape"):
+        mem.memory_apply(params, k, v[:, :, :4], q, theta, le, lk, config)
+    with pytest.raises(ValueError, match="theta must have shape"):
+        mem.memory_apply(params, k, v, q, theta[:, :1], le, lk, config)
+
+
+def test_wrong_dtype(small):
+    config, params, (k, v, q, theta, le, lk) = small
+    with pytest.raises(TypeError, match="floating-point"):
+        mem.memory_apply(params, k.astype(jnp.int32), v, q, theta, le, lk, config)
+
+
+def test_non_finite_input(small):
+    config, params, (k, v, q, theta, le, lk) = small
+    with pytest.raises(ValueError, match="non-finite"):
+        mem.memory_apply(params, k.at[0, 0, 2, 1].set(jnp.nan), v, q, theta, le, lk, config)
+    with pytest.raises(ValueError, match="non-finite"):
+        mem.memory_apply(params, k, v, q, theta.at[0, 0, 0].set(jnp.inf), le, lk, config)
+    with pytest.raises(ValueError, match="<= 0"):
+        mem.memory_apply(params, k, v, q, theta, jnp.abs(le), lk, config)
+
+
+def test_mismatched_state(small):
+    config, params, (k, v, q, theta, le, lk) = small
+    _, state = mem.memory_apply(params, k, v, q, theta, le, lk, config)
+    with pytest.raises(ValueError, match="expected"):
+        mem.memory_apply(params, k[:1], v[:1], q[:1], theta[:1], le[:1], lk[:1], config, state=state)
+    other = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=8)
+    with pytest.raises(ValueError, match="chunk_size"):
+        mem.memory_apply(params, k, v, q, theta, le, lk, other, state=state)
+    with pytest.raises(TypeError, match="MemoryState"):
+        mem.memory_apply(params, k, v, q, theta, le, lk, config, state=(1, 2))
+
+
+def test_params_that_do_not_match_config(small):
+    config, params, (k, v, q, theta, le, lk) = small
+    deeper = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, depth=3)
+    with pytest.raises(ValueError, match="layers"):
+        mem.memory_apply(params, k, v, q, theta, le, lk, deeper)
+    with_bias = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, use_bias=True)
+    with pytest.raises(ValueError, match="bias"):
+        mem.memory_apply(params, k, v, q, theta, le, lk, with_bias)

@@ -1,0 +1,588 @@
+"""The Titans neural long-term memory (arXiv 2501.00663, §3): a pure-functional core.
+
+The memory M is a small MLP whose weights are trained at test time. For every token t of one
+(batch, head) slice, with key k_t, value v_t, query q_t and data-dependent gates:
+
+    inner loss        l(M; x_t) = loss_scale * ||M(k_t) - v_t||^2            (eq. 12)
+    surprise          S_t = eta_t S_{t-1} - theta_t grad_M l(M_{t-1}; x_t)     (eq. 10, 14)
+    forgetting        M_t = (1 - alpha_t) M_{t-1} + S_t                        (eq. 13)
+    retrieval         y_t = M_t(q_t)                                           (eq. 15)
+
+Training is chunked (§3.2, eq. 16): inside a chunk of `chunk_size` tokens every gradient is taken
+at the chunk-start weights. This mini-batch approximation defines the model (chunk_size = 1 is
+plain online gradient descent), so streaming/decoding reproduces it exactly: the state carries
+the pending partial chunk.
+
+Three implementations share one signature and are selected by `MemoryConfig.impl`:
+
+* ``reference``   token-by-token `lax.scan`; each gradient by `jax.grad` at the chunk-start
+                  weights. Slow and obviously correct.
+* ``chunked``     the matmul ("dual") form (see docs in README): per chunk, per layer, only
+                  [C, C] coefficient matrices and [C, I] / [C, O] activations; never a
+                  per-token [C, I, O] weight tensor. The fast path and the default.
+* ``associative`` the paper's literal recipe: per-token gradients at chunk start materialised
+                  as [C, I, O], momentum and decay by `lax.associative_scan`. A cross-check.
+
+Dimension letters used in shapes:
+    B batch, H heads, T tokens in one call, L padded length, C chunk size, N number of chunks,
+    K key width, V value width, I / O input / output width of one memory layer.
+
+Gates arrive per token and head as ``theta`` (step size, > 0), ``log_eta`` (log momentum
+decay, <= 0, -inf switches momentum off) and ``log_keep`` (log(1 - alpha), <= 0). Products of
+gates over a chunk are sums in log space (segment sums), never products of small numbers.
+
+Pytrees:
+    MemoryParams (outer, learned by backprop):
+        {"layers": ({"w": [H, I, O], "b": [H, O]?}, ...),      # M_0, the initial memory
+         "norm": {"scale": [H, V], "bias": [H, V]}?}            # only with residual_norm
+    inner weights / momentum (in MemoryState): ({"w": [B, H, I, O], "b": [B, H, O]?}, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PyTree = Any
+
+IMPLEMENTATIONS = ("chunked", "reference", "associative")
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """Shape and semantics of the memory MLP and its test-time training.
+
+    Attributes:
+      key_dim / value_dim: K and V (per head).
+      depth: L_M, number of linear layers (1 = the linear memory of the paper's ablation).
+      expansion: hidden width = expansion * key_dim for depth >= 2.
+      activation: between layers; one of ACTIVATIONS ("gelu" is the tanh approximation).
+      residual_norm: M(x) = x + LayerNorm(f(x)) (MIRAS form); needs key_dim == value_dim. The
+        LayerNorm's scale/bias are outer parameters, fixed during the inner loop.
+      use_bias: biases in the memory layers (trained by the inner loop like the weights).
+      chunk_size: tokens per inner mini-batch (a model hyperparameter, see module doc).
+      loss_scale: l = loss_scale * ||M(k) - v||^2 (0.5 gives the delta rule for L_M = 1).
+      remat_every: checkpoint the chunk scan every this many chunks (0 = no remat).
+      impl: one of IMPLEMENTATIONS.
+      norm_eps: epsilon of the residual LayerNorm.
+    """
+
+    key_dim: int
+    value_dim: int
+    depth: int = 2
+    expansion: int = 4
+    activation: str = "gelu"
+    residual_norm: bool = False
+    use_bias: bool = False
+    chunk_size: int = 64
+    loss_scale: float = 0.5
+    remat_every: int = 1
+    impl: str = "chunked"
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("key_dim", "value_dim", "depth", "expansion", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"MemoryConfig.{name} must be a positive integer, got {value!r}")
+        if self.depth > 4:
+            raise ValueError(f"MemoryConfig.depth must be in 1..4 (the paper's range), got {self.depth}")
+        if not isinstance(self.remat_every, (int, np.integer)) or self.remat_every < 0:
+            raise ValueError(f"MemoryConfig.remat_every must be an integer >= 0, got {self.remat_every!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"MemoryConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.impl not in IMPLEMENTATIONS:
+            raise ValueError(f"MemoryConfig.impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
+        if self.residual_norm and self.key_dim != self.value_dim:
+            raise ValueError(
+                f"residual_norm needs key_dim == value_dim (M(x) = x + LN(f(x))), got "
+                f"{self.key_dim} != {self.value_dim}")
+        if not (self.loss_scale > 0 and math.isfinite(self.loss_scale)):
+            raise ValueError(f"MemoryConfig.loss_scale must be a positive finite number, got {self.loss_scale!r}")
+
+    @property
+    def layer_dims(self) -> tuple[tuple[int, int], ...]:
+        """(I, O) of every memory layer."""
+        if self.depth == 1:
+            return ((self.key_dim, self.value_dim),)
+        hidden = self.expansion * self.key_dim
+        dims = [self.key_dim] + [hidden] * (self.depth - 1) + [self.value_dim]
+        return tuple(zip(dims[:-1], dims[1:]))
+
+
+class MemoryState(NamedTuple):
+    """Everything a memory needs to continue a sequence exactly.
+
+    weights / momentum are the inner weights W and surprise S at the last chunk boundary. The
+    tokens since then (fewer than chunk_size) wait in the pending buffers: their gradients will
+    be taken at `weights`, as in one parallel call.
+    """
+
+    weights: tuple  # per layer {"w": [B, H, I, O], "b": [B, H, O]?}
+    momentum: tuple  # same structure as weights
+    pending_keys: Array  # [B, H, C, K]
+    pending_values: Array  # [B, H, C, V]
+    pending_gates: Array  # [B, H, C, 3]: theta, log_eta, log_keep
+    num_pending: Array  # int32 [], in [0, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters and state
+
+
+def init_memory_params(rng: Array, config: MemoryConfig, num_heads: int, dtype=jnp.float32) -> dict:
+    """M_0 (fan-in scaled normal weights, zero biases) and the residual LayerNorm, per head."""
+    layers = []
+    keys = jax.random.split(rng, config.depth)
+    for key, (fan_in, fan_out) in zip(keys, config.layer_dims):
+        layer = {"w": jax.random.normal(key, (num_heads, fan_in, fan_out), dtype) / math.sqrt(fan_in)}
+        if config.use_bias:
+            layer["b"] = jnp.zeros((num_heads, fan_out), dtype)
+        layers.append(layer)
+    params = {"layers": tuple(layers)}
+    if config.residual_norm:
+        params["norm"] = {"scale": jnp.ones((num_heads, config.value_dim), dtype),
+                          "bias": jnp.zeros((num_heads, config.value_dim), dtype)}
+    return params
+
+
+def init_memory_state(params: dict, batch_size: int, config: MemoryConfig, dtype=None) -> MemoryState:
+    """The state before the first token: weights M_0 (per head, broadcast over the batch)."""
+    _check_params(params, config)
+    dtype = dtype or params["layers"][0]["w"].dtype
+    num_heads = params["layers"][0]["w"].shape[0]
+
+    def broadcast(leaf):
+        return jnp.broadcast_to(leaf.astype(dtype), (batch_size,) + leaf.shape)
+
+    # Plain dicts and tuples (Flax may hand in FrozenDicts), so the scan carry keeps one structure.
+    weights = tuple({name: broadcast(leaf) for name, leaf in layer.items()} for layer in params["layers"])
+    momentum = jax.tree.map(jnp.zeros_like, weights)
+    size = (batch_size, num_heads, config.chunk_size)
+    return MemoryState(
+        weights=weights,
+        momentum=momentum,
+        pending_keys=jnp.zeros(size + (config.key_dim,), dtype),
+        pending_values=jnp.zeros(size + (config.value_dim,), dtype),
+        pending_gates=jnp.zeros(size + (3,), dtype),
+        num_pending=jnp.zeros((), jnp.int32),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory MLP for one (batch, head) slice
+
+
+def _layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+    return centred * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def memory_mlp(weights: tuple, norm: dict | None, x: Array, config: MemoryConfig) -> Array:
+    """M(x) for inner weights of one slice; x: [..., K] -> [..., V]."""
+    act = ACTIVATIONS[config.activation]
+    h = x
+    for index, layer in enumerate(weights):
+        h = h @ layer["w"]
+        if "b" in layer:
+            h = h + layer["b"]
+        if index < len(weights) - 1:
+            h = act(h)
+    if config.residual_norm:
+        h = x + _layer_norm(h, norm["scale"], norm["bias"], config.norm_eps)
+    return h
+
+
+def inner_loss(weights: tuple, norm: dict | None, key: Array, value: Array, config: MemoryConfig) -> Array:
+    """l(M; x) = loss_scale * ||M(k) - v||^2 for one token (eq. 12)."""
+    error = memory_mlp(weights, norm, key, config) - value
+    return config.loss_scale * jnp.sum(error * error)
+
+
+def _select(predicate: Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), on_true, on_false)
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementation 1: token-by-token reference
+
+
+def _reference_slice(weights, momentum, norm, keys, values, queries, gates, num_valid, config):
+    """One (batch, head) slice over L tokens that start at a chunk boundary."""
+    chunk = config.chunk_size
+    grad_fn = jax.grad(inner_loss)
+
+    def step(carry, inputs):
+        w_start, s_start, w_cur, s_cur = carry
+        t, key, value, query, (theta, log_eta, log_keep) = inputs
+        at_chunk_start = t % chunk == 0
+        w_cur = _select(at_chunk_start, w_start, w_cur)
+        s_cur = _select(at_chunk_start, s_start, s_cur)
+        surprise = grad_fn(w_start, norm, key, value, config)  # gradient at chunk-start weights
+        s_cur = jax.tree.map(lambda s, g: jnp.exp(log_eta) * s - theta * g, s_cur, surprise)
+        w_cur = jax.tree.map(lambda w, s: jnp.exp(log_keep) * w + s, w_cur, s_cur)
+        out = memory_mlp(w_cur, norm, query, config)
+        commit = (t % chunk == chunk - 1) & (t < num_valid)
+        w_start = _select(commit, w_cur, w_start)
+        s_start = _select(commit, s_cur, s_start)
+        return (w_start, s_start, w_cur, s_cur), out
+
+    positions = jnp.arange(keys.shape[0])
+    carry = (weights, momentum, weights, momentum)
+    (weights, momentum, _, _), outputs = jax.lax.scan(
+        step, carry, (positions, keys, values, queries, (gates[:, 0], gates[:, 1], gates[:, 2])))
+    return outputs, weights, momentum
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementation 2: chunked matmul ("dual") form
+
+
+def _segment_sum(log_a: Array) -> Array:
+    """[C] -> [C, C]: out[i, j] = sum_{j < k <= i} log_a[k] for j <= i, -inf above the diagonal.
+
+    Built by a masked cumulative sum (not a difference of cumsums), so it is exact for -inf
+    entries (gates switched off) and does not cancel large numbers.
+    """
+    size = log_a.shape[-1]
+    strictly_lower = jnp.tril(jnp.ones((size, size), bool), -1)
+    summed = jnp.cumsum(jnp.where(strictly_lower, log_a[:, None], 0.0), axis=0)
+    return jnp.where(jnp.tril(jnp.ones((size, size), bool)), summed, -jnp.inf)
+
+
+def chunk_coefficients(theta: Array, log_eta: Array, log_keep: Array):
+    """Coefficients of the unrolled recurrence inside one chunk (chunk-local positions i, j, l).
+
+    A[i, j] = theta_j prod_{j<k<=i} eta_k            surprise of token j still in S_i
+    D[i, l] = prod_{l<k<=i} (1 - alpha_k)             decay from step l to step i
+    m_i = prod_{k<=i} eta_k,  beta_i = prod_{k<=i} (1 - alpha_k)
+    G = D A,  f = D m
+
+    so that S_i = m_i S_0 - sum_j A[i, j] u_j and W_i = beta_i W_0 + f_i S_0 - sum_j G[i, j] u_j.
+    """
+    surprise_decay = jnp.exp(_segment_sum(log_eta)) * theta[None, :]
+    weight_decay = jnp.exp(_segment_sum(log_keep))
+    momentum_carry = jnp.exp(jnp.cumsum(log_eta))
+    weight_carry = jnp.exp(jnp.cumsum(log_keep))
+    combined = weight_decay @ surprise_decay
+    momentum_into_weights = weight_decay @ momentum_carry
+    return surprise_decay, combined, momentum_carry, weight_carry, momentum_into_weights
+
+
+def _chunk_step(weights, momentum, norm, keys, values, queries, gates, config):
+    """One chunk of one slice: outputs [C, V] and the state at the chunk end."""
+    act = ACTIVATIONS[config.activation]
+    num_layers = len(weights)
+    a_mat, g_mat, m_vec, beta, f_vec = chunk_coefficients(gates[:, 0], gates[:, 1], gates[:, 2])
+
+    # Key path at chunk-start weights: layer inputs and per-token output gradients (deltas).
+    layer_inputs, pre_acts = [], []
+    hidden = keys
+    for index, layer in enumerate(weights):
+        layer_inputs.append(hidden)
+        pre = hidden @ layer["w"]
+        if "b" in layer:
+            pre = pre + layer["b"]
+        pre_acts.append(pre)
+        hidden = act(pre) if index < num_layers - 1 else pre
+    if config.residual_norm:
+        prediction, norm_vjp = jax.vjp(
+            lambda z: keys + _layer_norm(z, norm["scale"], norm["bias"], config.norm_eps), hidden)
+        delta = norm_vjp(2.0 * config.loss_scale * (prediction - values))[0]
+    else:
+        delta = 2.0 * config.loss_scale * (hidden - values)
+    deltas = [delta]
+    for index in range(num_layers - 2, -1, -1):
+        _, act_vjp = jax.vjp(act, pre_acts[index])
+        delta = act_vjp(delta @ weights[index + 1]["w"].T)[0]
+        deltas.append(delta)
+    deltas = deltas[::-1]
+
+    # Query path through the per-token weights W_i, without forming them.
+    hidden = queries
+    new_weights, new_momentum = [], []
+    for index, (layer, surprise) in enumerate(zip(weights, momentum)):
+        x_key, delta = layer_inputs[index], deltas[index]
+        kernel = hidden @ x_key.T  # [C, C]: <xq_i, x_j>
+        if "b" in layer:
+            kernel = kernel + 1.0  # the bias sees a constant input 1
+        pre = beta[:, None] * (hidden @ layer["w"]) + f_vec[:, None] * (hidden @ surprise["w"])
+        pre = pre - (g_mat * kernel) @ delta
+        if "b" in layer:
+            pre = pre + beta[:, None] * layer["b"] + f_vec[:, None] * surprise["b"]
+        hidden = act(pre) if index < num_layers - 1 else pre
+
+        last_g, last_a = g_mat[-1], a_mat[-1]
+        layer_new = {"w": beta[-1] * layer["w"] + f_vec[-1] * surprise["w"] - x_key.T @ (last_g[:, None] * delta)}
+        surprise_new = {"w": m_vec[-1] * surprise["w"] - x_key.T @ (last_a[:, None] * delta)}
+        if "b" in layer:
+            layer_new["b"] = beta[-1] * layer["b"] + f_vec[-1] * surprise["b"] - last_g @ delta
+            surprise_new["b"] = m_vec[-1] * surprise["b"] - last_a @ delta
+        new_weights.append(layer_new)
+        new_momentum.append(surprise_new)
+    if config.residual_norm:
+        hidden = queries + _layer_norm(hidden, norm["scale"], norm["bias"], config.norm_eps)
+    return hidden, tuple(new_weights), tuple(new_momentum)
+
+
+def _associative_chunk_step(weights, momentum, norm, keys, values, queries, gates, config):
+    """One chunk, the paper's literal recipe: per-token gradients [C, I, O] + associative scans."""
+    grads = jax.vmap(jax.grad(inner_loss), in_axes=(None, None, 0, 0, None))(weights, norm, keys, values, config)
+    theta, eta, keep = gates[:, 0], jnp.exp(gates[:, 1]), jnp.exp(gates[:, 2])
+
+    def linear_recurrence(decay, inputs, initial):
+        # x_i = decay_i x_{i-1} + inputs_i with x_0 = initial, for every leaf of the pytree.
+        inputs = jax.tree.map(lambda b, x0: b.at[0].add(decay[0] * x0), inputs, initial)
+
+        def combine(first, second):
+            a1, b1 = first
+            a2, b2 = second
+            return a1 * a2, jax.tree.map(lambda u, v: expand_to(a2, u) * u + v, b1, b2)
+
+        return jax.lax.associative_scan(combine, (decay, inputs))[1]
+
+    surprises = linear_recurrence(eta, jax.tree.map(lambda g: -expand_to(theta, g) * g, grads), momentum)
+    all_weights = linear_recurrence(keep, surprises, weights)
+    outputs = jax.vmap(memory_mlp, in_axes=(0, None, 0, None))(all_weights, norm, queries, config)
+    last = lambda tree: jax.tree.map(lambda leaf: leaf[-1], tree)  # noqa: E731
+    return outputs, last(all_weights), last(surprises)
+
+
+def expand_to(vector: Array, leaf: Array) -> Array:
+    """[C] -> [C, 1, ...] broadcastable against a [C, ...] leaf."""
+    return vector.reshape(vector.shape + (1,) * (leaf.ndim - 1))
+
+
+def _chunk_scan_slice(weights, momentum, norm, keys, values, queries, gates, num_valid, config, chunk_fn):
+    """Scan chunk_fn over the chunks of one slice; commits only chunks that are fully valid."""
+    chunk = config.chunk_size
+    length = keys.shape[0]
+    num_chunks = length // chunk
+    group = config.remat_every or 1
+    num_groups = -(-num_chunks // group)
+    pad = (num_groups * group - num_chunks) * chunk
+
+    def split(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((num_groups, group, chunk) + x.shape[1:])
+
+    chunk_index = jnp.arange(num_groups * group).reshape(num_groups, group)
+    inputs = (chunk_index, split(keys), split(values), split(queries), split(gates))
+
+    def chunk_body(carry, chunk_inputs):
+        weights, momentum = carry
+        index, key, value, query, gate = chunk_inputs
+        out, new_weights, new_momentum = chunk_fn(weights, momentum, norm, key, value, query, gate, config)
+        commit = (index + 1) * chunk <= num_valid
+        return (_select(commit, new_weights, weights), _select(commit, new_momentum, momentum)), out
+
+    def group_body(carry, group_inputs):
+        return jax.lax.scan(chunk_body, carry, group_inputs)
+
+    if config.remat_every:
+        group_body = jax.checkpoint(group_body, prevent_cse=False)
+    (weights, momentum), outputs = jax.lax.scan(group_body, (weights, momentum), inputs)
+    outputs = outputs.reshape((num_groups * group * chunk,) + outputs.shape[3:])[:length]
+    return outputs, weights, momentum
+
+
+def _chunked_slice(*args, config):
+    return _chunk_scan_slice(*args, config=config, chunk_fn=_chunk_step)
+
+
+def _associative_slice(*args, config):
+    return _chunk_scan_slice(*args, config=config, chunk_fn=_associative_chunk_step)
+
+
+_SLICE_FNS = {"reference": _reference_slice, "chunked": _chunked_slice, "associative": _associative_slice}
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def memory_apply(
+    params: dict,
+    keys: Array,
+    values: Array,
+    queries: Array,
+    theta: Array,
+    log_eta: Array | None,
+    log_keep: Array | None,
+    config: MemoryConfig,
+    state: MemoryState | None = None,
+) -> tuple[Array, MemoryState]:
+    """Run the memory over T new tokens: retrieve y_t = M_t(q_t) while writing (k_t, v_t).
+
+    Args:
+      params: MemoryParams (M_0 is used only when `state` is None; the residual norm always).
+      keys: [B, H, T, K]; values: [B, H, T, V]; queries: [B, H, T, K].
+      theta: [B, H, T] step sizes. log_eta: [B, H, T] log momentum decay, or None for no
+        momentum (eta = 0). log_keep: [B, H, T] log(1 - alpha), or None for no forgetting.
+      config: MemoryConfig.
+      state: the state returned by a previous call, or None to start from M_0.
+
+    Returns:
+      outputs [B, H, T, V] (in the state's dtype) and the new MemoryState. Any split of a
+      sequence into calls gives the same outputs as one call on the whole sequence.
+    """
+    _check_params(params, config)
+    batch, heads, length = _check_inputs(keys, values, queries, theta, log_eta, log_keep, config)
+    fresh = state is None
+    if fresh:
+        state = init_memory_state(params, batch, config)
+    else:
+        _check_state(state, batch, heads, config)
+    dtype = state.weights[0]["w"].dtype
+    if log_eta is None:
+        log_eta = jnp.full(theta.shape, -jnp.inf, dtype)
+    if log_keep is None:
+        log_keep = jnp.zeros(theta.shape, dtype)
+    gates = jnp.stack([theta, log_eta, log_keep], axis=-1).astype(dtype)
+    keys, values, queries = (x.astype(dtype) for x in (keys, values, queries))
+
+    chunk = config.chunk_size
+    # Sequence = pending buffer (at most C - 1 tokens, starting at a chunk boundary) ++ new tokens.
+    # Its padded length is static; the position where the new tokens start is a traced value,
+    # except for a fresh state, where it is 0 and no buffer is needed.
+    num_pending = 0 if fresh else state.num_pending
+    prefix = 0 if fresh else chunk - 1
+    padded = -(-(prefix + length) // chunk) * chunk
+    position = jnp.arange(padded + chunk)
+
+    def assemble(pending, new):
+        pending = pending[:, :, :prefix]
+        total = padded + chunk
+        buffer = jnp.pad(pending, [(0, 0), (0, 0), (0, total - prefix)] + [(0, 0)] * (pending.ndim - 3))
+        shifted = jnp.zeros(new.shape[:2] + (total,) + new.shape[3:], dtype)
+        shifted = jax.lax.dynamic_update_slice_in_dim(shifted, new, num_pending, axis=2)
+        where = lambda mask, a, b: jnp.where(mask.reshape((1, 1, -1) + (1,) * (a.ndim - 3)), a, b)  # noqa: E731
+        return where(position < num_pending, buffer, where(position < num_pending + length, shifted, 0.0))
+
+    seq_keys = assemble(state.pending_keys, keys)
+    seq_values = assemble(state.pending_values, values)
+    seq_gates = assemble(state.pending_gates, gates)
+    seq_queries = assemble(jnp.zeros_like(state.pending_keys), queries)
+    num_valid = num_pending + length
+
+    slice_fn = functools.partial(_SLICE_FNS[config.impl], config=config)
+    over_heads = jax.vmap(slice_fn, in_axes=(0, 0, 0, 0, 0, 0, 0, None))
+    over_batch = jax.vmap(over_heads, in_axes=(0, 0, None, 0, 0, 0, 0, None))
+    outputs, weights, momentum = over_batch(
+        state.weights, state.momentum, params.get("norm"),
+        seq_keys[:, :, :padded], seq_values[:, :, :padded], seq_queries[:, :, :padded],
+        seq_gates[:, :, :padded], num_valid)
+    outputs = jax.lax.dynamic_slice_in_dim(outputs, num_pending, length, axis=2)
+
+    boundary = (num_valid // chunk) * chunk
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, boundary, chunk, axis=2)  # noqa: E731
+    new_state = MemoryState(
+        weights=weights,
+        momentum=momentum,
+        pending_keys=take(seq_keys),
+        pending_values=take(seq_values),
+        pending_gates=take(seq_gates),
+        num_pending=jnp.asarray(num_valid % chunk, jnp.int32),
+    )
+    return outputs, new_state
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: clear errors instead of silent wrong answers
+
+
+def has_non_finite(x: Array) -> bool:
+    """True if a concrete array holds NaN/inf. Traced values (inside jit/grad) are not checked:
+    the check runs eagerly, on device, and only moves one boolean to the host."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    with jax.ensure_compile_time_eval():
+        return not bool(jnp.all(jnp.isfinite(x)))
+
+
+def _has_bad_log_gate(x: Array) -> bool:
+    if isinstance(x, jax.core.Tracer):
+        return False
+    with jax.ensure_compile_time_eval():
+        return bool(jnp.any(jnp.isnan(x) | (x > 0)))
+
+
+def _check_params(params: dict, config: MemoryConfig) -> None:
+    if not isinstance(params, Mapping) or "layers" not in params:
+        raise TypeError("memory params must be a dict with a 'layers' entry (see init_memory_params)")
+    layers = params["layers"]
+    if len(layers) != config.depth:
+        raise ValueError(f"memory params have {len(layers)} layers but config.depth = {config.depth}")
+    for index, (layer, (fan_in, fan_out)) in enumerate(zip(layers, config.layer_dims)):
+        shape = tuple(layer["w"].shape)
+        if len(shape) != 3 or shape[1:] != (fan_in, fan_out):
+            raise ValueError(f"memory layer {index} weight has shape {shape}, expected [H, {fan_in}, {fan_out}]")
+        if ("b" in layer) != config.use_bias:
+            raise ValueError(f"memory layer {index}: bias presence does not match config.use_bias={config.use_bias}")
+    if config.residual_norm and "norm" not in params:
+        raise ValueError("config.residual_norm is set but the memory params have no 'norm' entry")
+
+
+def _check_inputs(keys, values, queries, theta, log_eta, log_keep, config: MemoryConfig):
+    named = {"keys": keys, "values": values, "queries": queries}
+    for name, x in named.items():
+        if not hasattr(x, "ndim") or x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 [batch, heads, tokens, dim], got shape {getattr(x, 'shape', None)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    batch, heads, length, key_dim = keys.shape
+    if length == 0:
+        raise ValueError("memory_apply needs at least one token (got T = 0)")
+    if key_dim != config.key_dim:
+        raise ValueError(f"keys have width {key_dim}, config.key_dim = {config.key_dim}")
+    if queries.shape != keys.shape:
+        raise ValueError(f"queries shape {queries.shape} must equal keys shape {keys.shape}")
+    if values.shape != (batch, heads, length, config.value_dim):
+        raise ValueError(f"values shape {values.shape}, expected {(batch, heads, length, config.value_dim)}")
+    gates = {"theta": theta, "log_eta": log_eta, "log_keep": log_keep}
+    for name, gate in gates.items():
+        if gate is None and name != "theta":
+            continue
+        if gate is None or tuple(gate.shape) != (batch, heads, length):
+            raise ValueError(f"{name} must have shape {(batch, heads, length)}, got {getattr(gate, 'shape', None)}")
+        if not jnp.issubdtype(gate.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating-point array, got dtype {gate.dtype}")
+    for name, x in {**named, "theta": theta}.items():
+        if has_non_finite(x):
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    for name, gate in (("log_eta", log_eta), ("log_keep", log_keep)):
+        if gate is not None and _has_bad_log_gate(gate):
+            raise ValueError(f"{name} must be <= 0 (a log of a gate in [0, 1]) and not NaN")
+    return batch, heads, length
+
+
+def _check_state(state: MemoryState, batch: int, heads: int, config: MemoryConfig) -> None:
+    if not isinstance(state, MemoryState):
+        raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
+    if len(state.weights) != config.depth:
+        raise ValueError(f"state has {len(state.weights)} memory layers, config.depth = {config.depth}")
+    for index, (layer, (fan_in, fan_out)) in enumerate(zip(state.weights, config.layer_dims)):
+        expected = (batch, heads, fan_in, fan_out)
+        if tuple(layer["w"].shape) != expected:
+            raise ValueError(f"state layer {index} weights have shape {tuple(layer['w'].shape)}, expected {expected} "
+                             "(batch, heads or memory shape differ from the inputs/config)")
+    expected = (batch, heads, config.chunk_size, config.key_dim)
+    if tuple(state.pending_keys.shape) != expected:
+        raise ValueError(f"state pending buffer has shape {tuple(state.pending_keys.shape)}, expected {expected} "
+                         "(was the state made with another chunk_size?)")
