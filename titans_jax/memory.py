@@ -286,21 +286,32 @@ def chunk_coefficients(theta: Array, log_eta: Array, log_keep: Array):
 
 
 def _chunk_step(weights, momentum, norm, keys, values, queries, gates, config):
-    """One chunk of one slice: outputs [C, V] and the state at the chunk end."""
+    """One chunk of one slice: outputs [C, V] and the state at the chunk end (titans.md §2).
+
+    Per layer Z = X W, with u_j = x_j^T delta_j the gradient of token j at the chunk-start W_0:
+        Zq  = diag(beta) Xq W_0 + diag(f) Xq S_0 - (G o (Xq X^T)) Delta
+        W_C = beta_C W_0 + f_C S_0 - X^T (G[C,:]^T o Delta)
+        S_C = m_C S_0 - X^T (A[C,:]^T o Delta)
+    and the next layer's Xq is act(Zq). Only [C, C], [C, I], [C, O] and [I, O] arrays.
+    """
     act = ACTIVATIONS[config.activation]
     num_layers = len(weights)
     a_mat, g_mat, m_vec, beta, f_vec = chunk_coefficients(gates[:, 0], gates[:, 1], gates[:, 2])
 
-    # Key path at chunk-start weights: layer inputs and per-token output gradients (deltas).
-    layer_inputs, pre_acts = [], []
+    # Key path at chunk-start weights: layer inputs, activation slopes, and per-token output
+    # gradients (deltas) of the inner loss, by hand (rows are independent tokens).
+    layer_inputs, slopes = [], []
     hidden = keys
     for index, layer in enumerate(weights):
         layer_inputs.append(hidden)
         pre = hidden @ layer["w"]
         if "b" in layer:
             pre = pre + layer["b"]
-        pre_acts.append(pre)
-        hidden = act(pre) if index < num_layers - 1 else pre
+        if index < num_layers - 1:
+            hidden, slope = jax.jvp(act, (pre,), (jnp.ones_like(pre),))  # elementwise: value and act'
+            slopes.append(slope)
+        else:
+            hidden = pre
     if config.residual_norm:
         prediction, norm_vjp = jax.vjp(
             lambda z: keys + _layer_norm(z, norm["scale"], norm["bias"], config.norm_eps), hidden)
@@ -309,16 +320,17 @@ def _chunk_step(weights, momentum, norm, keys, values, queries, gates, config):
         delta = 2.0 * config.loss_scale * (hidden - values)
     deltas = [delta]
     for index in range(num_layers - 2, -1, -1):
-        _, act_vjp = jax.vjp(act, pre_acts[index])
-        delta = act_vjp(delta @ weights[index + 1]["w"].T)[0]
+        delta = (delta @ weights[index + 1]["w"].T) * slopes[index]
         deltas.append(delta)
     deltas = deltas[::-1]
 
     # Query path through the per-token weights W_i, without forming them.
     hidden = queries
     new_weights, new_momentum = [], []
+    last_g, last_a = g_mat[-1][:, None], a_mat[-1][:, None]
     for index, (layer, surprise) in enumerate(zip(weights, momentum)):
         x_key, delta = layer_inputs[index], deltas[index]
+        width = layer["w"].shape[-1]
         kernel = hidden @ x_key.T  # [C, C]: <xq_i, x_j>
         if "b" in layer:
             kernel = kernel + 1.0  # the bias sees a constant input 1
@@ -328,12 +340,15 @@ def _chunk_step(weights, momentum, norm, keys, values, queries, gates, config):
             pre = pre + beta[:, None] * layer["b"] + f_vec[:, None] * surprise["b"]
         hidden = act(pre) if index < num_layers - 1 else pre
 
-        last_g, last_a = g_mat[-1], a_mat[-1]
-        layer_new = {"w": beta[-1] * layer["w"] + f_vec[-1] * surprise["w"] - x_key.T @ (last_g[:, None] * delta)}
-        surprise_new = {"w": m_vec[-1] * surprise["w"] - x_key.T @ (last_a[:, None] * delta)}
+        # Both state updates in one matmul: X^T [G[C,:] o Delta | A[C,:] o Delta].
+        scaled = jnp.concatenate([last_g * delta, last_a * delta], axis=-1)  # [C, 2 O]
+        update = x_key.T @ scaled  # [I, 2 O]
+        layer_new = {"w": beta[-1] * layer["w"] + f_vec[-1] * surprise["w"] - update[:, :width]}
+        surprise_new = {"w": m_vec[-1] * surprise["w"] - update[:, width:]}
         if "b" in layer:
-            layer_new["b"] = beta[-1] * layer["b"] + f_vec[-1] * surprise["b"] - last_g @ delta
-            surprise_new["b"] = m_vec[-1] * surprise["b"] - last_a @ delta
+            bias_update = jnp.sum(scaled, axis=0)
+            layer_new["b"] = beta[-1] * layer["b"] + f_vec[-1] * surprise["b"] - bias_update[:width]
+            surprise_new["b"] = m_vec[-1] * surprise["b"] - bias_update[width:]
         new_weights.append(layer_new)
         new_momentum.append(surprise_new)
     if config.residual_norm:
