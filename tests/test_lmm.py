@@ -1,0 +1,190 @@
+"""The LMM layer: implementations agree through the whole layer, streaming, causality, gradients."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from titans_jax import LMMConfig, LMMLayer, LMMState
+from titans_jax.memory import MemoryState
+
+TINY = LMMConfig(d_model=12, num_heads=2, head_dim=4, chunk_size=4, memory_depth=2, memory_expansion=2,
+                 dtype="float64", param_dtype="float64")
+
+
+def build(config, length=11, batch=2, seed=0):
+    layer = LMMLayer(config)
+    x = jax.random.normal(jax.random.PRNGKey(seed), (batch, length, config.d_model), jnp.dtype(config.dtype))
+    variables = layer.init(jax.random.PRNGKey(seed + 1), x)
+    return layer, variables, x
+
+
+def rel_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / max(1.0, float(np.max(np.abs(np.asarray(y))))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_layer_implementations_agree_forward_and_gradients():
+    with jax.enable_x64(True):
+        results = {}
+        for impl in ("reference", "chunked", "associative"):
+            config = dataclasses.replace(TINY, impl=impl, memory_bias=True, memory_residual_norm=True)
+            layer, variables, x = build(config, length=10)
+
+            def loss(variables, x):
+                y, _ = layer.apply(variables, x)
+                return jnp.sum(jnp.sin(y)), y
+
+            (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(variables, x)
+            results[impl] = (y, grads)
+    ref_y, ref_grads = results["reference"]
+    for impl in ("chunked", "associative"):
+        y, grads = results[impl]
+        assert rel_diff(y, ref_y) < 1e-12
+        assert rel_diff(grads, ref_grads) < 1e-11
+
+
+@pytest.mark.parametrize("conv_width", [0, 4])
+def test_layer_streaming_equals_one_call(conv_width):
+    length = 15
+    with jax.enable_x64(True):
+        config = dataclasses.replace(TINY, conv_width=conv_width)
+        layer, variables, x = build(config, length=length)
+        apply = jax.jit(layer.apply)
+        whole, whole_state = apply(variables, x)
+        for splits in ([5, 5, 5], [1] * length):  # offsets in the chunk of 4: 0, 1, 2 and all
+            state, outs, start = None, [], 0
+            for size in splits:
+                out, state = apply(variables, x[:, start:start + size], state)
+                outs.append(out)
+                start += size
+            assert rel_diff(jnp.concatenate(outs, axis=1), whole) < 1e-12
+            assert rel_diff(state, whole_state) < 1e-12
+
+
+def test_layer_is_causal():
+    with jax.enable_x64(True):
+        layer, variables, x = build(TINY, length=13)
+        apply = jax.jit(layer.apply)
+        base, _ = apply(variables, x)
+        for j in (0, 5, 8, 12):
+            changed, _ = apply(variables, x.at[:, j].add(1.0))
+            np.testing.assert_array_equal(np.asarray(changed[:, :j]), np.asarray(base[:, :j]))
+            assert float(jnp.max(jnp.abs(changed[:, j:] - base[:, j:]))) > 1e-6
+
+
+def test_gradients_reach_every_parameter_and_match_finite_differences():
+    """Many ports detach keys/values/state: check W_K, W_V, W_Q, conv, gates and M_0 explicitly."""
+    with jax.enable_x64(True):
+        layer, variables, x = build(TINY, length=9)
+        target = jax.random.normal(jax.random.PRNGKey(5), x.shape, x.dtype)
+
+        def loss(params):
+            y, _ = layer.apply({"params": params}, x)
+            return jnp.mean((y - target) ** 2)
+
+        params = variables["params"]
+        grads = jax.jit(jax.grad(loss))(params)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+            assert float(jnp.max(jnp.abs(leaf))) > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+
+        inner = TINY.num_heads * TINY.head_dim
+        loss_jit = jax.jit(loss)
+        # (path, index): q, k and v columns of the fused projection, conv taps, each gate, M_0 layers.
+        probes = [
+            (("qkv", "kernel"), (3, 0 * inner + 1)),  # W_Q
+            (("qkv", "kernel"), (5, 1 * inner + 2)),  # W_K
+            (("qkv", "kernel"), (7, 2 * inner + 6)),  # W_V
+            (("conv_kernel",), (0, inner + 3)),
+            (("conv_kernel",), (3, 2 * inner)),
+            (("conv_bias",), (inner + 1,)),
+            (("gate_kernel",), (2, 0, 1)),  # theta
+            (("gate_kernel",), (4, 1, 0)),  # eta
+            (("gate_kernel",), (6, 2, 1)),  # alpha
+            (("gate_bias",), (2, 0)),
+            (("memory", "layers", 0, "w"), (1, 2, 5)),  # M_0
+            (("memory", "layers", 1, "w"), (0, 6, 3)),
+        ]
+        eps = 1e-6
+        for path, index in probes:
+            def get(tree):
+                for key in path:
+                    tree = tree[key]
+                return tree
+
+            def perturbed(delta):
+                def set_leaf(p, leaf):
+                    keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in p)
+                    return leaf.at[index].add(delta) if keys == path else leaf
+                return jax.tree_util.tree_map_with_path(set_leaf, params)
+
+            numeric = (loss_jit(perturbed(eps)) - loss_jit(perturbed(-eps))) / (2 * eps)
+            analytic = get(grads)[index]
+            assert abs(float(analytic)) > 1e-9, path
+            np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-5, err_msg=str(path))
+
+
+@pytest.mark.parametrize("switch", [dict(conv_width=0), dict(use_momentum=False), dict(use_forgetting=False),
+                                    dict(memory_depth=1), dict(use_momentum=False, use_forgetting=False)])
+def test_ablation_switches(switch):
+    config = dataclasses.replace(TINY, dtype="float32", param_dtype="float32", **switch)
+    layer, variables, x = build(config)
+    params = variables["params"]
+    assert ("conv_kernel" in params) == bool(config.conv_width)
+    assert params["gate_kernel"].shape[1] == config.num_gates
+    assert len(params["memory"]["layers"]) == config.memory_depth
+    y, state = layer.apply(variables, x)
+    grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x)[0] ** 2))(params)
+    assert np.all(np.isfinite(np.asarray(y)))
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+
+
+def test_bf16_projections_keep_float32_memory_state():
+    config = dataclasses.replace(TINY, dtype="bfloat16", param_dtype="float32")
+    layer, variables, x = build(config)
+    y, state = layer.apply(variables, x.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    assert state.memory.weights[0]["w"].dtype == jnp.float32
+    reference = dataclasses.replace(config, dtype="float32")
+    y32, _ = LMMLayer(reference).apply(variables, x.astype(jnp.float32))
+    scale = float(jnp.max(jnp.abs(y32)))
+    assert float(jnp.max(jnp.abs(y.astype(jnp.float32) - y32))) < 0.05 * scale
+
+
+def test_initial_state_method_matches_fresh_call():
+    layer, variables, x = build(dataclasses.replace(TINY, dtype="float32", param_dtype="float32"))
+    state = layer.apply(variables, x.shape[0], method=LMMLayer.initial_state)
+    assert isinstance(state, LMMState) and isinstance(state.memory, MemoryState)
+    y_fresh, _ = layer.apply(variables, x)
+    y_state, _ = layer.apply(variables, x, state)
+    np.testing.assert_array_equal(np.asarray(y_fresh), np.asarray(y_state))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("conv_width", -1, "conv_width"), ("theta_max", 0.0, "theta_max"), ("impl", "fastest", "impl"),
+    ("chunk_size", 0, "chunk_size"), ("num_heads", 0, "num_heads"), ("dtype", "int8", "dtype"),
+    ("memory_depth", 7, "depth"),
+])
+def test_bad_config(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(TINY, **{field: value})
+
+
+def test_bad_inputs():
+    config = dataclasses.replace(TINY, dtype="float32", param_dtype="float32")
+    layer, variables, x = build(config)
+    with pytest.raises(ValueError, match="shape"):
+        layer.apply(variables, x[0])
+    with pytest.raises(ValueError, match="shape"):
+        layer.apply(variables, x[..., :5])
+    with pytest.raises(TypeError, match="floating"):
+        layer.apply(variables, x.astype(jnp.int32))
+    with pytest.raises(TypeError, match="LMMState"):
+        layer.apply(variables, x, {"conv": None})
+    _, state = layer.apply(variables, x)
+    with pytest.raises(ValueError, match="conv state"):
+        layer.apply(variables, x[:1], state)
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.apply(variables, x.at[0, 3, 2].set(jnp.nan))

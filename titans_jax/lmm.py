@@ -1,0 +1,203 @@
+"""The long-term memory (LMM) token mixer of Titans (§3, §4.4) as a thin Flax shell.
+
+    x -> q, k, v projections -> causal depthwise conv -> SiLU -> l2-norm(q), l2-norm(k)
+      -> per-token, per-head gates theta, eta, alpha
+      -> memory core (titans_jax.memory.memory_apply)
+      -> RMSNorm(y) * sigmoid(x W_g) -> W_O
+
+The module only creates parameters and calls pure functions. State is explicit:
+``y, state = layer.apply(variables, x, state)``; ``state=None`` starts a new sequence, and any
+split of a sequence into calls (down to one token per call) gives the outputs of one call.
+
+Dimension letters: B batch, T tokens, D d_model, H heads, E head dim, W conv width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from titans_jax import memory as memory_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LMMConfig:
+    """Configuration of one LMM layer. Every component the paper ablates can be switched off:
+    conv (conv_width=0), momentum (use_momentum=False), forgetting (use_forgetting=False),
+    deep vs linear memory (memory_depth=1)."""
+
+    d_model: int
+    num_heads: int
+    head_dim: int
+    # memory MLP and its inner loop (see MemoryConfig)
+    memory_depth: int = 2
+    memory_expansion: int = 4
+    memory_activation: str = "gelu"
+    memory_residual_norm: bool = False
+    memory_bias: bool = False
+    chunk_size: int = 64
+    loss_scale: float = 0.5
+    remat_every: int = 1
+    impl: str = "chunked"
+    # gates: theta = theta_max * sigmoid(.), eta = sigmoid(.), alpha = sigmoid(.)
+    use_momentum: bool = True
+    use_forgetting: bool = True
+    theta_max: float = 1.0
+    theta_bias_init: float = -2.0  # theta ~ 0.12 * theta_max at init
+    eta_bias_init: float = 2.0  # eta ~ 0.88
+    alpha_bias_init: float = -4.0  # alpha ~ 0.018
+    # short convolution and normalisation
+    conv_width: int = 4
+    qk_l2_norm: bool = True
+    norm_eps: float = 1e-6
+    # precision: projections may run in bf16; memory state and gate math stay in param_dtype
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("d_model", "num_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"LMMConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.conv_width, (int, np.integer)) or self.conv_width < 0:
+            raise ValueError(f"LMMConfig.conv_width must be an integer >= 0 (0 = no conv), got {self.conv_width!r}")
+        if not (self.theta_max > 0 and math.isfinite(self.theta_max)):
+            raise ValueError(f"LMMConfig.theta_max must be positive and finite, got {self.theta_max!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16", "float64"):
+                raise ValueError(f"LMMConfig.{name} must be a float dtype name, got {getattr(self, name)!r}")
+        self.memory  # validates the memory part
+
+    @property
+    def memory(self) -> memory_lib.MemoryConfig:
+        return memory_lib.MemoryConfig(
+            key_dim=self.head_dim, value_dim=self.head_dim, depth=self.memory_depth,
+            expansion=self.memory_expansion, activation=self.memory_activation,
+            residual_norm=self.memory_residual_norm, use_bias=self.memory_bias,
+            chunk_size=self.chunk_size, loss_scale=self.loss_scale, remat_every=self.remat_every,
+            impl=self.impl)
+
+    @property
+    def num_gates(self) -> int:
+        return 1 + int(self.use_momentum) + int(self.use_forgetting)
+
+
+class LMMState(NamedTuple):
+    conv: Array | None  # [B, W - 1, 3 H E]: the last pre-conv q/k/v projections
+    memory: memory_lib.MemoryState
+
+
+def causal_depthwise_conv(x: Array, kernel: Array, bias: Array, previous: Array) -> tuple[Array, Array]:
+    """y_t = bias + sum_i kernel[i] * x_{t - W + 1 + i}, with `previous` the W - 1 inputs before x.
+
+    x: [B, T, F]; kernel: [W, F]; previous: [B, W - 1, F]. Returns y [B, T, F] and the new
+    `previous` (the last W - 1 inputs of previous ++ x).
+    """
+    width = kernel.shape[0]
+    length = x.shape[1]
+    extended = jnp.concatenate([previous.astype(x.dtype), x], axis=1)
+    out = bias.astype(x.dtype)
+    for tap in range(width):
+        out = out + extended[:, tap: tap + length] * kernel[tap].astype(x.dtype)
+    return out, extended[:, extended.shape[1] - (width - 1):]
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    x32 = x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * scale).astype(x.dtype)
+
+
+def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+class LMMLayer(nn.Module):
+    """Titans neural long-term memory layer. ``__call__(x [B, T, D], state) -> (y [B, T, D], state)``."""
+
+    config: LMMConfig
+
+    def setup(self):
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        inner = cfg.num_heads * cfg.head_dim
+        dense = lambda features, name: nn.Dense(  # noqa: E731
+            features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name)
+        self.qkv_proj = dense(3 * inner, "qkv")
+        self.gate_out_proj = dense(inner, "output_gate")
+        self.out_proj = dense(cfg.d_model, "out")
+        if cfg.conv_width:
+            bound = 1.0 / math.sqrt(cfg.conv_width)
+            self.conv_kernel = self.param(
+                "conv_kernel", nn.initializers.uniform(2 * bound), (cfg.conv_width, 3 * inner), param_dtype)
+            self.conv_bias = self.param("conv_bias", nn.initializers.zeros, (3 * inner,), param_dtype)
+        self.gate_kernel = self.param(
+            "gate_kernel", nn.initializers.normal(0.02), (cfg.d_model, cfg.num_gates, cfg.num_heads), param_dtype)
+        bias_init = [cfg.theta_bias_init]
+        if cfg.use_momentum:
+            bias_init.append(cfg.eta_bias_init)
+        if cfg.use_forgetting:
+            bias_init.append(cfg.alpha_bias_init)
+        self.gate_bias = self.param(
+            "gate_bias",
+            lambda _, shape, dt: jnp.broadcast_to(jnp.asarray(bias_init, dt)[:, None], shape),
+            (cfg.num_gates, cfg.num_heads), param_dtype)
+        self.memory = self.param(
+            "memory", lambda rng: memory_lib.init_memory_params(rng, cfg.memory, cfg.num_heads, param_dtype))
+        self.out_norm_scale = self.param("out_norm_scale", nn.initializers.ones, (cfg.num_heads, cfg.head_dim), param_dtype)
+
+    def initial_state(self, batch_size: int) -> LMMState:
+        cfg = self.config
+        conv = None
+        if cfg.conv_width:
+            conv = jnp.zeros((batch_size, cfg.conv_width - 1, 3 * cfg.num_heads * cfg.head_dim), jnp.dtype(cfg.dtype))
+        return LMMState(conv=conv, memory=memory_lib.init_memory_state(self.memory, batch_size, cfg.memory))
+
+    def __call__(self, x: Array, state: LMMState | None = None) -> tuple[Array, LMMState]:
+        cfg = self.config
+        if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != cfg.d_model:
+            raise ValueError(f"LMMLayer expects x of shape [batch, tokens, {cfg.d_model}], got {getattr(x, 'shape', None)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"LMMLayer expects floating-point inputs, got dtype {x.dtype}")
+        if memory_lib.has_non_finite(x):
+            raise ValueError("LMMLayer input contains non-finite values (NaN or inf)")
+        batch, length, _ = x.shape
+        if state is None:
+            state = self.initial_state(batch)
+        elif not isinstance(state, LMMState):
+            raise TypeError(f"state must be an LMMState (or None), got {type(state).__name__}")
+        heads, head_dim = cfg.num_heads, cfg.head_dim
+        x = x.astype(jnp.dtype(cfg.dtype))
+
+        qkv = self.qkv_proj(x)
+        conv_state = state.conv
+        if cfg.conv_width:
+            if conv_state is None or conv_state.shape != (batch, cfg.conv_width - 1, qkv.shape[-1]):
+                raise ValueError(f"conv state shape {getattr(conv_state, 'shape', None)} does not match "
+                                 f"{(batch, cfg.conv_width - 1, qkv.shape[-1])}")
+            qkv, conv_state = causal_depthwise_conv(qkv, self.conv_kernel, self.conv_bias, conv_state)
+        qkv = jax.nn.silu(qkv)
+        split = qkv.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)  # [3, B, H, T, E]
+        queries, keys, values = split[0], split[1], split[2]
+        if cfg.qk_l2_norm:
+            queries, keys = l2_normalize(queries), l2_normalize(keys)
+
+        gate_dtype = jnp.dtype(cfg.param_dtype)
+        logits = jnp.einsum("btd,dgh->gbht", x.astype(gate_dtype), self.gate_kernel) + self.gate_bias[:, None, :, None]
+        theta = cfg.theta_max * jax.nn.sigmoid(logits[0])
+        log_eta = jax.nn.log_sigmoid(logits[1]) if cfg.use_momentum else None
+        log_keep = jax.nn.log_sigmoid(-logits[-1]) if cfg.use_forgetting else None  # log(1 - alpha)
+
+        retrieved, memory_state = memory_lib.memory_apply(
+            self.memory, keys, values, queries, theta, log_eta, log_keep, cfg.memory, state.memory)
+        retrieved = rms_norm(retrieved.transpose(0, 2, 1, 3), self.out_norm_scale, cfg.norm_eps)  # [B, T, H, E]
+        gated = retrieved.reshape(batch, length, heads * head_dim).astype(x.dtype) * jax.nn.sigmoid(self.gate_out_proj(x))
+        return self.out_proj(gated), LMMState(conv=conv_state, memory=memory_state)
