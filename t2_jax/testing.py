@@ -1,0 +1,220 @@
+"""Tiny models for tests: random JAX parameters, and tiny Hugging Face checkpoints written by
+transformers (needs the optional `hf` extra: torch + transformers)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2_jax._config import PRESETS, LlamaConfig
+from t2_jax._model import param_shapes
+
+TINY = PRESETS["tiny"]
+
+
+def tiny_params(config: LlamaConfig = TINY, seed: int = 0, std: float = 0.2):
+    """Random parameters of a tiny model (numpy RNG, no compilation): N(0, std^2) matrices and
+    norm scales 1 + N(0, 0.01), so that logits are O(1) and tests can fail."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, shape):
+        noise = rng.standard_normal(shape).astype(np.float32)
+        if "norm" in jax.tree_util.keystr(path):
+            return jnp.asarray(1.0 + 0.1 * noise)
+        return jnp.asarray(std * noise)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(config),
+                                            is_leaf=lambda x: isinstance(x, tuple))
+
+
+def write_tiny_hf_checkpoint(directory: str | pathlib.Path, family: str, seed: int = 0,
+                             std: float = 0.2, max_shard_size: str | None = None,
+                             **overrides) -> pathlib.Path:
+    """Write a tiny random checkpoint with transformers' own save_pretrained (safetensors).
+
+    family: "llama" (separate embeddings, llama3 RoPE scaling), "qwen2" (q/k/v biases, tied
+    embeddings) or "mistral" (sliding window 4). Weights are redrawn with a larger std than
+    transformers' init so that logits are O(1) and parity tests are sensitive.
+    """
+    import torch
+    import transformers
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-5)
+    if family == "llama":
+        common.update(tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+        cls_config, cls_model = transformers.LlamaConfig, transformers.LlamaForCausalLM
+    elif family == "qwen2":
+        common.update(tie_word_embeddings=True, rope_parameters={
+            "rope_type": "default", "rope_theta": 1000000.0})
+        cls_config, cls_model = transformers.Qwen2Config, transformers.Qwen2ForCausalLM
+    elif family == "mistral":
+        common.update(tie_word_embeddings=False, sliding_window=4, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0})
+        cls_config, cls_model = transformers.MistralConfig, transformers.MistralForCausalLM
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    common.update(overrides)
+    hf_config = cls_config(**common)
+    torch.manual_seed(seed)
+    model = cls_model(hf_config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * noise)
+            else:
+                param.copy_(std * noise)
+    directory = pathlib.Path(directory)
+    if max_shard_size is None:
+        model.save_pretrained(directory)
+    else:  # several model-0000k-of-0000n.safetensors files + model.safetensors.index.json
+        model.save_pretrained(directory, max_shard_size=max_shard_size)
+    return directory
+
+
+def load_hf_torch_model(directory: str | pathlib.Path):
+    """The transformers model for a directory, float32, eager attention, eval mode."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, length), dtype=np.int32)
+
+
+def write_tiny_gguf(path: str | pathlib.Path, params, config: LlamaConfig, tokenizer=None,
+                    chat_template: str | None = None, quantization: str | None = None,
+                    arch: str = "llama", extra_tensors=None) -> pathlib.Path:
+    """Write params as a GGUF file the way llama.cpp's converter does: Q/K rows permuted to
+    adjacent-pair RoPE order for arch "llama" (qwen2 keeps rotate-half order), F32 tensors, or
+    matrices quantised with gguf.quants ("Q8_0") when asked. tokenizer: a byte-level BPE
+    `tokenizers.Tokenizer` whose vocab/merges go into tokenizer.ggml.* ("smollm" pre-tokenizer)."""
+    import gguf
+
+    from t2_jax._loaders import params_to_hf_state, permute_qk_for_gguf
+
+    if config.rope_layout != "half":
+        raise ValueError("write_tiny_gguf expects rotate-half (Hugging Face) parameters")
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config.num_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_name("tiny-test")
+    if tokenizer is not None:
+        model = json.loads(tokenizer.to_str())["model"]
+        tokens = sorted(model["vocab"], key=model["vocab"].get)
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("smollm")
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if t in special else 1 for t in tokens])
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(0)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    state = params_to_hf_state(params, config)
+    permute = arch == "llama"
+
+    def put(name, array):
+        array = np.ascontiguousarray(array, np.float32)
+        if quantization and array.ndim == 2:
+            qtype = getattr(gguf.GGMLQuantizationType, quantization)
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array)
+
+    put("token_embd.weight", state["model.embed_tokens.weight"])
+    put("output_norm.weight", state["model.norm.weight"])
+    if not config.tie_embeddings:
+        put("output.weight", state["lm_head.weight"])
+    for i in range(config.num_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        put(b + "attn_norm.weight", state[p + "input_layernorm.weight"])
+        put(b + "ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
+        for short, heads in (("q", config.num_heads), ("k", config.num_kv_heads), ("v", None)):
+            weight = state[p + f"self_attn.{short}_proj.weight"]
+            bias = state.get(p + f"self_attn.{short}_proj.bias")
+            if permute and heads is not None:
+                weight = permute_qk_for_gguf(weight, heads)
+                bias = None if bias is None else permute_qk_for_gguf(bias, heads)
+            put(b + f"attn_{short}.weight", weight)
+            if bias is not None:
+                put(b + f"attn_{short}.bias", bias)
+        put(b + "attn_output.weight", state[p + "self_attn.o_proj.weight"])
+        for name, short in (("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
+            put(b + f"{short}.weight", state[p + f"mlp.{name}_proj.weight"])
+    for name, array in (extra_tensors or {}).items():
+        put(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return pathlib.Path(path)
+
+
+def hf_model_from_params(params, config: LlamaConfig, attn_implementation: str = "sdpa"):
+    """A transformers model (float32, eval mode) holding our parameters: LlamaForCausalLM, or
+    Qwen2ForCausalLM when config.attention_bias, MistralForCausalLM with a sliding window.
+    Used by the benchmark (same weights on both sides) and the parity tests."""
+    import torch
+    import transformers
+
+    if config.rope_layout != "half":
+        raise ValueError("Hugging Face models use rotate-half RoPE; load with rope_layout='half'")
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": config.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    common = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                  intermediate_size=config.intermediate_size,
+                  num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+                  num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+                  rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_embeddings,
+                  max_position_embeddings=config.max_position_embeddings, rope_parameters=rope)
+    if config.attention_bias:
+        hf_config = transformers.Qwen2Config(**common)
+        model_class = transformers.Qwen2ForCausalLM
+    elif config.sliding_window is not None:
+        hf_config = transformers.MistralConfig(sliding_window=config.sliding_window, **common)
+        model_class = transformers.MistralForCausalLM
+    else:
+        hf_config = transformers.LlamaConfig(**common)
+        model_class = transformers.LlamaForCausalLM
+    hf_config._attn_implementation = attn_implementation
+    model = model_class(hf_config).eval()
+    from t2_jax._loaders import params_to_hf_state
+
+    state = {k: torch.from_numpy(np.array(v, np.float32, copy=True)) for k, v in
+             params_to_hf_state(params, config).items()}
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if "rotary" not in m]
+    if missing or unexpected:
+        raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    return model
