@@ -8,58 +8,26 @@ import numpy as np
 import pytest
 
 from titans_jax import memory as mem
+from titans_jax.testing import (max_relative_difference, objective_and_grads, random_memory_inputs,
+                                random_memory_params)
 
 BATCH, HEADS, KEY_DIM = 2, 2, 6
 
 
-def make_inputs(seed, length, key_dim=KEY_DIM, value_dim=KEY_DIM, dtype=jnp.float64, batch=BATCH, heads=HEADS):
-    """Random normalised keys, values, queries and gates in realistic ranges."""
-    r = jax.random.split(jax.random.PRNGKey(seed), 6)
-    keys = jax.random.normal(r[0], (batch, heads, length, key_dim), dtype)
-    keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True)
-    values = jax.random.normal(r[1], (batch, heads, length, value_dim), dtype)
-    queries = jax.random.normal(r[2], (batch, heads, length, key_dim), dtype)
-    theta = 0.4 * jax.nn.sigmoid(jax.random.normal(r[3], (batch, heads, length), dtype))
-    log_eta = jax.nn.log_sigmoid(jax.random.normal(r[4], (batch, heads, length), dtype) + 1.0)
-    log_keep = jax.nn.log_sigmoid(jax.random.normal(r[5], (batch, heads, length), dtype) + 2.0)
-    return keys, values, queries, theta, log_eta, log_keep
+def make_inputs(seed, length, dtype=jnp.float64):
+    return random_memory_inputs(seed, length, batch=BATCH, heads=HEADS, key_dim=KEY_DIM, dtype=dtype)
 
 
-def make_params(config, seed=7, dtype=jnp.float64, heads=HEADS):
-    params = mem.init_memory_params(jax.random.PRNGKey(seed), config, heads, dtype)
-    # non-trivial biases and norm parameters, so their gradients are exercised
-    r = iter(jax.random.split(jax.random.PRNGKey(seed + 1), 8))
-    layers = tuple({name: leaf + (0.1 * jax.random.normal(next(r), leaf.shape, dtype) if name == "b" else 0)
-                    for name, leaf in layer.items()} for layer in params["layers"])
-    params = {**params, "layers": layers}
-    if "norm" in params:
-        params["norm"] = {"scale": 1 + 0.1 * jax.random.normal(next(r), params["norm"]["scale"].shape, dtype),
-                          "bias": 0.1 * jax.random.normal(next(r), params["norm"]["bias"].shape, dtype)}
-    return params
+def make_params(config, seed=7, dtype=jnp.float64):
+    return random_memory_params(config, heads=HEADS, seed=seed, dtype=dtype)
 
 
-def scalar_objective(config):
-    """A loss over outputs and the final state, so every output and state leaf gets a gradient."""
-
-    def objective(params, keys, values, queries, theta, log_eta, log_keep):
-        out, state = mem.memory_apply(params, keys, values, queries, theta, log_eta, log_keep, config)
-        total = jnp.sum(jnp.sin(3 * out))
-        for layer, surprise in zip(state.weights, state.momentum):
-            total += sum(jnp.sum(jnp.cos(leaf)) for leaf in layer.values())
-            total += sum(jnp.sum(leaf * leaf) for leaf in surprise.values())
-        return total, out
-
-    return jax.jit(jax.value_and_grad(objective, argnums=tuple(range(7)), has_aux=True))
+scalar_objective = objective_and_grads
+max_rel_diff = max_relative_difference
 
 
 def max_abs_diff(a, b):
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def max_rel_diff(a, b):
-    """Largest |a - b| of each leaf relative to that leaf's scale (max |b|, at least 1)."""
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / max(1.0, float(np.max(np.abs(np.asarray(y))))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 VARIANTS = {

@@ -1,0 +1,64 @@
+"""Small random inputs for tests and equivalence checks of the memory core (not for training)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from titans_jax import memory as mem
+
+
+def random_memory_inputs(seed: int, length: int, *, batch: int = 2, heads: int = 2, key_dim: int = 6,
+                         value_dim: int | None = None, dtype=jnp.float64):
+    """(keys, values, queries, theta, log_eta, log_keep) with unit-norm keys and gates in the
+    ranges the layer produces: theta in (0, 0.4), eta around sigmoid(1), 1 - alpha around sigmoid(2)."""
+    value_dim = key_dim if value_dim is None else value_dim
+    r = jax.random.split(jax.random.PRNGKey(seed), 6)
+    keys = jax.random.normal(r[0], (batch, heads, length, key_dim), dtype)
+    keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True)
+    values = jax.random.normal(r[1], (batch, heads, length, value_dim), dtype)
+    queries = jax.random.normal(r[2], (batch, heads, length, key_dim), dtype)
+    theta = 0.4 * jax.nn.sigmoid(jax.random.normal(r[3], (batch, heads, length), dtype))
+    log_eta = jax.nn.log_sigmoid(jax.random.normal(r[4], (batch, heads, length), dtype) + 1.0)
+    log_keep = jax.nn.log_sigmoid(jax.random.normal(r[5], (batch, heads, length), dtype) + 2.0)
+    return keys, values, queries, theta, log_eta, log_keep
+
+
+def random_memory_params(config: mem.MemoryConfig, heads: int = 2, seed: int = 7, dtype=jnp.float64) -> dict:
+    """init_memory_params with non-trivial biases and residual-norm parameters, so that their
+    gradients are exercised too."""
+    params = mem.init_memory_params(jax.random.PRNGKey(seed), config, heads, dtype)
+    r = iter(jax.random.split(jax.random.PRNGKey(seed + 1), 2 * config.depth + 2))
+    layers = tuple({name: leaf + 0.1 * jax.random.normal(next(r), leaf.shape, dtype) if name == "b" else leaf
+                    for name, leaf in layer.items()} for layer in params["layers"])
+    params = {**params, "layers": layers}
+    if "norm" in params:
+        params["norm"] = {"scale": 1 + 0.1 * jax.random.normal(next(r), params["norm"]["scale"].shape, dtype),
+                          "bias": 0.1 * jax.random.normal(next(r), params["norm"]["bias"].shape, dtype)}
+    return params
+
+
+def objective_and_grads(config: mem.MemoryConfig):
+    """jit(value_and_grad) of a scalar over the outputs and the final state (weights and
+    momentum), w.r.t. (params, keys, values, queries, theta, log_eta, log_keep)."""
+
+    def objective(params, keys, values, queries, theta, log_eta, log_keep):
+        out, state = mem.memory_apply(params, keys, values, queries, theta, log_eta, log_keep, config)
+        total = jnp.sum(jnp.sin(3 * out))
+        for layer, surprise in zip(state.weights, state.momentum):
+            total += sum(jnp.sum(jnp.cos(leaf)) for leaf in layer.values())
+            total += sum(jnp.sum(leaf * leaf) for leaf in surprise.values())
+        return total, out
+
+    return jax.jit(jax.value_and_grad(objective, argnums=tuple(range(7)), has_aux=True))
+
+
+def max_relative_difference(a, b) -> float:
+    """Largest |a - b| of any leaf, relative to that leaf's scale max(1, max |b|)."""
+    import numpy as np
+
+    worst = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        worst = max(worst, float(np.max(np.abs(x - y))) / max(1.0, float(np.max(np.abs(y)))))
+    return worst
