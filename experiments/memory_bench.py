@@ -46,6 +46,15 @@ def matmul_rate(repeats: int, size: int = 2048) -> float:
     return 2 * size**3 / seconds
 
 
+def chunk_matmul_rate(batch: int, heads: int, chunk: int, head_dim: int, hidden: int, repeats: int) -> float:
+    """Rate of the matmuls inside the chunk scan: B*H independent [C, K] @ [K, hidden] products."""
+    x = jax.random.normal(jax.random.PRNGKey(2), (batch * heads, chunk, head_dim), jnp.float32)
+    w = jax.random.normal(jax.random.PRNGKey(3), (batch * heads, head_dim, hidden), jnp.float32)
+    fn = jax.jit(lambda a, b: jnp.einsum("sck,skh->sch", a, b))
+    seconds = best_time(fn, x, w, repeats=max(repeats, 20))
+    return 2 * batch * heads * chunk * head_dim * hidden / seconds
+
+
 def layer_functions(config: LMMConfig):
     layer = LMMLayer(config)
 
@@ -151,6 +160,10 @@ def main(argv=None):
           f"jax {jax.__version__}")
     rate = matmul_rate(args.repeats)
     print(f"float32 matmul rate (2048^3, jit): {rate / 1e9:.1f} GFLOP/s")
+    hidden = args.expansion * args.head_dim if args.depth > 1 else args.head_dim
+    small = chunk_matmul_rate(args.batch, args.heads, args.chunk, args.head_dim, hidden, args.repeats)
+    print(f"float32 rate of the matmuls inside the chunk scan ({args.batch * args.heads} x "
+          f"[{args.chunk}x{args.head_dim}]@[{args.head_dim}x{hidden}]): {small / 1e9:.1f} GFLOP/s")
     print(f"shape: batch {args.batch} x {args.seq} tokens, d_model {args.d_model}, {args.heads} heads x {args.head_dim}, "
           f"memory depth {args.depth} expansion {args.expansion}, chunk {args.chunk}, float32\n")
 
@@ -179,7 +192,7 @@ def main(argv=None):
                   f"{row['fwd+bwd']['tokens_per_s']:9.0f} | {row['fwd+bwd']['peak_bytes'] / 2**20:8.0f} |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "matmul_flops_per_s": rate, "ours": ours, "peer": peer,
+            json.dump({"args": vars(args), "matmul_flops_per_s": rate, "chunk_matmul_flops_per_s": small, "ours": ours, "peer": peer,
                        "scaling": scaling, "config": dataclasses.asdict(config)}, handle, indent=2)
 
 
