@@ -11,34 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-import jax
+from titans_jax.testing import VARIANTS, max_relative_difference, run_all_implementations
 
-from titans_jax import memory as mem
-from titans_jax.testing import (max_relative_difference, objective_and_grads, random_memory_inputs,
-                                random_memory_params)
-
-VARIANTS = {
-    "plain": {},
-    "bias+residual_norm": dict(use_bias=True, residual_norm=True),
-    "no_momentum": {},
-    "no_forgetting": {},
-}
-
-
-def compare(depth: int, chunk_size: int, variant: str, length: int = 23) -> dict[str, tuple[float, float]]:
-    with jax.enable_x64(True):
-        inputs = list(random_memory_inputs(0, length))
-        if variant == "no_momentum":
-            inputs[4] = None
-        if variant == "no_forgetting":
-            inputs[5] = None
-        results = {}
-        for impl in mem.IMPLEMENTATIONS:
-            config = mem.MemoryConfig(key_dim=6, value_dim=6, depth=depth, expansion=2, chunk_size=chunk_size,
-                                      impl=impl, **VARIANTS[variant])
-            params = random_memory_params(config)
-            (_, out), grads = objective_and_grads(config)(params, *inputs)
-            results[impl] = (out, [g for g, x in zip(grads, [params] + inputs) if x is not None])
+def compare(depth: int, chunk_size: int, variant: str) -> dict[str, tuple[float, float]]:
+    results = run_all_implementations(depth, chunk_size, variant)
     ref_out, ref_grads = results["reference"]
     return {impl: (max_relative_difference(results[impl][0], ref_out),
                    max_relative_difference(results[impl][1], ref_grads))

@@ -9,7 +9,7 @@ import pytest
 
 from titans_jax import memory as mem
 from titans_jax.testing import (max_relative_difference, objective_and_grads, random_memory_inputs,
-                                random_memory_params)
+                                random_memory_params, run_all_implementations)
 
 BATCH, HEADS, KEY_DIM = 2, 2, 6
 
@@ -30,33 +30,6 @@ def max_abs_diff(a, b):
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-VARIANTS = {
-    "plain": {},
-    "bias_residual_norm": dict(use_bias=True, residual_norm=True),
-    "no_momentum": {},  # log_eta=None
-    "no_forgetting": {},  # log_keep=None
-    "silu_mean_loss": dict(activation="silu", loss_scale=1.0 / KEY_DIM),
-}
-
-
-def run_all_impls(depth, chunk_size, variant, length=23):
-    results = {}
-    with jax.enable_x64(True):
-        inputs = list(make_inputs(0, length))
-        if variant == "no_momentum":
-            inputs[4] = None
-        if variant == "no_forgetting":
-            inputs[5] = None
-        for impl in mem.IMPLEMENTATIONS:
-            config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=depth, expansion=2,
-                                      chunk_size=chunk_size, impl=impl, **VARIANTS[variant])
-            params = make_params(config)
-            (value, out), grads = scalar_objective(config)(params, *inputs)
-            grads = [g for g, x in zip(grads, [params] + inputs) if x is not None]
-            results[impl] = (out, grads)
-    return results
-
-
 # depth x chunk size: by default every depth and every chunk size appear at least once (compiling
 # three implementations with gradients takes ~10 s a case on 2 cores); the full product runs
 # with -m slow.
@@ -67,7 +40,7 @@ CASES = FAST_CASES + [pytest.param(*case, marks=pytest.mark.slow) for case in AL
 
 @pytest.mark.parametrize("depth,chunk_size", CASES)
 def test_implementations_agree_forward_and_gradients(depth, chunk_size):
-    results = run_all_impls(depth, chunk_size, "plain")
+    results = run_all_implementations(depth, chunk_size, "plain")
     ref_out, ref_grads = results["reference"]
     assert np.all(np.isfinite(np.asarray(ref_out)))
     for impl in ("chunked", "associative"):
@@ -78,7 +51,7 @@ def test_implementations_agree_forward_and_gradients(depth, chunk_size):
 
 @pytest.mark.parametrize("variant", ["bias_residual_norm", "no_momentum", "no_forgetting", "silu_mean_loss"])
 def test_implementations_agree_variants(variant):
-    results = run_all_impls(2, 5, variant)
+    results = run_all_implementations(2, 5, variant)
     ref_out, ref_grads = results["reference"]
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(ref_grads))
     for impl in ("chunked", "associative"):

@@ -53,6 +53,35 @@ def objective_and_grads(config: mem.MemoryConfig):
     return jax.jit(jax.value_and_grad(objective, argnums=tuple(range(7)), has_aux=True))
 
 
+VARIANTS = {
+    "plain": {},
+    "bias_residual_norm": dict(use_bias=True, residual_norm=True),
+    "no_momentum": {},  # log_eta = None
+    "no_forgetting": {},  # log_keep = None
+    "silu_mean_loss": dict(activation="silu", loss_scale=1.0 / 6),
+}
+
+
+def run_all_implementations(depth: int, chunk_size: int, variant: str = "plain", length: int = 23,
+                            key_dim: int = 6) -> dict:
+    """{impl: (outputs, gradients)} in float64 for one memory configuration (see VARIANTS); the
+    gradients cover the params and every input that is not None."""
+    results = {}
+    with jax.enable_x64(True):
+        inputs = list(random_memory_inputs(0, length, key_dim=key_dim))
+        if variant == "no_momentum":
+            inputs[4] = None
+        if variant == "no_forgetting":
+            inputs[5] = None
+        for impl in mem.IMPLEMENTATIONS:
+            config = mem.MemoryConfig(key_dim=key_dim, value_dim=key_dim, depth=depth, expansion=2,
+                                      chunk_size=chunk_size, impl=impl, **VARIANTS[variant])
+            params = random_memory_params(config)
+            (_, out), grads = objective_and_grads(config)(params, *inputs)
+            results[impl] = (out, [g for g, x in zip(grads, [params] + inputs) if x is not None])
+    return results
+
+
 def max_relative_difference(a, b) -> float:
     """Largest |a - b| of any leaf, relative to that leaf's scale max(1, max |b|)."""
     import numpy as np
