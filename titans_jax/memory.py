@@ -17,7 +17,7 @@ Three implementations share one signature and are selected by `MemoryConfig.impl
 
 * ``reference``   token-by-token `lax.scan`; each gradient by `jax.grad` at the chunk-start
                   weights. Slow and obviously correct.
-* ``chunked``     the matmul ("dual") form (see docs in README): per chunk, per layer, only
+* ``chunked``     the matmul ("dual") form (`_chunk_step` has the formulas): per chunk and layer, only
                   [C, C] coefficient matrices and [C, I] / [C, O] activations; never a
                   per-token [C, I, O] weight tensor. The fast path and the default.
 * ``associative`` the paper's literal recipe: per-token gradients at chunk start materialised
