@@ -282,6 +282,8 @@ def test_non_finite_input(small):
         mem.memory_apply(params, k.at[0, 0, 2, 1].set(jnp.nan), v, q, theta, le, lk, config)
     with pytest.raises(ValueError, match="non-finite"):
         mem.memory_apply(params, k, v, q, theta.at[0, 0, 0].set(jnp.inf), le, lk, config)
+    with pytest.raises(ValueError, match="theta .* must be >= 0"):
+        mem.memory_apply(params, k, v, q, -theta, le, lk, config)
     with pytest.raises(ValueError, match="<= 0"):
         mem.memory_apply(params, k, v, q, theta, jnp.abs(le), lk, config)
 

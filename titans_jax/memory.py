@@ -581,6 +581,10 @@ def _check_inputs(keys, values, queries, theta, log_eta, log_keep, config: Memor
     for name, x in {**named, "theta": theta}.items():
         if has_non_finite(x):
             raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    if not isinstance(theta, jax.core.Tracer):
+        with jax.ensure_compile_time_eval():
+            if bool(jnp.any(theta < 0)):
+                raise ValueError("theta (the inner step size) must be >= 0; a negative step ascends the inner loss")
     for name, gate in (("log_eta", log_eta), ("log_keep", log_keep)):
         if gate is not None and _has_bad_log_gate(gate):
             raise ValueError(f"{name} must be <= 0 (a log of a gate in [0, 1]) and not NaN")
