@@ -161,6 +161,15 @@ class LMMLayer(nn.Module):
             conv = jnp.zeros((batch_size, cfg.conv_width - 1, 3 * cfg.num_heads * cfg.head_dim), jnp.dtype(cfg.dtype))
         return LMMState(conv=conv, memory=memory_lib.init_memory_state(self.memory, batch_size, cfg.memory))
 
+    def retrieve(self, weights: tuple, queries: Array) -> Array:
+        """M*(q) with given inner weights and no update (eq. 15): weights per layer [B, H, I, O]
+        (e.g. a MemoryState's), queries [B, H, T, K] -> [B, H, T, V]."""
+        cfg = self.config
+        norm = self.memory.get("norm")
+        mlp = lambda w, n, q: memory_lib.memory_mlp(w, n, q, cfg.memory)  # noqa: E731
+        over_heads = jax.vmap(mlp, in_axes=(0, 0 if norm is not None else None, 0))
+        return jax.vmap(over_heads, in_axes=(0, None, 0))(weights, norm, queries.astype(weights[0]["w"].dtype))
+
     def __call__(self, x: Array, state: LMMState | None = None) -> tuple[Array, LMMState]:
         cfg = self.config
         if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != cfg.d_model:
@@ -170,8 +179,9 @@ class LMMLayer(nn.Module):
         if memory_lib.has_non_finite(x):
             raise ValueError("LMMLayer input contains non-finite values (NaN or inf)")
         batch, length, _ = x.shape
-        if state is None:
-            state = self.initial_state(batch)
+        fresh = state is None
+        if fresh:  # the memory core then takes its static, buffer-free path
+            state = self.initial_state(batch)._replace(memory=None)
         elif not isinstance(state, LMMState):
             raise TypeError(f"state must be an LMMState (or None), got {type(state).__name__}")
         heads, head_dim = cfg.num_heads, cfg.head_dim
