@@ -527,7 +527,8 @@ class TitansLM(nn.Module):
 
 def check_tokens(tokens: Array, vocab_size: int) -> Array:
     """Rank-2 integer token ids in [0, vocab_size): a clear error for concrete inputs; under jit
-    out-of-range ids turn their logits into NaN instead of reading a clipped embedding."""
+    an out-of-range id makes the sequence's logits NaN (from its position on, and usually all of
+    them: masked attention weights multiply the NaN) instead of reading a clipped embedding."""
     if not hasattr(tokens, "ndim") or tokens.ndim != 2:
         raise ValueError(f"tokens must have shape [batch, length], got {getattr(tokens, 'shape', None)}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -535,7 +536,8 @@ def check_tokens(tokens: Array, vocab_size: int) -> Array:
     if tokens.shape[1] == 0:
         raise ValueError("tokens must hold at least one position")
     if not isinstance(tokens, jax.core.Tracer):
-        low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+        with jax.ensure_compile_time_eval():  # also for concrete arrays closed over under jit
+            low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
         if low < 0 or high >= vocab_size:
             raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{low}, {high}]")
     return tokens

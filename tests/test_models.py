@@ -1,0 +1,228 @@
+"""The language models: decode == parallel, causality, gradients reach every parameter, presets,
+generation and clear errors. Tiny shapes; float64 where outputs are compared."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from titans_jax import generate as gen
+from titans_jax.models import ModelConfig, TitansLM, abstract_params, param_count
+from titans_jax.presets import MLP_MULTIPLE, PRESETS, VARIANTS, preset
+
+LENGTH = 21  # > two MAC segments of 8, not a multiple of the segment (8) or the chunk (4)
+TINY = dict(vocab_size=50, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_hidden=48, window=6,
+            segment_size=8, chunk_size=4, num_persistent=2, attention_block=8, num_learned_queries=3)
+ARCHS = {
+    "transformer": {}, "swa": {}, "lmm": {}, "mac": {}, "mag": {}, "mal": {},
+    "mac_learned": dict(arch="mac", mac_retrieval="learned"),
+    "ttt": VARIANTS["ttt"], "linear": VARIANTS["linear"],
+}
+SLOW = {"mac_learned", "ttt", "linear"}  # same code paths as mac / lmm with other settings
+
+
+def tiny_config(name: str, **overrides) -> ModelConfig:
+    fields = dict(TINY, arch=name, dtype="float64", param_dtype="float64")
+    fields.update(ARCHS[name])
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def arch_params(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
+
+
+class Tiny:
+    """A float64 tiny model, its parameters and jitted entry points."""
+
+    def __init__(self, name: str):
+        self.config = tiny_config(name)
+        self.model = TitansLM(self.config)
+        self.tokens = jax.random.randint(jax.random.PRNGKey(1), (2, LENGTH), 0, self.config.vocab_size)
+        self.params = jax.jit(self.model.init)(jax.random.PRNGKey(0), self.tokens)["params"]
+        self.forward = jax.jit(lambda p, t: self.model.apply({"params": p}, t))
+        self.step = jax.jit(lambda p, t, c: self.model.apply({"params": p}, t, c, mode="decode"))
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = Tiny(name)
+        return built[name]
+
+    with jax.enable_x64(True):
+        yield get
+
+
+@pytest.mark.parametrize("name", arch_params(ARCHS))
+def test_decode_matches_parallel_forward(tiny_models, name):
+    """Prefill 3 tokens, then decode one at a time across chunk (4) and segment (8) boundaries."""
+    with jax.enable_x64(True):
+        tiny = tiny_models(name)
+        full = tiny.forward(tiny.params, tiny.tokens)
+        splits = [11] if tiny.config.arch == "mac" else [3]  # 11: one scanned segment + 3 tokens
+        for prefill in splits:
+            logits, cache = tiny.model.apply({"params": tiny.params}, tiny.tokens[:, :prefill], mode="prefill",
+                                             max_len=LENGTH)
+            outputs = [logits]
+            for i in range(prefill, LENGTH):
+                logits, cache = tiny.step(tiny.params, tiny.tokens[:, i:i + 1], cache)
+                outputs.append(logits)
+            np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, rtol=1e-10, atol=1e-10)
+            assert int(cache["position"]) == tiny.config.prefix_length + LENGTH
+
+
+@pytest.mark.parametrize("name", arch_params(ARCHS))
+def test_causality_changing_a_token_never_changes_earlier_logits(tiny_models, name):
+    with jax.enable_x64(True):
+        tiny = tiny_models(name)
+        for position in (5, 13):  # inside the first segment / the second segment, mid-chunk
+            changed = tiny.tokens.at[:, position].set((tiny.tokens[:, position] + 7) % tiny.config.vocab_size)
+            a, b = tiny.forward(tiny.params, tiny.tokens), tiny.forward(tiny.params, changed)
+            np.testing.assert_allclose(a[:, :position], b[:, :position], rtol=0, atol=1e-13)
+            assert float(jnp.max(jnp.abs(a[:, position] - b[:, position]))) > 1e-6
+
+
+@pytest.mark.parametrize("name", arch_params(ARCHS))
+def test_gradients_are_finite_and_reach_every_parameter(tiny_models, name):
+    with jax.enable_x64(True):
+        tiny = tiny_models(name)
+
+        def loss(params):
+            logits = tiny.model.apply({"params": params}, tiny.tokens)
+            logp = jax.nn.log_softmax(logits[:, :-1])
+            return -jnp.mean(jnp.take_along_axis(logp, tiny.tokens[:, 1:, None], axis=-1))
+
+        grads = jax.jit(jax.grad(loss))(tiny.params)
+        flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+        for path, leaf in flat:
+            name_ = jax.tree_util.keystr(path)
+            assert bool(jnp.all(jnp.isfinite(leaf))), name_
+            assert float(jnp.max(jnp.abs(leaf))) > 0, f"no gradient reaches {name_}"
+
+
+def test_mac_needs_segment_weights_from_the_previous_segment(tiny_models):
+    """The pre-segment retrieval really reads the memory written by the previous segment: a change
+    in segment 1 reaches segment 2's logits through the memory (MAC attends only inside a segment)."""
+    with jax.enable_x64(True):
+        tiny = tiny_models("mac")
+        changed = tiny.tokens.at[:, 2].set((tiny.tokens[:, 2] + 1) % tiny.config.vocab_size)
+        a, b = tiny.forward(tiny.params, tiny.tokens), tiny.forward(tiny.params, changed)
+        assert float(jnp.max(jnp.abs(a[:, 8:] - b[:, 8:]))) > 1e-8  # segment 2 sees it (only via memory)
+
+
+def test_generate_greedy_agrees_with_parallel_pass_and_sampling_is_reproducible(tiny_models):
+    with jax.enable_x64(True):
+        tiny = tiny_models("mag")
+        prompt = tiny.tokens[:, :5]
+        new, step_logits = gen.generate(tiny.model, tiny.params, prompt, 9)
+        assert new.shape == (2, 9) and step_logits.shape == (2, 9, tiny.config.vocab_size)
+        full = tiny.forward(tiny.params, jnp.concatenate([prompt, new], axis=1))
+        np.testing.assert_array_equal(new, jnp.argmax(full[:, 4:13], axis=-1))
+        np.testing.assert_allclose(step_logits, full[:, 5:14], rtol=1e-10, atol=1e-10)
+        rng = jax.random.PRNGKey(11)
+        sample_a, _ = gen.generate(tiny.model, tiny.params, prompt, 6, rng=rng, temperature=0.8, top_k=5)
+        sample_b, _ = gen.generate(tiny.model, tiny.params, prompt, 6, rng=rng, temperature=0.8, top_k=5)
+        np.testing.assert_array_equal(sample_a, sample_b)
+        assert int(sample_a.min()) >= 0 and int(sample_a.max()) < tiny.config.vocab_size
+
+
+def test_full_attention_decode_past_its_cache_gives_nan_not_wrapped_context(tiny_models):
+    with jax.enable_x64(True):
+        tiny = tiny_models("transformer")
+        logits, cache = tiny.model.apply({"params": tiny.params}, tiny.tokens[:, :4], mode="prefill", max_len=5)
+        logits, cache = tiny.step(tiny.params, tiny.tokens[:, 4:5], cache)
+        assert bool(jnp.all(jnp.isfinite(logits)))
+        logits, cache = tiny.step(tiny.params, tiny.tokens[:, 5:6], cache)
+        assert bool(jnp.all(jnp.isnan(logits)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+
+
+@pytest.mark.parametrize("arch", ["transformer", "mac"] + [pytest.param(a, marks=pytest.mark.slow)
+                                                           for a in ("swa", "lmm", "mag", "mal", "ttt", "linear")])
+def test_tiny_and_small_presets_build_and_small_matches_its_size(arch):
+    config = preset("tiny", arch)
+    params = TitansLM(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    assert param_count(params) == param_count(abstract_params(config))
+    assert_matches_target("small", arch)
+
+
+def assert_matches_target(name: str, arch: str):
+    """The count is the closest to the target that an MLP width in steps of MLP_MULTIPLE allows."""
+    config = preset(name, arch)
+    count = param_count(abstract_params(config))
+    step = 3 * config.d_model * config.num_layers * MLP_MULTIPLE
+    assert abs(count - PRESETS[name][1]) <= step / 2, (name, arch, count, config.num_layers, config.mlp_hidden)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n != "170M" else n
+                                  for n in ("170M", "340M", "400M", "760M")])
+@pytest.mark.parametrize("arch", ["transformer", "mac"])
+def test_paper_presets_match_their_size_through_eval_shape(name, arch):
+    assert_matches_target(name, arch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Clear errors
+
+
+def test_bad_configs_are_rejected_with_clear_errors():
+    with pytest.raises(ValueError, match="multiple of the memory chunk_size"):
+        tiny_config("mac", segment_size=6)
+    with pytest.raises(ValueError, match="window must be a positive integer"):
+        tiny_config("swa", window=0)
+    with pytest.raises(ValueError, match="unknown arch"):
+        ModelConfig(arch="mamba")
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("1B", "mac")
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        tiny_config("lmm", remat="everything")
+    with pytest.raises(ValueError, match="unknown mac_retrieval"):
+        tiny_config("mac", mac_retrieval="leaky")
+
+
+def test_bad_inputs_are_rejected_with_clear_errors(tiny_models):
+    with jax.enable_x64(True):
+        tiny = tiny_models("swa")
+        apply = lambda tokens, **kw: tiny.model.apply({"params": tiny.params}, tokens, **kw)  # noqa: E731
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\)"):
+            apply(jnp.array([[1, 2, 50]]))
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\)"):
+            apply(jnp.array([[1, -1]]))
+        with pytest.raises(ValueError, match="shape \\[batch, length\\]"):
+            apply(jnp.array([1, 2, 3]))
+        with pytest.raises(TypeError, match="integer ids"):
+            apply(jnp.ones((1, 3)))
+        with pytest.raises(ValueError, match="needs the cache"):
+            apply(jnp.array([[1]]), mode="decode")
+        with pytest.raises(ValueError, match="max_len >= the prompt length"):
+            apply(jnp.array([[1, 2, 3]]), mode="prefill", max_len=2)
+        _, cache = apply(jnp.array([[1, 2, 3]]), mode="prefill", max_len=8)
+        with pytest.raises(ValueError, match="one token per call"):
+            tiny.model.apply({"params": tiny.params}, jnp.array([[1, 2]]), cache, mode="decode")
+        # under jit an out-of-range id cannot raise: the sequence's logits become NaN instead of
+        # reading a clipped embedding row
+        logits = tiny.forward(tiny.params, jnp.array([[1, 2, 99, 3]]))
+        assert bool(jnp.all(jnp.isnan(logits[:, 2:])))
+
+
+@pytest.mark.parametrize("name", ["swa", pytest.param("mac", marks=pytest.mark.slow)])
+def test_remat_policies_give_the_same_gradients(name):
+    with jax.enable_x64(True):
+        base = tiny_config(name, num_layers=1)
+        tokens = jax.random.randint(jax.random.PRNGKey(4), (1, 12), 0, base.vocab_size)
+        params = TitansLM(base).init(jax.random.PRNGKey(0), tokens)["params"]
+        grads = {}
+        for policy in ("none", "full", "dots_no_batch"):
+            model = TitansLM(dataclasses.replace(base, remat=policy))
+            grads[policy] = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, tokens)))))(params)
+        for policy in ("full", "dots_no_batch"):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), grads[policy], grads["none"])

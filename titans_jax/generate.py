@@ -1,0 +1,75 @@
+"""Token-by-token generation over the explicit caches of titans_jax.models.
+
+`generate` runs one jitted prefill of the prompt and one `lax.scan` of jitted decode steps; the
+cache has the same shapes at every step. temperature == 0 is greedy decoding; otherwise logits
+are divided by the temperature and optionally restricted to the top_k before sampling.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from titans_jax.models import TitansLM, check_tokens
+
+Array = jax.Array
+
+
+def prefill(model: TitansLM, params, tokens: Array, max_len: int):
+    """(logits [B, T, V], cache) for a prompt, with room for max_len tokens in all."""
+    return model.apply({"params": params}, tokens, mode="prefill", max_len=max_len)
+
+
+def decode_step(model: TitansLM, params, token: Array, cache: dict):
+    """(logits [B, 1, V], cache) for the next token [B, 1]."""
+    return model.apply({"params": params}, token, cache, mode="decode")
+
+
+def sample_logits(rng: Array, logits: Array, temperature: float, top_k: int | None) -> Array:
+    """Next ids [B] from logits [B, V]."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        threshold = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
+def _generate(model, params, prompt, rng, max_new_tokens, temperature, top_k):
+    logits, cache = prefill(model, params, prompt, prompt.shape[1] + max_new_tokens)
+    rng, first_rng = jax.random.split(rng)
+    first = sample_logits(first_rng, logits[:, -1], temperature, top_k)
+
+    def step(carry, step_rng):
+        token, cache = carry
+        logits, cache = decode_step(model, params, token[:, None], cache)
+        next_token = sample_logits(step_rng, logits[:, 0], temperature, top_k)
+        return (next_token, cache), (token, logits[:, 0])
+
+    (_, _), (tokens, step_logits) = jax.lax.scan(step, (first, cache), jax.random.split(rng, max_new_tokens))
+    return tokens.T, step_logits.transpose(1, 0, 2)
+
+
+def generate(model: TitansLM, params, prompt: Array, max_new_tokens: int, *, rng: Array | None = None,
+             temperature: float = 0.0, top_k: int | None = None) -> tuple[Array, Array]:
+    """Continue `prompt` [B, T] by max_new_tokens tokens.
+
+    Returns (new tokens [B, max_new_tokens], the logits each decode step produced
+    [B, max_new_tokens, V] — the logits after feeding the i-th new token, so that one parallel
+    pass over prompt ++ new tokens reproduces them at positions T .. T + max_new_tokens - 1).
+    """
+    check_tokens(prompt, model.config.vocab_size)
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and not 0 < top_k <= model.config.vocab_size:
+        raise ValueError(f"top_k must be in [1, {model.config.vocab_size}], got {top_k}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an rng key")
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return _generate(model, params, jnp.asarray(prompt, jnp.int32), rng, max_new_tokens, float(temperature), top_k)
