@@ -9,9 +9,9 @@ import pytest
 from titans_jax import attention as attn
 
 
-def _qkv(length, seed=0, batch=2, heads=2, head_dim=4):
+def _qkv(length, seed=0, batch=2, heads=2, head_dim=4, dtype=jnp.float64):
     r = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return tuple(jax.random.normal(k, (batch, length, heads, head_dim), jnp.float64) for k in r)
+    return tuple(jax.random.normal(k, (batch, length, heads, head_dim), dtype) for k in r)
 
 
 @pytest.mark.parametrize("window,num_prefix,block", [(None, 0, 4), (None, 3, 5), (3, 0, 4), (5, 2, 4), (7, 3, 16), (1, 2, 3)])
@@ -72,3 +72,12 @@ def test_attention_rejects_bad_window_and_shapes():
         attn.blocked_attention(q, k[:, :3], v, window=None)
     with pytest.raises(ValueError, match="even head dim"):
         attn.rope(jnp.ones((1, 2, 1, 3)), jnp.arange(2))
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_fused_jax_attention_matches_blocked_path_in_float32(window):
+    q, k, v = _qkv(13, seed=4, dtype=jnp.float32)
+    blocked = attn.blocked_attention(q, k, v, window=window, block_size=4)
+    np.testing.assert_allclose(attn.fused_attention(q, k, v, window=window), blocked, rtol=2e-5, atol=2e-6)
+    with pytest.raises(ValueError, match="persistent prefix"):
+        attn.fused_attention(q, k, v, window=4, num_prefix=2)

@@ -185,6 +185,8 @@ def test_bad_configs_are_rejected_with_clear_errors():
         preset("1B", "mac")
     with pytest.raises(ValueError, match="unknown remat policy"):
         tiny_config("lmm", remat="everything")
+    with pytest.raises(ValueError, match="cannot keep the persistent prefix"):
+        tiny_config("mag", attention_impl="jax")
     with pytest.raises(ValueError, match="unknown mac_retrieval"):
         tiny_config("mac", mac_retrieval="leaky")
 

@@ -1,10 +1,13 @@
-"""titans_jax: Titans (arXiv 2501.00663) neural long-term memory in JAX/Flax.
+"""titans_jax: Titans (arXiv 2501.00663) in JAX/Flax — the neural long-term memory, the MAC /
+MAG / MAL / LMM language models and their baselines.
 
 Public API:
   MemoryConfig, MemoryState, init_memory_params, init_memory_state, memory_apply  (pure core)
   LMMConfig, LMMLayer, LMMState                                                   (Flax layer)
+  ModelConfig, TitansLM, preset, generate                                         (models)
 """
 
+from titans_jax.generate import generate
 from titans_jax.lmm import LMMConfig, LMMLayer, LMMState, causal_depthwise_conv
 from titans_jax.memory import (
     IMPLEMENTATIONS,
@@ -17,9 +20,12 @@ from titans_jax.memory import (
     memory_apply,
     memory_mlp,
 )
+from titans_jax.models import ARCHITECTURES, ModelConfig, TitansLM, init_params, param_count
+from titans_jax.presets import PRESETS, preset
 
 __all__ = [
-    "IMPLEMENTATIONS", "LMMConfig", "LMMLayer", "LMMState", "MemoryConfig", "MemoryState",
-    "causal_depthwise_conv", "chunk_coefficients", "init_memory_params", "init_memory_state",
-    "inner_loss", "memory_apply", "memory_mlp",
+    "ARCHITECTURES", "IMPLEMENTATIONS", "LMMConfig", "LMMLayer", "LMMState", "MemoryConfig", "MemoryState",
+    "ModelConfig", "PRESETS", "TitansLM", "causal_depthwise_conv", "chunk_coefficients", "generate",
+    "init_memory_params", "init_memory_state", "init_params", "inner_loss", "memory_apply", "memory_mlp",
+    "param_count", "preset",
 ]

@@ -133,6 +133,19 @@ def blocked_attention(q: Array, k: Array, v: Array, *, window: int | None, num_p
     return out[:, :length]
 
 
+def fused_attention(q: Array, k: Array, v: Array, *, window: int | None, num_prefix: int = 0,
+                    implementation: str | None = None) -> Array:
+    """The same attention through jax.nn.dot_product_attention (cuDNN flash attention on GPUs for
+    bf16/fp16, XLA elsewhere). It fits full causal attention and windows without a persistent
+    prefix; it builds the T x T scores on the XLA path and computes the softmax in float32."""
+    if window is not None and num_prefix > 0:
+        raise ValueError("jax.nn.dot_product_attention cannot keep a persistent prefix visible beyond "
+                         "the window; use the blocked path (attention_impl='blocked')")
+    local = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
+                                        implementation=implementation)
+
+
 # ----------------------------------------------------------------------------------------------
 # Decoding: a fixed-shape cache
 

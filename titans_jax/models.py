@@ -86,6 +86,7 @@ class ModelConfig:
     window: int = 64  # sliding window of swa / mag / mal (tokens, including the query itself)
     rope_base: float = 10000.0
     attention_block: int = 256  # queries per block in the parallel attention path
+    attention_impl: str = "blocked"  # or "jax": jax.nn.dot_product_attention (not with a windowed prefix)
     # persistent memory and MAC
     num_persistent: int = 4
     segment_size: int = 32  # MAC segment length C; a multiple of chunk_size
@@ -132,6 +133,11 @@ class ModelConfig:
             raise ValueError(f"unknown mac_retrieval {self.mac_retrieval!r}; choose one of {MAC_RETRIEVAL}")
         if self.mac_retrieval == "learned" and self.num_learned_queries <= 0:
             raise ValueError("mac_retrieval='learned' needs num_learned_queries > 0")
+        if self.attention_impl not in ("blocked", "jax"):
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; choose 'blocked' or 'jax'")
+        if self.attention_impl == "jax" and self.arch in ("swa", "mag", "mal") and self.num_persistent:
+            raise ValueError("attention_impl='jax' cannot keep the persistent prefix visible beyond the window; "
+                             "use attention_impl='blocked' or num_persistent=0")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {tuple(REMAT_POLICIES)}")
         if self.uses_memory:
@@ -224,8 +230,11 @@ class Attention(nn.Module):
             out, cache = attn_lib.decode_attention(q, k, v, cache, position, window=self.window)
         else:
             q, k, v = self._project(x, jnp.arange(length))
-            out = attn_lib.blocked_attention(q, k, v, window=self.window, num_prefix=self.num_prefix,
-                                             block_size=cfg.attention_block)
+            if cfg.attention_impl == "jax":
+                out = attn_lib.fused_attention(q, k, v, window=self.window, num_prefix=self.num_prefix)
+            else:
+                out = attn_lib.blocked_attention(q, k, v, window=self.window, num_prefix=self.num_prefix,
+                                                 block_size=cfg.attention_block)
             cache = None
             if mode == "prefill":
                 capacity = self.window if self.window is not None else max_len
