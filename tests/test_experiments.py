@@ -17,3 +17,26 @@ def test_memory_bench_quick_mode_prints_its_tables(capsys, tmp_path):
         assert result["ours"][name]["tokens_per_s"] > 0
         assert result["ours"][name]["flops"] > 0
     assert [row["tokens"] for row in result["scaling"]] == [128, 512]
+
+
+def test_arch_bench_quick_mode_prints_its_tables(capsys, tmp_path):
+    import json
+
+    from experiments import arch_bench
+
+    out_file = tmp_path / "a.json"
+    arch_bench.main(["--quick", "--archs", "transformer,mac", "--json", str(out_file)])
+    printed = capsys.readouterr().out
+    assert "float32 matmul rate" in printed and f"jax {arch_bench.jax.__version__}" in printed
+    assert "| arch " in printed and "| 64 fwd " in printed and "128 fwd+bwd |" in printed
+    assert "peak memory of the compiled fwd+bwd" in printed
+    assert "failed" not in printed
+    result = json.loads(out_file.read_text())["results"]
+    assert list(result) == ["transformer", "mac"]
+    for arch in ("transformer", "mac"):
+        assert result[arch]["params"] > 0
+        assert list(result[arch]["lengths"]) == ["64", "128"]
+        for cell in result[arch]["lengths"].values():
+            for name in ("fwd", "fwd+bwd"):
+                assert cell[name]["tokens_per_s"] > 0
+                assert cell[name]["peak_bytes"] > 0

@@ -188,3 +188,24 @@ def test_bad_inputs():
         layer.apply(variables, x[:1], state)
     with pytest.raises(ValueError, match="non-finite"):
         layer.apply(variables, x.at[0, 3, 2].set(jnp.nan))
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_default_layer_stays_finite_on_long_hard_inputs(depth):
+    """Regression: with theta_max = 1 and no residual LayerNorm the default layer reached NaN
+    within ~100 tokens (this test then fails for both depths). Constant inputs (identical keys in
+    every chunk) and every gate saturated (theta = theta_max, eta -> 1, alpha -> 1) are the worst
+    cases a trained model can reach."""
+    config = LMMConfig(d_model=64, num_heads=2, head_dim=32, memory_depth=depth, chunk_size=32)
+    layer = LMMLayer(config)
+    length = 1024
+    random_x = jax.random.normal(jax.random.PRNGKey(0), (1, length, config.d_model))
+    constant_x = jnp.broadcast_to(random_x[:, :1], random_x.shape)
+    variables = layer.init(jax.random.PRNGKey(1), random_x[:, :8])
+    saturated = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf + 20.0 if "gate_bias" in jax.tree_util.keystr(path) else leaf, variables)
+    apply = jax.jit(lambda v, x: layer.apply(v, x)[0])
+    for v in (variables, saturated):
+        for x in (random_x, constant_x):
+            y = apply(v, x)
+            assert bool(jnp.all(jnp.isfinite(y))) and float(jnp.max(jnp.abs(y))) < 1e3

@@ -96,12 +96,12 @@ class ModelConfig:
     memory_depth: int = 2
     memory_expansion: int = 4
     memory_activation: str = "gelu"
-    memory_residual_norm: bool = False
+    memory_residual_norm: bool = True
     chunk_size: int = 16
     use_momentum: bool = True
     use_forgetting: bool = True
     conv_width: int = 4
-    theta_max: float = 1.0
+    theta_max: float = 0.1  # see LMMConfig.theta_max: larger steps diverge for correlated keys
     memory_remat_every: int = 1
     # everything else
     tie_embeddings: bool = False
@@ -568,4 +568,6 @@ def abstract_params(config: ModelConfig, length: int = 8):
 
 
 def init_params(config: ModelConfig, rng: Array, length: int = 8):
-    return TitansLM(config).init(rng, jnp.zeros((1, length), jnp.int32))["params"]
+    """Parameters of TitansLM(config), initialised under one jit (an eager Flax init dispatches
+    hundreds of small programs)."""
+    return jax.jit(TitansLM(config).init)(rng, jnp.zeros((1, length), jnp.int32))["params"]
