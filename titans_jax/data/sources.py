@@ -1,0 +1,90 @@
+"""Whole documents of a corpus split, read through tensorflow-datasets (array_record, no TF).
+
+    from titans_jax.data.sources import load_documents
+    docs = load_documents("books", "validation")     # [(name, text), ...] sorted by name
+
+The first call builds the `titans_corpora/<corpus>` dataset under data_dir (default
+<cache>/tfds) from the raw text in the cache; later calls read the built array_record files. The
+build records the corpus fingerprint (from the sources' MANIFEST.json files) beside the dataset,
+and a dataset built from other raw text (re-fetched, another interpreter's stdlib) is rebuilt.
+Missing raw text raises FileNotFoundError naming `python -m titans_jax.data.fetch books|code`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+from t2_jax.fetch import cache_root
+from titans_jax.data import corpora
+
+FINGERPRINT_FILE = "titans_source_fingerprint.txt"
+
+
+def default_data_dir() -> pathlib.Path:
+    """<cache>/tfds."""
+    return cache_root() / "tfds"
+
+
+def _builder(corpus: str, data_dir):
+    import titans_jax.data.tfds_corpora as tfds_corpora  # registers the builder with tfds
+
+    if corpus not in corpora.CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; expected one of {corpora.CORPORA}")
+    return tfds_corpora.TitansCorpora(config=corpus, data_dir=str(data_dir))
+
+
+def build(corpus: str, data_dir: str | pathlib.Path | None = None, force: bool = False):
+    """Build (or reuse) the array_record dataset of `corpus`; returns the tfds builder.
+
+    Raises FileNotFoundError (naming the fetch command) when the raw text is missing, ValueError
+    when it is damaged (a file's sha256 differs from its manifest)."""
+    import tensorflow_datasets as tfds
+
+    data_dir = pathlib.Path(data_dir or default_data_dir())
+    fingerprint = corpora.corpus_fingerprint(corpus)
+    builder = _builder(corpus, data_dir)
+    version_dir = pathlib.Path(builder.data_dir)
+    stamp = version_dir / FINGERPRINT_FILE
+    current = stamp.read_text().strip() if stamp.exists() else None
+    if force or current != fingerprint:
+        if version_dir.exists():
+            shutil.rmtree(version_dir)
+        builder = _builder(corpus, data_dir)
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP))
+        stamp.write_text(fingerprint + "\n")
+    return builder
+
+
+def split_names(corpus: str, data_dir=None) -> dict[str, int]:
+    """Number of documents per split of the built dataset (building it if needed)."""
+    builder = build(corpus, data_dir)
+    return {name: info.num_examples for name, info in builder.info.splits.items()}
+
+
+def load_documents(corpus: str, split: str,
+                   data_dir: str | pathlib.Path | None = None) -> list[tuple[str, str]]:
+    """All whole documents of a split as (name, text), sorted by name, via tfds.data_source."""
+    import tensorflow_datasets as tfds
+
+    if split not in corpora.SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {corpora.SPLITS}")
+    data_dir = pathlib.Path(data_dir or default_data_dir())
+    build(corpus, data_dir)
+    source = tfds.data_source(f"titans_corpora/{corpus}", split=split, data_dir=str(data_dir),
+                              download=False)
+    docs = []
+    for i in range(len(source)):
+        example = source[i]
+        docs.append((_as_str(example["name"]), _as_str(example["text"])))
+    return sorted(docs)
+
+
+def _as_str(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+__all__ = ["build", "default_data_dir", "load_documents", "split_names"]
