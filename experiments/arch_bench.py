@@ -11,7 +11,7 @@ mal; each from `titans_jax.presets.preset(--preset, arch)`, so all have matched 
 Inputs are random int32 token ids [--batch, T] for T in --lengths; the models run in float32.
 
 For each (arch, T), on JAX's default backend (CPU here), times are the best of --repeats calls
-after a warm-up call:
+of the compiled program (one call for T >= --long-from, default 16K):
   * fwd      jit of the mean next-token cross-entropy of `model.apply` (the logits are reduced
              inside the jitted function, so copying [B, T, V] logits out is not timed);
   * fwd+bwd  jit of jax.value_and_grad of that loss w.r.t. all parameters;
@@ -45,7 +45,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.memory_bench import best_time, compiled_stats, matmul_rate
+from experiments.memory_bench import compiled_stats, matmul_rate
 from titans_jax.models import TitansLM, init_params, param_count
 from titans_jax.presets import preset
 
@@ -90,10 +90,16 @@ def measure(fn, params, tokens, repeats: int, count_flops: bool) -> dict:
     available = available_bytes()
     if available is not None and peak > 0.9 * available:
         raise MemoryError(f"needs {peak / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available")
-    seconds = best_time(fn, params, tokens, repeats=repeats)
-    output = fn(params, tokens)
+    # The program is compiled above, so the first call is already a timed run; its output is
+    # checked for finiteness (timing a model that produced NaN would measure nothing useful).
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        output = jax.block_until_ready(fn(params, tokens))
+        times.append(time.perf_counter() - start)
+    seconds = min(times)
     value = float(output[0] if isinstance(output, tuple) else output)
-    if not jnp.isfinite(value):  # timing a model that produced NaN would measure nothing useful
+    if not jnp.isfinite(value):
         raise FloatingPointError(f"non-finite loss {value}")
     batch, length = tokens.shape
     result = {"seconds": seconds, "tokens_per_s": batch * length / seconds, "compile_s": compile_s, "loss": value,
@@ -126,7 +132,8 @@ def bench_arch(arch: str, args, lengths: list[int], log) -> dict:
         for name in PASSES:
             log(f"[arch_bench] {arch} T={length} {name} ...")
             try:
-                cell[name] = measure(programs[name], params, tokens, args.repeats, count_flops=name == "fwd")
+                repeats = args.repeats if length < args.long_from else 1
+                cell[name] = measure(programs[name], params, tokens, repeats, count_flops=name == "fwd")
                 log(f"[arch_bench]   {cell[name]['tokens_per_s']:.0f} tok/s, compile {cell[name]['compile_s']:.1f} s, "
                     f"peak {cell[name]['peak_bytes'] / 2**20:.0f} MiB")
             except Exception as err:  # noqa: BLE001 -- one failing cell must not stop the run
@@ -205,6 +212,8 @@ def main(argv=None):
     parser.add_argument("--lengths", help=f"comma list of sequence lengths (default {DEFAULTS['lengths']})")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, help=f"timed calls per measurement, best kept (default {DEFAULTS['repeats']})")
+    parser.add_argument("--long-from", type=int, default=16384,
+                        help="lengths from this one on are timed once (a 16K Transformer++ fwd+bwd takes minutes)")
     parser.add_argument("--preset", help=f"a titans_jax.presets name (default {DEFAULTS['preset']})")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: preset {QUICK['preset']}, lengths {QUICK['lengths']}, repeats {QUICK['repeats']}")
@@ -237,7 +246,7 @@ def main(argv=None):
     rate = matmul_rate(args.repeats)
     lines = [f"command: {command}", f"date: {date}", f"jax {jax.__version__}; machine: {machine}",
              f"float32 matmul rate (2048^3, jit, best of {max(args.repeats, 5)}): {rate / 1e9:.1f} GFLOP/s",
-             f"preset {args.preset!r}, batch {args.batch}, float32, best of {args.repeats} after a warm-up call; "
+             f"preset {args.preset!r}, batch {args.batch}, float32, best of {args.repeats} calls (1 from T={args.long_from}); "
              f"loss = mean next-token cross-entropy", ""]
     if args.fast_compile:
         lines.insert(-1, "NOTE: compiled with xla_backend_optimization_level=0 (--fast-compile): smoke-test numbers, "

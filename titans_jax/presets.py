@@ -25,12 +25,15 @@ _TINY = dict(vocab_size=256, d_model=32, num_layers=2, num_heads=2, head_dim=16,
              segment_size=8, chunk_size=4, num_persistent=2, attention_block=16, num_learned_queries=4)
 _SMALL = dict(vocab_size=256, d_model=256, num_heads=4, head_dim=64, window=256, segment_size=128,
               chunk_size=32, num_persistent=4, attention_block=256)
+_MINI = dict(vocab_size=256, d_model=128, num_heads=2, head_dim=64, window=128, segment_size=64, chunk_size=16,
+             num_persistent=4, attention_block=256)
 _PAPER = dict(vocab_size=32000, window=1024, segment_size=512, chunk_size=64, num_persistent=16,
               attention_block=512, remat="dots_no_batch")
 
 # name -> (shape, target parameter count or None)
 PRESETS: dict[str, tuple[dict, int | None]] = {
     "tiny": (_TINY, None),
+    "mini": (_MINI, 1_000_000),  # CPU experiments in minutes (the small-scale Table 1 / 5)
     "small": (_SMALL, 10_000_000),
     "170M": (dict(_PAPER, d_model=768, num_heads=12, head_dim=64), 170_000_000),
     "340M": (dict(_PAPER, d_model=1024, num_heads=16, head_dim=64), 340_000_000),

@@ -1,0 +1,157 @@
+"""Typed experiment configs: named presets plus `--set section.field=value` overrides.
+
+An ExperimentConfig names a model preset and architecture (with model field overrides), the
+optimiser, the run (steps, batch, sequence length, evaluation, checkpoints) and the data.
+`get_config(name)` returns a named one; `apply_overrides(config, ["run.steps=50", "model.num_layers=2",
+"arch=mag"])` parses each value with the type of the field it sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from titans_jax.models import ModelConfig
+from titans_jax.presets import preset
+from titans_jax.training import OptimConfig, RunConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "books"  # training corpus: books | code
+    eval_corpora: tuple[str, ...] = ("books", "code")  # held-out (test split) sets for bits per byte
+    tokenizer: str = "byte"  # byte | bpe
+    bpe_vocab_size: int = 4096
+    seed: int = 0  # window shuffling
+
+    def __post_init__(self):
+        for corpus in (self.corpus,) + tuple(self.eval_corpora):
+            if corpus not in ("books", "code"):
+                raise ValueError(f"unknown corpus {corpus!r}; choose books or code")
+        if self.tokenizer not in ("byte", "bpe"):
+            raise ValueError(f"unknown tokenizer {self.tokenizer!r}; choose byte or bpe")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    preset: str = "small"
+    arch: str = "mac"
+    model: tuple[tuple[str, Any], ...] = ()  # ModelConfig field overrides, as (name, value) pairs
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        overrides = dict(self.model)
+        if vocab_size is not None:
+            overrides["vocab_size"] = vocab_size
+        return preset(self.preset, self.arch, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Named configs
+
+# The README's main command: a small MAC on the books for a few minutes of CPU.
+_QUICK = ExperimentConfig(
+    preset="small", arch="mac", model=(("num_layers", 2), ("d_model", 128), ("num_heads", 2), ("mlp_hidden", 384),
+                                       ("segment_size", 64), ("chunk_size", 16), ("window", 64)),
+    optim=OptimConfig(learning_rate=3e-3, warmup_steps=20),
+    run=RunConfig(steps=150, batch_size=8, seq_len=256, log_every=10, eval_every=0, eval_batches=4,
+                  save_every=50, sample_tokens=160),
+)
+
+# The small-scale Table 1 / Table 5: every architecture and ablation at one budget.
+TABLE_VARIANTS: dict[str, tuple[str, dict]] = {
+    "transformer": ("transformer", {}),
+    "swa": ("swa", {}),
+    "ttt": ("ttt", {}),
+    "lmm_linear": ("linear", {}),
+    "lmm": ("lmm", {}),
+    "mac": ("mac", {}),
+    "mag": ("mag", {}),
+    "mal": ("mal", {}),
+    "lmm_no_momentum": ("lmm", {"use_momentum": False}),
+    "lmm_no_forgetting": ("lmm", {"use_forgetting": False}),
+    "lmm_no_conv": ("lmm", {"conv_width": 0}),
+    "mag_no_persistent": ("mag", {"num_persistent": 0}),
+}
+# CPU budget: 80 steps x 8 x 256 = 164K training bytes per run at ~1M parameters (see README).
+_TABLE_BASE = ExperimentConfig(
+    preset="mini",
+    optim=OptimConfig(learning_rate=3e-3, warmup_steps=10),
+    run=RunConfig(steps=80, batch_size=8, seq_len=256, log_every=5, eval_every=0, eval_batches=8,
+                  save_every=40, sample_tokens=64),
+)
+
+CONFIGS: dict[str, ExperimentConfig] = {"quick": _QUICK}
+for _name, (_arch, _model) in TABLE_VARIANTS.items():
+    CONFIGS[f"table_{_name}"] = dataclasses.replace(_TABLE_BASE, arch=_arch, model=tuple(sorted(_model.items())))
+
+
+def get_config(name: str) -> ExperimentConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown experiment config {name!r}; choose one of {sorted(CONFIGS)}")
+    return CONFIGS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides
+
+
+def _parse(text: str, annotation) -> Any:
+    origin = typing.get_origin(annotation)
+    if annotation is bool or annotation == "bool":
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if annotation in (int, "int"):
+        return int(text)
+    if annotation in (float, "float"):
+        return float(text)
+    if origin is tuple or (isinstance(annotation, str) and annotation.startswith("tuple")):
+        return tuple(part for part in text.split(",") if part)
+    if origin is typing.Union or (isinstance(annotation, str) and "|" in annotation):
+        for option in ("int", "float"):
+            try:
+                return _parse(text, option)
+            except ValueError:
+                pass
+        return None if text == "None" else text
+    return text
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Apply `key=value` strings: top-level fields (preset, arch), `model.<ModelConfig field>`,
+    `optim.<field>`, `run.<field>`, `data.<field>`. Unknown keys and unparsable values raise."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        section, _, name = key.partition(".")
+        if not name:
+            if section not in ("preset", "arch"):
+                raise ValueError(f"unknown override {key!r}; top-level keys are preset and arch")
+            config = dataclasses.replace(config, **{section: text})
+        elif section == "model":
+            types = _field_types(ModelConfig)
+            if name not in types:
+                raise ValueError(f"ModelConfig has no field {name!r}")
+            model = dict(config.model)
+            model[name] = _parse(text, types[name])
+            config = dataclasses.replace(config, model=tuple(sorted(model.items())))
+        elif section in ("optim", "run", "data"):
+            sub = getattr(config, section)
+            types = _field_types(type(sub))
+            if name not in types:
+                raise ValueError(f"{type(sub).__name__} has no field {name!r}")
+            config = dataclasses.replace(config, **{section: dataclasses.replace(sub, **{name: _parse(text, types[name])})})
+        else:
+            raise ValueError(f"unknown override section {section!r}; use model, optim, run or data")
+    return config

@@ -1,0 +1,122 @@
+"""Train a Titans (or baseline) language model on real books or code, on CPU or an accelerator.
+
+    python -m experiments.train --config quick --out runs/quick
+    python -m experiments.train --config table_mac --set run.steps=600 --set run.seed=1 --out runs/mac-s1
+    python -m experiments.train --list
+
+The run fetches nothing: the corpora come from the local cache (`python -m titans_jax.data.fetch
+all` fills it). It resumes from the newest good checkpoint in --out, trains to run.steps,
+evaluates bits per byte on the held-out (test-split) books and code, prints a sample and writes
+metrics.jsonl, TensorBoard events, summary.json and loss.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.configs import CONFIGS, ExperimentConfig, apply_overrides, get_config
+from titans_jax import generate
+from titans_jax.training import plot_curves, train
+
+
+def spread(batches: list, count: int) -> list:
+    """`count` batches spread evenly over a held-out split (all of them if it has fewer)."""
+    if len(batches) <= count:
+        return batches
+    return [batches[round(i * (len(batches) - 1) / (count - 1))] for i in range(count)] if count > 1 else batches[:1]
+
+
+def build_data(config: ExperimentConfig):
+    """(tokenizer, train_batch(step), eval_sets, meta, prompt) for an experiment, from the local
+    cache (a missing corpus raises an error that names the fetch command)."""
+    from titans_jax import data as data_lib
+    from titans_jax.data.corpora import cache_root
+
+    data, run = config.data, config.run
+    if data.tokenizer == "byte":
+        tokenizer = data_lib.ByteTokenizer()
+    else:
+        path = cache_root() / "tokenizers" / f"bpe-{data.corpus}-{data.bpe_vocab_size}.json"
+        if path.exists():
+            tokenizer = data_lib.load_bpe(path)
+        else:
+            texts = [text for _, text in data_lib.load_documents(data.corpus, "train")]
+            tokenizer = data_lib.train_bpe(texts, data.bpe_vocab_size, path)
+    dataset = data_lib.WindowDataset(data_lib.load_tokens(data.corpus, "train", tokenizer), run.seq_len,
+                                     run.batch_size, data.seed)
+    eval_sets = {}
+    for corpus in data.eval_corpora:
+        held_out = spread(list(data_lib.eval_batches(data_lib.load_tokens(corpus, "test", tokenizer), run.seq_len,
+                                                     run.batch_size)), run.eval_batches)
+        eval_sets[corpus] = (lambda held_out=held_out: iter(held_out))
+    validation = data_lib.load_documents(data.corpus, "validation")
+    prompt = validation[0][1][:400] if validation else ""
+    meta = {"tokenizer": tokenizer.fingerprint, "data_seed": data.seed, "corpus": data.corpus,
+            "train_tokens": dataset.fingerprint}
+    return tokenizer, dataset.batch, eval_sets, meta, prompt
+
+
+def make_sampler(tokenizer, prompt: str, num_tokens: int, seed: int):
+    def sample(model, params) -> str:
+        ids = jnp.asarray(tokenizer.encode(prompt), jnp.int32)[None, -128:]
+        new, _ = generate(model, params, ids, num_tokens, rng=jax.random.PRNGKey(seed), temperature=0.8, top_k=40)
+        return tokenizer.decode(np.asarray(new[0]))
+
+    return sample
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="quick", help="a named experiment config (see --list)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field: arch=mag, model.num_layers=2, optim.learning_rate=1e-3, run.steps=50, ...")
+    parser.add_argument("--out", help="run directory (checkpoints, metrics); resumes if it holds a run")
+    parser.add_argument("--list", action="store_true", help="list the named configs and exit")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name in sorted(CONFIGS):
+            config = CONFIGS[name]
+            print(f"{name:24s} preset={config.preset} arch={config.arch} model={dict(config.model)} "
+                  f"steps={config.run.steps} batch={config.run.batch_size}x{config.run.seq_len}")
+        return {}
+    config = apply_overrides(get_config(args.config), args.set)
+    if args.no_progress:
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, progress=False))
+    out = pathlib.Path(args.out or f"runs/{args.config}")
+    tokenizer, train_batch, eval_sets, meta, prompt = build_data(config)
+    model_config = config.model_config(vocab_size=tokenizer.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(
+        {"experiment": args.config, "overrides": args.set, "config": dataclasses.asdict(config),
+         "model_config": dataclasses.asdict(model_config)}, indent=2, default=str))
+    from titans_jax.models import abstract_params, param_count
+
+    print(f"{args.config}: {model_config.arch}, {param_count(abstract_params(model_config)) / 1e6:.2f}M parameters, "
+          f"{model_config.num_layers} layers x d {model_config.d_model}; {config.run.steps} steps of "
+          f"{config.run.batch_size} x {config.run.seq_len} tokens; out {out}", flush=True)
+    summary = train(model_config, config.optim, config.run, out, train_batch, eval_sets, meta=meta,
+                    sample_fn=make_sampler(tokenizer, prompt, config.run.sample_tokens, config.run.seed),
+                    byte_lengths=np.asarray(tokenizer.token_byte_lengths()))
+    plot_curves({config.arch: out / "metrics.jsonl"}, out / "loss.png")
+    if summary.get("stopped_by_signal"):
+        print(f"stopped by signal {summary['stopped_by_signal']} at step {summary['step']}; "
+              f"run the same command again to resume", flush=True)
+        return summary
+    for name, result in summary.get("eval", {}).items():
+        print(f"held-out {name} (test split, {result['bytes']} bytes): {result['bits_per_byte']:.4f} bits per byte")
+    if "sample" in summary:
+        print("sample:", json.dumps(prompt[-80:]), "->", json.dumps(summary["sample"]))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
