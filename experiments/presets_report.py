@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="also write the printout to this file")
     parser.add_argument("--memory", help="a preset whose compiled train-step memory to report")
     parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--archs", default=",".join(ARCHS), help="architectures for --memory")
     args = parser.parse_args(argv)
     lines = [f"$ python -m experiments.presets_report {' '.join(argv if argv is not None else sys.argv[1:])}",
              f"jax {jax.__version__}; counts from jax.eval_shape; each cell: parameters (layers x MLP width),",
@@ -65,7 +66,7 @@ def main(argv=None) -> None:
     if args.memory:
         lines += ["", f"compiled train step, preset {args.memory}, batch 1 x {args.length} tokens, float32 (GiB):", "",
                   "| arch | arguments | outputs | temporaries | compile s |", "|---|---|---|---|---|"]
-        for arch in ARCHS:
+        for arch in args.archs.split(","):
             try:
                 stats = train_step_memory(args.memory, arch, args.length)
                 lines.append(f"| {arch} | {stats['arguments'] / 2**30:.2f} | {stats['outputs'] / 2**30:.2f} | "

@@ -92,6 +92,7 @@ class ModelConfig:
     segment_size: int = 32  # MAC segment length C; a multiple of chunk_size
     mac_retrieval: str = "causal"
     num_learned_queries: int = 8
+    mac_remat_segments: bool = True  # rematerialise each MAC segment in training (memory ~ carries only)
     # the long-term memory (see LMMConfig)
     memory_depth: int = 2
     memory_expansion: int = 4
@@ -400,6 +401,9 @@ class MemoryAsContext(nn.Module):
                 out, cache = module.segment(inputs, cache, start)
                 return (cache, start + seg), out
 
+            if cfg.mac_remat_segments and mode == "train":
+                # keep only the carry per segment; recompute a segment's insides in the backward pass
+                body = nn.remat(body, prevent_cse=False)
             scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
                            in_axes=1, out_axes=1, length=num_full)
             xs = x[:, :num_full * seg].reshape(batch, num_full, seg, -1)
