@@ -95,6 +95,7 @@ def test_missing_data_names_the_fetch_command(tmp_path, monkeypatch):
         load_tokens("books", "train", ByteTokenizer())
 
 
+@pytest.mark.slow  # the same refusal is tested in-process in test_training.py
 def test_a_checkpoint_of_another_vocabulary_is_refused(fixture_cache, tmp_path):
     args = ["--config", "quick", "--out", str(tmp_path), *TINY_RUN, "--set", "run.steps=3"]
     first = run_cli(args, fixture_cache)

@@ -20,6 +20,7 @@ Checkpoints (orbax CheckpointManager, async, keep the last N):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -134,6 +135,15 @@ def evaluate(eval_fn, params, batches: Iterable, byte_lengths: np.ndarray | None
     if byte_lengths is not None:
         result.update(bits_per_byte=total / num_bytes / LN2, bytes=num_bytes)
     return result
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(model_config: ModelConfig, optim_config: OptimConfig, total_steps: int):
+    """(model, optimizer, jitted step, jitted eval) — cached, so that several runs of one
+    configuration in a process (a resumed run, tests) reuse the compiled programs."""
+    model = TitansLM(model_config)
+    optimizer = make_optimizer(optim_config, total_steps)
+    return model, optimizer, make_train_step(model, optimizer), make_eval_fn(model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,8 +343,7 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
     out_dir = pathlib.Path(out_dir)
     if optim_config.compute_dtype == "bfloat16":
         model_config = dataclasses.replace(model_config, dtype="bfloat16")
-    model = TitansLM(model_config)
-    optimizer = make_optimizer(optim_config, run_config.steps)
+    model, optimizer, step_fn, eval_fn = _programs(model_config, optim_config, run_config.steps)
     expect = {"model_config": json.loads(json.dumps(dataclasses.asdict(model_config))),
               "batch_size": run_config.batch_size, "seq_len": run_config.seq_len, "seed": run_config.seed,
               **(meta or {})}
@@ -346,8 +355,6 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
     else:
         state, start = restored[0], int(restored[1]["step"])
     writer = MetricsWriter(out_dir, resume_step=start)
-    step_fn = make_train_step(model, optimizer)
-    eval_fn = make_eval_fn(model)
     schedule_lr = optax.warmup_cosine_decay_schedule(
         0.0, optim_config.learning_rate, optim_config.warmup_steps, run_config.steps,
         optim_config.learning_rate * optim_config.min_lr_ratio)
