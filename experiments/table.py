@@ -81,12 +81,31 @@ def report(out: pathlib.Path, variants: list[str]) -> str:
                 if "loss" in r:
                     losses.setdefault(r["step"], []).append(r["loss"])
         curves[variant] = {step: statistics.mean(v) for step, v in sorted(losses.items())}
+    if sets:
+        rows.append(_unigram_row(sets))
     header = ("| variant | params (layers x MLP) | train tokens | seeds | "
               + " | ".join(f"held-out {name} bits/byte" for name in (sets or [])) + " | paper (ppl; lower is better) |")
     text = "\n".join([header, "|" + "---|" * (5 + len(sets or []))] + rows)
     (out / "table.md").write_text(text + "\n")
     _plot(curves, out / "loss.png")
     return text
+
+
+def _unigram_row(sets: list[str]) -> str:
+    """Reference: an order-0 byte model (add-1/2 counts of the books' train split), scored on the
+    whole test split of each held-out set."""
+    import numpy as np
+
+    from titans_jax.data import ByteTokenizer, load_tokens
+
+    tokenizer = ByteTokenizer()
+    counts = np.bincount(np.asarray(load_tokens("books", "train", tokenizer)), minlength=256) + 0.5
+    log_p = np.log2(counts / counts.sum())
+    cells = []
+    for name in sets:
+        held_out = np.asarray(load_tokens(name, "test", tokenizer))[1:]
+        cells.append(f"{-log_p[held_out].mean():.4f}")
+    return "| byte unigram of the books' train split (whole test split) | 256 | 10.7M | - | " + " | ".join(cells) + " | - |"
 
 
 def _plot(curves: dict, path: pathlib.Path) -> None:
@@ -96,12 +115,12 @@ def _plot(curves: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for variant, curve in curves.items():
+    for index, (variant, curve) in enumerate(curves.items()):
         steps = list(curve)
         window = 10  # moving average over logged steps, for readability
         values = list(curve.values())
         smooth = [statistics.mean(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
-        ax.plot(steps, smooth, label=variant, linewidth=1)
+        ax.plot(steps, smooth, label=variant, linewidth=1, linestyle="-" if index < 10 else "--")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/byte, mean over seeds, moving average of 10)")
     ax.grid(alpha=0.3)
