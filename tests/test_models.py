@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from titans_jax import generate as gen
+from titans_jax import decoding as gen
 from titans_jax.models import ModelConfig, TitansLM, abstract_params, param_count
 from titans_jax.presets import MLP_MULTIPLE, PRESETS, VARIANTS, preset
 
@@ -20,7 +20,7 @@ ARCHS = {
     "mac_learned": dict(arch="mac", mac_retrieval="learned"),
     "ttt": VARIANTS["ttt"], "linear": VARIANTS["linear"],
 }
-SLOW = {"mac_learned", "ttt", "linear"}  # same code paths as mac / lmm with other settings
+SLOW = {"mac_learned", "ttt", "linear", "mal"}  # code paths of mac / lmm / mag with other settings
 
 
 def tiny_config(name: str, **overrides) -> ModelConfig:
@@ -146,8 +146,8 @@ def test_full_attention_decode_past_its_cache_gives_nan_not_wrapped_context(tiny
 # Presets
 
 
-@pytest.mark.parametrize("arch", ["transformer", "mac"] + [pytest.param(a, marks=pytest.mark.slow)
-                                                           for a in ("swa", "lmm", "mag", "mal", "ttt", "linear")])
+@pytest.mark.parametrize("arch", ["mac"] + [pytest.param(a, marks=pytest.mark.slow)
+                                            for a in ("transformer", "swa", "lmm", "mag", "mal", "ttt", "linear")])
 def test_tiny_and_small_presets_build_and_small_matches_its_size(arch):
     config = preset("tiny", arch)
     params = TitansLM(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
@@ -216,7 +216,7 @@ def test_bad_inputs_are_rejected_with_clear_errors(tiny_models):
         assert bool(jnp.all(jnp.isnan(logits[:, 2:])))
 
 
-@pytest.mark.parametrize("name", ["swa", "mac"])
+@pytest.mark.parametrize("name", ["swa", pytest.param("mac", marks=pytest.mark.slow)])
 def test_remat_policies_give_the_same_gradients(name):
     """Block policies, and for MAC the per-segment remat against none at all."""
     with jax.enable_x64(True):

@@ -109,6 +109,7 @@ def test_a_batch_of_the_wrong_shape_is_refused(tmp_path):
         train(MODEL, OPTIM, RUN, tmp_path, lambda step: np.zeros((2, 16), np.int64))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
     run = RunConfig(steps=3, batch_size=2, seq_len=16, log_every=1, eval_every=0, save_every=3, progress=False)
     optim = OptimConfig(learning_rate=1e-2, warmup_steps=1, compute_dtype="bfloat16")

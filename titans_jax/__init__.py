@@ -7,7 +7,7 @@ Public API:
   ModelConfig, TitansLM, preset, generate                                         (models)
 """
 
-from titans_jax.generate import generate
+from titans_jax.decoding import generate
 from titans_jax.lmm import LMMConfig, LMMLayer, LMMState, causal_depthwise_conv
 from titans_jax.memory import (
     IMPLEMENTATIONS,

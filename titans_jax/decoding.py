@@ -1,4 +1,5 @@
-"""Token-by-token generation over the explicit caches of titans_jax.models.
+"""Token-by-token generation over the explicit caches of titans_jax.models (`generate` is
+re-exported as titans_jax.generate).
 
 `generate` runs one jitted prefill of the prompt and one `lax.scan` of jitted decode steps; the
 cache has the same shapes at every step. temperature == 0 is greedy decoding; otherwise logits
