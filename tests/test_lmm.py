@@ -209,3 +209,58 @@ def test_default_layer_stays_finite_on_long_hard_inputs(depth):
         for x in (random_x, constant_x):
             y = apply(v, x)
             assert bool(jnp.all(jnp.isfinite(y))) and float(jnp.max(jnp.abs(y))) < 1e3
+
+
+def test_gradients_stay_bounded_over_long_sequences():
+    """Regression: with the forgetting gate initialised at alpha ~ 0.018 per token the decayed
+    memory made f(x) tiny, the residual LayerNorm rescaled it, and the gradient w.r.t. the first
+    tokens grew ~10x per 256 tokens while the forward stayed bounded (at 1024 tokens here: first
+    tokens 61 vs last 4e-4, a 1.4e5 ratio; d 512 at 4K tokens: 5e13). With the default init the
+    ratio is ~25."""
+    config = LMMConfig(d_model=64, num_heads=4, head_dim=16, chunk_size=16)
+    layer = LMMLayer(config)
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 1024, config.d_model))
+    variables = layer.init(jax.random.PRNGKey(1), x[:, :16])
+    grad = jax.jit(jax.grad(lambda x: jnp.mean(layer.apply(variables, x)[0] ** 2)))(x)
+    per_token = jnp.max(jnp.abs(grad[0]), axis=-1)
+    assert bool(jnp.all(jnp.isfinite(per_token)))
+    assert float(jnp.max(per_token[:64]) / jnp.max(per_token[-64:])) < 1e3
+
+
+_SHARDED_SCRIPT = r"""
+import jax
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_num_cpu_devices", 2)
+import flax.linen as nn, jax.numpy as jnp, numpy as np
+from titans_jax import LMMConfig, LMMLayer
+config = LMMConfig(d_model=16, num_heads=4, head_dim=4, chunk_size=4, dtype="float64", param_dtype="float64")
+layer = LMMLayer(config)
+x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 16), jnp.float64)
+variables = layer.init(jax.random.PRNGKey(1), x)
+def loss(v, x, rules):
+    with nn.logical_axis_rules(rules):
+        return jnp.sum(jnp.sin(layer.apply(v, x)[0]))
+mesh = jax.make_mesh((2,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+results = []
+for rules in ((), (("heads", "model"),)):
+    with jax.set_mesh(mesh):
+        fn = jax.jit(jax.value_and_grad(lambda v, x: loss(v, x, rules), argnums=(0, 1)))
+        text = fn.lower(variables, x).compile().as_text()
+        results.append(fn(variables, x))
+    if rules:  # the constraint took effect: the compiled program is partitioned
+        assert "num_partitions=2" in text, rules
+for other in results[1:]:
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-13)
+print("OK")
+"""
+
+
+def test_heads_sharded_over_two_devices_equals_one_device():
+    """The layer's logical axis "heads" mapped to a 2-device mesh (host CPU devices, in a
+    fresh process) give the single-device value and gradients, float64."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]

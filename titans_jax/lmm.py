@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from titans_jax import memory as memory_lib
+from titans_jax.projection import dense_dot_general
 
 Array = jax.Array
 
@@ -58,7 +59,11 @@ class LMMConfig:
     theta_max: float = 0.1
     theta_bias_init: float = -2.0  # theta ~ 0.12 * theta_max at init
     eta_bias_init: float = 2.0  # eta ~ 0.88
-    alpha_bias_init: float = -4.0  # alpha ~ 0.018
+    # alpha ~ 3.4e-4 per token (memory half-life ~2K tokens). With alpha ~ 0.018 (bias -4) the
+    # decayed weights made f(x) tiny, the residual LayerNorm rescaled it, and gradients w.r.t.
+    # early tokens grew ~10x per 256 tokens (5e13 at 4K tokens, d 512) while the forward stayed
+    # bounded (tests/test_lmm.py::test_gradients_stay_bounded_over_long_sequences).
+    alpha_bias_init: float = -8.0
     # short convolution and normalisation
     conv_width: int = 4
     qk_l2_norm: bool = True
@@ -93,6 +98,13 @@ class LMMConfig:
     @property
     def num_gates(self) -> int:
         return 1 + int(self.use_momentum) + int(self.use_forgetting)
+
+
+# Logical names of the memory's independent slices. The memory runs separately per (batch, head),
+# so mapping "batch" and/or "heads" to mesh axes (flax.linen.logical_axis_rules, under
+# jax.set_mesh) splits the chunk scan across devices with no communication inside it; without
+# rules the constraints do nothing. See experiments/memory_bench.py --devices.
+SLICE_AXES = ("batch", "heads")
 
 
 class LMMState(NamedTuple):
@@ -135,7 +147,7 @@ class LMMLayer(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         inner = cfg.num_heads * cfg.head_dim
         dense = lambda features, name: nn.Dense(  # noqa: E731
-            features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name)
+            features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name, dot_general=dense_dot_general)
         self.qkv_proj = dense(3 * inner, "qkv")
         self.gate_out_proj = dense(inner, "output_gate")
         self.out_proj = dense(cfg.d_model, "out")
@@ -204,12 +216,15 @@ class LMMLayer(nn.Module):
         queries, keys, values = split[0], split[1], split[2]
         if cfg.qk_l2_norm:
             queries, keys = l2_normalize(queries), l2_normalize(keys)
+        queries, keys, values = (nn.with_logical_constraint(t, SLICE_AXES + (None, None)) for t in (queries, keys, values))
 
         gate_dtype = jnp.dtype(cfg.param_dtype)
         logits = jnp.einsum("btd,dgh->gbht", x.astype(gate_dtype), self.gate_kernel) + self.gate_bias[:, None, :, None]
         theta = cfg.theta_max * jax.nn.sigmoid(logits[0])
         log_eta = jax.nn.log_sigmoid(logits[1]) if cfg.use_momentum else None
         log_keep = jax.nn.log_sigmoid(-logits[-1]) if cfg.use_forgetting else None  # log(1 - alpha)
+        theta, log_eta, log_keep = (None if t is None else nn.with_logical_constraint(t, SLICE_AXES + (None,))
+                                    for t in (theta, log_eta, log_keep))
 
         retrieved, memory_state = memory_lib.memory_apply(
             self.memory, keys, values, queries, theta, log_eta, log_keep, cfg.memory, state.memory)

@@ -56,6 +56,7 @@ import numpy as np
 
 from titans_jax import attention as attn_lib
 from titans_jax import memory as memory_lib
+from titans_jax.projection import dense_dot_general
 from titans_jax.lmm import LMMConfig, LMMLayer, LMMState, causal_depthwise_conv, l2_normalize, rms_norm
 
 Array = jax.Array
@@ -103,6 +104,7 @@ class ModelConfig:
     use_forgetting: bool = True
     conv_width: int = 4
     theta_max: float = 0.1  # see LMMConfig.theta_max: larger steps diverge for correlated keys
+    alpha_bias_init: float = -8.0  # see LMMConfig.alpha_bias_init: -4 made gradients explode past ~1K tokens
     memory_remat_every: int = 1
     # everything else
     tie_embeddings: bool = False
@@ -166,7 +168,8 @@ class ModelConfig:
             memory_activation=self.memory_activation, memory_residual_norm=self.memory_residual_norm,
             chunk_size=self.chunk_size, remat_every=self.memory_remat_every,
             use_momentum=self.use_momentum, use_forgetting=self.use_forgetting,
-            theta_max=self.theta_max, conv_width=self.conv_width, norm_eps=self.norm_eps,
+            theta_max=self.theta_max, alpha_bias_init=self.alpha_bias_init, conv_width=self.conv_width,
+            norm_eps=self.norm_eps,
             dtype=self.dtype, param_dtype=self.param_dtype)
 
     def replace(self, **changes) -> "ModelConfig":
@@ -193,12 +196,13 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)  # noqa: E731
+        dense = lambda n, name: _dense(cfg, n, name)  # noqa: E731
         return dense(cfg.d_model, "down")(jax.nn.silu(dense(cfg.mlp_hidden, "gate")(x)) * dense(cfg.mlp_hidden, "up")(x))
 
 
 def _dense(cfg: ModelConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                    dot_general=dense_dot_general)
 
 
 def _split_heads(x: Array, heads: int) -> Array:
@@ -521,8 +525,7 @@ class TitansLM(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                              name="lm_head")(x)
+            logits = _dense(cfg, cfg.vocab_size, "lm_head")(x)
         logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         if mode == "train":
             return logits
