@@ -2,8 +2,9 @@
 
 ``jax.grad`` of ``x @ w`` for x [B, T, I] gives the weight gradient as a dot_general whose output
 XLA:CPU lays out transposed and then copies: for the LMM layer's q/k/v projection (batch 2 x 4096
-x 512 -> 1536, float32, 2 cores) forward+backward ran at 88 GFLOP/s with autodiff and 137
-GFLOP/s with the backward below (python -m experiments.memory_bench prints the layer's rate).
+x 512 -> 1536, float32, 2 cores) forward+backward ran at 68.5 GFLOP/s with autodiff and 100.9
+GFLOP/s with the backward below, the whole LMM layer's at 2283 vs 2548 tokens/s
+(python -m experiments.projection_bench; experiments/results/projection_bench_cpu.txt).
 The forward is the same ``dot_general``; the backward computes
 
     dx = g @ w^T            (einsum "...o,io->...i")
