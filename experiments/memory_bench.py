@@ -185,7 +185,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.d_model, args.heads, args.head_dim, args.chunk = 1, 256, 64, 2, 16, 16
-        args.scaling, args.repeats = "128,512", 1
+        args.scaling, args.repeats = "128", 1
 
     if args.devices > 1:
         jax.config.update("jax_num_cpu_devices", args.devices)  # before the first use of the backend

@@ -18,7 +18,7 @@ def test_memory_bench_quick_mode_prints_its_tables(capsys, tmp_path):
     for name in ("fwd", "fwd+bwd"):
         assert result["ours"]["ours, 1 device"][name]["tokens_per_s"] > 0
         assert result["ours"]["ours, 1 device"][name]["flops"] > 0
-    assert [row["tokens"] for row in result["scaling"]] == [128, 512]
+    assert [row["tokens"] for row in result["scaling"]] == [128]
 
 
 @pytest.mark.slow
