@@ -19,8 +19,9 @@ Prints, in one run:
   * how time and compiled peak memory grow with sequence length.
 
 The glibc allocator matters on some machines: where large buffers are mmapped afresh on every
-call (here: first-touch page faults cost ~25 ms per 50 MB), PyTorch's eager ops pay for it on
-every op. Compare both sides under the same environment; the script prints GLIBC_TUNABLES.
+call, each first touch page-faults and PyTorch's eager ops pay for it on every op (check with
+python -m experiments.alloc_check). Compare both sides under the same environment; the script
+prints GLIBC_TUNABLES.
 
 FLOP counts come from XLA's cost analysis. XLA counts a while-loop body once, so the program is
 analysed at exactly one chunk (T = chunk_size, one scan iteration, counted exactly) and scaled by
@@ -36,11 +37,10 @@ import os
 import platform
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import flax.linen as nn
 
 from titans_jax import LMMConfig, LMMLayer
 
