@@ -56,8 +56,8 @@ import numpy as np
 
 from titans_jax import attention as attn_lib
 from titans_jax import memory as memory_lib
-from titans_jax.projection import dense_dot_general
 from titans_jax.lmm import LMMConfig, LMMLayer, LMMState, causal_depthwise_conv, l2_normalize, rms_norm
+from titans_jax.projection import dense_dot_general
 
 Array = jax.Array
 
