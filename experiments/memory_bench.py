@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titans_jax import LMMConfig, LMMLayer
+from titans_jax import LMMConfig, LMMLayer, MemoryConfig
 
 
 def best_time(fn, *args, repeats: int) -> float:
@@ -101,7 +101,7 @@ def measure_ours(config: LMMConfig, batch: int, length: int, repeats: int, with_
     rules = (("heads", "model"),) if devices > 1 else ()
     layer, forward, forward_backward = layer_functions(config, rules)
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, length, config.d_model), jnp.float32)
-    variables = layer.init(jax.random.PRNGKey(1), x[:, : config.chunk_size])
+    variables = layer.init(jax.random.PRNGKey(1), x[:, : config.memory.chunk_size])
     mesh = jax.make_mesh((devices,), ("model",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:devices])
     result = {}
@@ -111,11 +111,11 @@ def measure_ours(config: LMMConfig, batch: int, length: int, repeats: int, with_
             seconds = best_time(fn, variables, x, repeats=repeats)
         result[name] = {"seconds": seconds, "tokens_per_s": batch * length / seconds, "peak_bytes": peak}
         if with_flops:
-            if length % config.chunk_size:
+            if length % config.memory.chunk_size:
                 raise ValueError("FLOP counting needs the length to be a multiple of chunk_size")
-            one_chunk = x[:, : config.chunk_size]
+            one_chunk = x[:, : config.memory.chunk_size]
             flops_one_chunk, _ = compiled_stats(fn, variables, one_chunk)
-            flops = flops_one_chunk * (length // config.chunk_size)
+            flops = flops_one_chunk * (length // config.memory.chunk_size)
             result[name].update(flops=flops, flops_per_s=flops / seconds)
     return result
 
@@ -192,8 +192,8 @@ def main(argv=None):
         if jax.device_count() < args.devices:
             raise SystemExit(f"--devices {args.devices}: only {jax.device_count()} {jax.default_backend()} device(s)")
     config = LMMConfig(d_model=args.d_model, num_heads=args.heads, head_dim=args.head_dim,
-                       memory_depth=args.depth, memory_expansion=args.expansion, chunk_size=args.chunk,
-                       remat_every=args.remat_every)
+                       memory=MemoryConfig(depth=args.depth, expansion=args.expansion, chunk_size=args.chunk,
+                                           remat_every=args.remat_every))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.device_count()} x "
           f"{jax.devices()[0].device_kind}, jax {jax.__version__}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     rate = matmul_rate(args.repeats)

@@ -52,7 +52,7 @@ def main(argv=None):
 
     config = LMMConfig(d_model=512, num_heads=8, head_dim=64)
     layer = LMMLayer(config)
-    variables = layer.init(jax.random.PRNGKey(2), x[:, : config.chunk_size])
+    variables = layer.init(jax.random.PRNGKey(2), x[:, : config.memory.chunk_size])
 
     def layer_grad(dot_general):
         def loss(v, x):

@@ -69,9 +69,10 @@ def report(out: pathlib.Path, variants: list[str]) -> str:
         _, config, metrics = summaries[0]
         model = config["model_config"]
         run = config["config"]["run"]
+        from titans_jax.config_tree import from_dict
         from titans_jax.models import ModelConfig, abstract_params, param_count
 
-        params = param_count(abstract_params(ModelConfig(**{k: v for k, v in model.items()})))
+        params = param_count(abstract_params(from_dict(ModelConfig, model)))
         tokens = run["steps"] * run["batch_size"] * run["seq_len"]
         rows.append(f"| {variant} | {params / 1e6:.2f}M ({model['num_layers']} x {model['mlp_hidden']}) | "
                     f"{tokens / 1e6:.2f}M | {len(summaries)} | " + " | ".join(cells) + f" | {PAPER_NOTES.get(variant, '-')} |")

@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from titans_jax import LMMConfig, LMMLayer, LMMState
+from titans_jax import LMMConfig, LMMLayer, LMMState, MemoryConfig
+from titans_jax.config_tree import replace
 from titans_jax.memory import MemoryState
+from titans_jax.testing import max_relative_difference
 
-TINY = LMMConfig(d_model=12, num_heads=2, head_dim=4, chunk_size=4, memory_depth=2, memory_expansion=2,
+TINY = LMMConfig(d_model=12, num_heads=2, head_dim=4, memory=MemoryConfig(chunk_size=4, depth=2, expansion=2),
                  dtype="float64", param_dtype="float64")
 
 
@@ -21,16 +23,14 @@ def build(config, length=11, batch=2, seed=0):
     return layer, variables, x
 
 
-def rel_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / max(1.0, float(np.max(np.abs(np.asarray(y))))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+rel_diff = max_relative_difference
 
 
 def test_layer_implementations_agree_forward_and_gradients():
     with jax.enable_x64(True):
         results = {}
         for impl in ("reference", "chunked", "associative"):
-            config = dataclasses.replace(TINY, impl=impl, memory_bias=True, memory_residual_norm=True)
+            config = replace(TINY, {"memory.impl": impl, "memory.use_bias": True, "memory.residual_norm": True})
             layer, variables, x = build(config, length=10)
 
             def loss(variables, x):
@@ -50,7 +50,7 @@ def test_layer_implementations_agree_forward_and_gradients():
 def test_layer_streaming_equals_one_call(conv_width):
     length = 15
     with jax.enable_x64(True):
-        config = dataclasses.replace(TINY, conv_width=conv_width)
+        config = replace(TINY, dict(conv_width=conv_width))
         layer, variables, x = build(config, length=length)
         apply = jax.jit(layer.apply)
         whole, whole_state = apply(variables, x)
@@ -108,6 +108,9 @@ def test_gradients_reach_every_parameter_and_match_finite_differences():
             (("memory", "layers", 1, "w"), (0, 6, 3)),
         ]
         eps = 1e-6
+        # Central differences in float64 carry a rounding error of ~ machine eps * |loss| / eps
+        # (~1e-10 here): the absolute floor below is that noise, 10x, not a loosened tolerance.
+        noise = 10 * np.finfo(np.float64).eps * max(1.0, abs(float(loss_jit(params)))) / eps
         for path, index in probes:
             def get(tree):
                 for key in path:
@@ -123,18 +126,18 @@ def test_gradients_reach_every_parameter_and_match_finite_differences():
             numeric = (loss_jit(perturbed(eps)) - loss_jit(perturbed(-eps))) / (2 * eps)
             analytic = get(grads)[index]
             assert abs(float(analytic)) > 1e-9, path
-            np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-5, err_msg=str(path))
+            np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-5, atol=noise, err_msg=str(path))
 
 
 @pytest.mark.parametrize("switch", [dict(conv_width=0), dict(use_momentum=False), dict(use_forgetting=False),
-                                    dict(memory_depth=1), dict(use_momentum=False, use_forgetting=False)])
+                                    {"memory.depth": 1}, dict(use_momentum=False, use_forgetting=False)])
 def test_ablation_switches(switch):
-    config = dataclasses.replace(TINY, dtype="float32", param_dtype="float32", **switch)
+    config = replace(TINY, dict(dtype="float32", param_dtype="float32", **switch))
     layer, variables, x = build(config)
     params = variables["params"]
     assert ("conv_kernel" in params) == bool(config.conv_width)
     assert params["gate_kernel"].shape[1] == config.num_gates
-    assert len(params["memory"]["layers"]) == config.memory_depth
+    assert len(params["memory"]["layers"]) == config.memory.depth
     y, state = layer.apply(variables, x)
     grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x)[0] ** 2))(params)
     assert np.all(np.isfinite(np.asarray(y)))
@@ -142,7 +145,7 @@ def test_ablation_switches(switch):
 
 
 def test_bf16_projections_keep_float32_memory_state():
-    config = dataclasses.replace(TINY, dtype="bfloat16", param_dtype="float32")
+    config = replace(TINY, dict(dtype="bfloat16", param_dtype="float32"))
     layer, variables, x = build(config)
     y, state = layer.apply(variables, x.astype(jnp.bfloat16))
     assert y.dtype == jnp.bfloat16
@@ -154,7 +157,7 @@ def test_bf16_projections_keep_float32_memory_state():
 
 
 def test_initial_state_method_matches_fresh_call():
-    layer, variables, x = build(dataclasses.replace(TINY, dtype="float32", param_dtype="float32"))
+    layer, variables, x = build(replace(TINY, dict(dtype="float32", param_dtype="float32")))
     state = layer.apply(variables, x.shape[0], method=LMMLayer.initial_state)
     assert isinstance(state, LMMState) and isinstance(state.memory, MemoryState)
     y_fresh, _ = layer.apply(variables, x)
@@ -163,17 +166,18 @@ def test_initial_state_method_matches_fresh_call():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("conv_width", -1, "conv_width"), ("theta_max", 0.0, "theta_max"), ("impl", "fastest", "impl"),
-    ("chunk_size", 0, "chunk_size"), ("num_heads", 0, "num_heads"), ("dtype", "int8", "dtype"),
-    ("memory_depth", 7, "depth"),
+    ("conv_width", -1, "conv_width"), ("theta_max", 0.0, "theta_max"), ("memory.impl", "fastest", "impl"),
+    ("memory.chunk_size", 0, "chunk_size"), ("num_heads", 0, "num_heads"), ("dtype", "int8", "dtype"),
+    ("dtype", "int32", "dtype"), ("memory.depth", 7, "depth"), ("norm_eps", 0.0, "norm_eps"),
+    ("memory.key_dim", 8, "conflicts with the enclosing layer"),
 ])
 def test_bad_config(field, value, match):
     with pytest.raises(ValueError, match=match):
-        dataclasses.replace(TINY, **{field: value})
+        replace(TINY, {field: value})
 
 
 def test_bad_inputs():
-    config = dataclasses.replace(TINY, dtype="float32", param_dtype="float32")
+    config = replace(TINY, dict(dtype="float32", param_dtype="float32"))
     layer, variables, x = build(config)
     with pytest.raises(ValueError, match="shape"):
         layer.apply(variables, x[0])
@@ -196,7 +200,7 @@ def test_default_layer_stays_finite_on_long_hard_inputs(depth):
     within ~100 tokens (this test then fails for both depths). Constant inputs (identical keys in
     every chunk) and every gate saturated (theta = theta_max, eta -> 1, alpha -> 1) are the worst
     cases a trained model can reach."""
-    config = LMMConfig(d_model=64, num_heads=2, head_dim=32, memory_depth=depth, chunk_size=32)
+    config = LMMConfig(d_model=64, num_heads=2, head_dim=32, memory=MemoryConfig(depth=depth, chunk_size=32))
     layer = LMMLayer(config)
     length = 1024
     random_x = jax.random.normal(jax.random.PRNGKey(0), (1, length, config.d_model))
@@ -217,7 +221,7 @@ def test_gradients_stay_bounded_over_long_sequences():
     tokens grew ~10x per 256 tokens while the forward stayed bounded (at 1024 tokens here: first
     tokens 61 vs last 4e-4, a 1.4e5 ratio; d 512 at 4K tokens: 5e13). With the default init the
     ratio is ~25."""
-    config = LMMConfig(d_model=64, num_heads=4, head_dim=16, chunk_size=16)
+    config = LMMConfig(d_model=64, num_heads=4, head_dim=16, memory=MemoryConfig(chunk_size=16))
     layer = LMMLayer(config)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 1024, config.d_model))
     variables = layer.init(jax.random.PRNGKey(1), x[:, :16])
@@ -232,8 +236,9 @@ import jax
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_num_cpu_devices", 2)
 import flax.linen as nn, jax.numpy as jnp, numpy as np
-from titans_jax import LMMConfig, LMMLayer
-config = LMMConfig(d_model=16, num_heads=4, head_dim=4, chunk_size=4, dtype="float64", param_dtype="float64")
+from titans_jax import LMMConfig, LMMLayer, MemoryConfig
+config = LMMConfig(d_model=16, num_heads=4, head_dim=4, memory=MemoryConfig(chunk_size=4), dtype="float64",
+                   param_dtype="float64")
 layer = LMMLayer(config)
 x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 16), jnp.float64)
 variables = layer.init(jax.random.PRNGKey(1), x)
@@ -250,7 +255,7 @@ for rules in ((), (("heads", "model"),)):
     if rules:  # the constraint took effect: the compiled program is partitioned
         assert "num_partitions=2" in text, rules
 for other in results[1:]:
-    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-13)
 print("OK")
 """
@@ -264,3 +269,41 @@ def test_heads_sharded_over_two_devices_equals_one_device():
 
     result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+
+
+def test_inputs_of_a_wider_dtype_are_refused_not_rounded():
+    """float64 inputs to a float32 layer ran in float32 silently; narrower inputs still pass."""
+    config = replace(TINY, dict(dtype="float32", param_dtype="float32"))
+    layer, variables, x = build(config)
+    with jax.enable_x64(True):
+        with pytest.raises(TypeError, match="LMMLayer input has dtype float64 but the computation runs in float32"):
+            layer.apply(variables, x.astype(jnp.float64))
+    y, _ = layer.apply(variables, x.astype(jnp.bfloat16))
+    assert y.dtype == jnp.float32
+
+
+def test_every_field_of_a_memory_state_is_checked():
+    """Only the weight shapes were checked before: a wrong momentum, pending buffer, dtype or
+    num_pending reached the scan (or was clipped) silently."""
+    config = replace(TINY, dict(dtype="float32", param_dtype="float32"))
+    layer, variables, x = build(config)
+    _, state = layer.apply(variables, x[:, :5])
+    memory = state.memory
+    ok, _ = layer.apply(variables, x[:, 5:], state)
+    bad_states = {
+        "momentum": memory._replace(momentum=memory.momentum[:1]),
+        r"momentum\[1\]\['w'\] has shape": memory._replace(
+            momentum=(memory.momentum[0], {"w": memory.momentum[1]["w"][:, :, :1]})),
+        "pending_values has shape": memory._replace(pending_values=memory.pending_values[..., :2]),
+        "pending_gates has dtype": memory._replace(pending_gates=memory.pending_gates.astype(jnp.bfloat16)),
+        r"num_pending = 7 is outside \[0, chunk_size = 4\)": memory._replace(num_pending=jnp.asarray(7, jnp.int32)),
+        "num_pending must be an integer scalar": memory._replace(num_pending=jnp.asarray(1.0)),
+    }
+    for message, bad in bad_states.items():
+        with pytest.raises((ValueError, TypeError), match=message):
+            layer.apply(variables, x[:, 5:], state._replace(memory=bad))
+    # under jit the range cannot raise: the outputs are poisoned instead of read from a clipped slot
+    run = jax.jit(lambda s: layer.apply(variables, x[:, 5:], s)[0])
+    poisoned = run(state._replace(memory=memory._replace(num_pending=jnp.asarray(7, jnp.int32))))
+    assert bool(jnp.all(jnp.isnan(poisoned))) and bool(jnp.all(jnp.isfinite(run(state))))
+    np.testing.assert_allclose(np.asarray(run(state)), np.asarray(ok), rtol=1e-4, atol=1e-5)  # float32, jit vs eager

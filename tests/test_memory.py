@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from titans_jax import memory as mem
-from titans_jax.testing import (max_relative_difference, objective_and_grads, random_memory_inputs,
+from titans_jax.testing import (max_absolute_difference, max_relative_difference, objective_and_grads, random_memory_inputs,
                                 random_memory_params, run_all_implementations)
 
 BATCH, HEADS, KEY_DIM = 2, 2, 6
@@ -26,8 +26,7 @@ scalar_objective = objective_and_grads
 max_rel_diff = max_relative_difference
 
 
-def max_abs_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+max_abs_diff = max_absolute_difference
 
 
 # depth x chunk size: by default every depth and every chunk size appear at least once (compiling
@@ -64,8 +63,8 @@ def test_implementations_agree_variants(variant):
 def test_remat_does_not_change_results(remat_every):
     with jax.enable_x64(True):
         inputs = make_inputs(1, 29)
-        base = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, remat_every=1)
-        other = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, remat_every=remat_every)
+        base = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, remat_every=1)
+        other = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, remat_every=remat_every)
         params = make_params(base)
         (_, out_a), grads_a = scalar_objective(base)(params, *inputs)
         (_, out_b), grads_b = scalar_objective(other)(params, *inputs)
@@ -89,7 +88,7 @@ def stream(config, params, inputs, splits):
 def test_streaming_equals_one_call(impl):
     length = 23
     with jax.enable_x64(True):
-        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2, chunk_size=5, impl=impl)
+        config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2, chunk_size=5, impl=impl)
         params = make_params(config)
         inputs = make_inputs(3, length)
         whole, whole_state = stream(config, params, inputs, [length])
@@ -104,7 +103,7 @@ def test_streaming_equals_one_call(impl):
 def test_streaming_across_exact_chunk_boundaries():
     """Pieces that end exactly on chunk boundaries, and a piece longer than several chunks."""
     with jax.enable_x64(True):
-        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=1, chunk_size=4)
+        config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, depth=1, chunk_size=4)
         params = make_params(config)
         inputs = make_inputs(4, 24)
         whole, whole_state = stream(config, params, inputs, [24])
@@ -116,7 +115,7 @@ def test_streaming_across_exact_chunk_boundaries():
 
 def test_fresh_state_equals_explicit_initial_state():
     with jax.enable_x64(True):
-        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=3)
+        config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=3)
         params = make_params(config)
         inputs = make_inputs(5, 10)
         out_a, state_a = mem.memory_apply(params, *inputs, config)
@@ -130,7 +129,7 @@ def test_short_sequences():
     """Shorter than one chunk and length 1, for every implementation."""
     with jax.enable_x64(True):
         for impl in mem.IMPLEMENTATIONS:
-            config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=16, impl=impl)
+            config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=16, impl=impl)
             params = make_params(config)
             for length in (1, 7):
                 out, state = mem.memory_apply(params, *make_inputs(6, length), config)
@@ -147,7 +146,7 @@ def test_chunk_size_one_is_the_per_token_recurrence_of_eqs_10_13_14():
     """Plain Python loop over tokens, linear memory, gradient of 0.5 ||k W - v||^2 written by hand."""
     length = 13
     with jax.enable_x64(True):
-        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=1, chunk_size=1)
+        config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, depth=1, chunk_size=1)
         params = make_params(config)
         inputs = make_inputs(8, length)
         out, state = mem.memory_apply(params, *inputs, config)
@@ -169,7 +168,7 @@ def test_chunk_size_one_is_the_per_token_recurrence_of_eqs_10_13_14():
 def test_deep_memory_chunk_size_one_matches_a_python_loop_with_autodiff():
     length = 9
     with jax.enable_x64(True):
-        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2, chunk_size=1)
+        config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2, chunk_size=1)
         params = make_params(config)
         inputs = make_inputs(9, length)
         out, _ = mem.memory_apply(params, *inputs, config)
@@ -189,7 +188,7 @@ def test_no_momentum_no_forgetting_is_ttt_minibatch_gradient_descent():
     """eta = alpha = 0: TTT-Linear. Inside a chunk token i sees W_0 - sum_{j<=i} theta_j grad_j(W_0)."""
     length, chunk = 14, 4
     with jax.enable_x64(True):
-        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=1, chunk_size=chunk)
+        config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, depth=1, chunk_size=chunk)
         params = make_params(config)
         keys, values, queries, theta, _, _ = make_inputs(10, length)
         out, state = mem.memory_apply(params, keys, values, queries, theta, None, None, config)
@@ -211,7 +210,7 @@ def test_no_momentum_no_forgetting_is_ttt_minibatch_gradient_descent():
 
 
 def test_gates_switched_off_give_finite_gradients_in_float32():
-    config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4)
+    config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4)
     params = make_params(config, dtype=jnp.float32)
     keys, values, queries, theta, _, _ = make_inputs(11, 11, dtype=jnp.float32)
 
@@ -226,7 +225,7 @@ def test_gates_switched_off_give_finite_gradients_in_float32():
 
 def test_strong_forgetting_is_stable():
     """log(1 - alpha) of -30 per token: the segment sums never form 0 * inf or inf - inf."""
-    config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=8)
+    config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=8)
     params = make_params(config, dtype=jnp.float32)
     keys, values, queries, theta, log_eta, _ = make_inputs(12, 16, dtype=jnp.float32)
     log_keep = jnp.full(theta.shape, -30.0)
@@ -240,7 +239,7 @@ def test_strong_forgetting_is_stable():
 
 @pytest.fixture
 def small():
-    config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4)
+    config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4)
     params = make_params(config, dtype=jnp.float32)
     return config, params, make_inputs(13, 6, dtype=jnp.float32)
 
@@ -250,7 +249,7 @@ def small():
                                          ("loss_scale", 0.0)])
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field):
-        mem.MemoryConfig(key_dim=4, value_dim=4, **{field: value})
+        mem.MemoryConfig(residual_norm=False, key_dim=4, value_dim=4, **{field: value})
 
 
 def test_residual_norm_needs_equal_widths():
@@ -293,7 +292,7 @@ def test_mismatched_state(small):
     _, state = mem.memory_apply(params, k, v, q, theta, le, lk, config)
     with pytest.raises(ValueError, match="expected"):
         mem.memory_apply(params, k[:1], v[:1], q[:1], theta[:1], le[:1], lk[:1], config, state=state)
-    other = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=8)
+    other = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=8)
     with pytest.raises(ValueError, match="chunk_size"):
         mem.memory_apply(params, k, v, q, theta, le, lk, other, state=state)
     with pytest.raises(TypeError, match="MemoryState"):
@@ -302,9 +301,20 @@ def test_mismatched_state(small):
 
 def test_params_that_do_not_match_config(small):
     config, params, (k, v, q, theta, le, lk) = small
-    deeper = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, depth=3)
+    deeper = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, depth=3)
     with pytest.raises(ValueError, match="layers"):
         mem.memory_apply(params, k, v, q, theta, le, lk, deeper)
-    with_bias = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, use_bias=True)
+    with_bias = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, use_bias=True)
     with pytest.raises(ValueError, match="bias"):
         mem.memory_apply(params, k, v, q, theta, le, lk, with_bias)
+
+
+def test_inputs_wider_than_the_memory_dtype_are_refused(small):
+    config, params, (k, v, q, theta, le, lk) = small
+    with jax.enable_x64(True):
+        with pytest.raises(TypeError, match="keys has dtype float64 but the computation runs in float32"):
+            mem.memory_apply(params, k.astype(jnp.float64), v, q, theta, le, lk, config)
+        with pytest.raises(TypeError, match="theta has dtype float64"):
+            mem.memory_apply(params, k, v, q, theta.astype(jnp.float64), le, lk, config)
+    out, _ = mem.memory_apply(params, k.astype(jnp.bfloat16), v, q, theta, le, lk, config)  # exact widening
+    assert out.dtype == jnp.float32

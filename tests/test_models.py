@@ -14,7 +14,7 @@ from titans_jax.presets import MLP_MULTIPLE, PRESETS, VARIANTS, preset
 
 LENGTH = 21  # > two MAC segments of 8, not a multiple of the segment (8) or the chunk (4)
 TINY = dict(vocab_size=50, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_hidden=48, window=6,
-            segment_size=8, chunk_size=4, num_persistent=2, attention_block=8, num_learned_queries=3)
+            segment_size=8, num_persistent=2, attention_block=8, num_learned_queries=3, **{"lmm.memory.chunk_size": 4})
 ARCHS = {
     "transformer": {}, "swa": {}, "lmm": {}, "mac": {}, "mag": {}, "mal": {},
     "mac_learned": dict(arch="mac", mac_retrieval="learned"),
@@ -27,7 +27,7 @@ def tiny_config(name: str, **overrides) -> ModelConfig:
     fields = dict(TINY, arch=name, dtype="float64", param_dtype="float64")
     fields.update(ARCHS[name])
     fields.update(overrides)
-    return ModelConfig(**fields)
+    return ModelConfig().replace(fields)
 
 
 def arch_params(names):
@@ -175,7 +175,7 @@ def test_paper_presets_match_their_size_through_eval_shape(name, arch):
 
 
 def test_bad_configs_are_rejected_with_clear_errors():
-    with pytest.raises(ValueError, match="multiple of the memory chunk_size"):
+    with pytest.raises(ValueError, match="multiple of the memory chunk size"):
         tiny_config("mac", segment_size=6)
     with pytest.raises(ValueError, match="window must be a positive integer"):
         tiny_config("swa", window=0)
@@ -230,3 +230,58 @@ def test_remat_policies_give_the_same_gradients(name):
             grads[policy] = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, tokens)))))(params)
         for policy in policies[1:]:
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), grads[policy], grads["none"])
+
+
+def test_bad_batches_generation_arguments_and_decode_caches_give_clear_errors(tiny_models):
+    """Each of these crashed deep inside a layer (or ran on) before: an empty batch, a float
+    max_new_tokens, a decode cache of another batch size, architecture or config."""
+    with jax.enable_x64(True):
+        mac = tiny_models("mac")
+        apply = lambda model, tokens, *a, **kw: model.model.apply({"params": model.params}, tokens, *a, **kw)  # noqa: E731
+        with pytest.raises(ValueError, match="at least one sequence"):
+            apply(mac, jnp.zeros((0, 3), jnp.int32))
+        for bad in (2.5, "3", True, 0):
+            with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+                gen.generate(mac.model, mac.params, mac.tokens[:, :4], bad)
+        _, cache = apply(mac, mac.tokens[:, :5], mode="prefill", max_len=12)
+        token = mac.tokens[:, 5:6]
+        logits, _ = mac.step(mac.params, token, cache)  # the right cache works, jitted
+        assert bool(jnp.all(jnp.isfinite(logits)))
+        with pytest.raises(ValueError, match=r"decode cache entry .* for 1 sequences"):
+            apply(mac, token[:1], cache, mode="decode")  # another batch size
+        with pytest.raises(ValueError, match=r"decode cache entry .* for 1 sequences"):
+            mac.step(mac.params, token[:1], cache)  # the check runs on shapes, so under jit too
+        mag = tiny_models("mag")
+        _, mag_cache = apply(mag, mag.tokens[:, :5], mode="prefill", max_len=12)
+        with pytest.raises(ValueError, match="does not fit this mac model"):
+            apply(mac, token, mag_cache, mode="decode")  # another architecture
+        other = TitansLM(mac.config.replace(segment_size=4))  # another config of the same architecture
+        with pytest.raises(ValueError, match="decode cache entry"):
+            other.apply({"params": mac.params}, token, cache, mode="decode")
+        with pytest.raises(TypeError, match="dict returned by mode='prefill'"):
+            apply(mac, token, cache["layers"], mode="decode")
+        with pytest.raises(ValueError, match="holds 1 layers"):
+            apply(mac, token, {**cache, "layers": cache["layers"][:1]}, mode="decode")
+
+
+def test_memory_configs_of_the_model_reach_its_layers():
+    """norm_eps, impl, the memory bias, loss_scale and the q/k l2-norm set on a model config
+    reach the memory (they could not be set, or did not arrive, before): the built layer's
+    parameters and outputs follow them."""
+    with jax.enable_x64(True):
+        base = tiny_config("lmm", num_layers=1)
+        tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 9), 0, base.vocab_size)
+        params = TitansLM(base).init(jax.random.PRNGKey(0), tokens)["params"]
+        reference = TitansLM(base.replace({"lmm.memory.impl": "reference"}))
+        assert reference.config.memory_layer.memory_config.impl == "reference"
+        np.testing.assert_allclose(reference.apply({"params": params}, tokens),
+                                   TitansLM(base).apply({"params": params}, tokens), rtol=1e-10, atol=1e-12)
+        with_bias = base.replace({"lmm.memory.use_bias": True})
+        bias_params = TitansLM(with_bias).init(jax.random.PRNGKey(0), tokens)["params"]
+        assert "b" in bias_params["block_0"]["memory"]["memory"]["layers"][0]
+        outputs = {}
+        for name, change in {"base": {}, "norm_eps": {"norm_eps": 0.5}, "loss_scale": {"lmm.memory.loss_scale": 2.0},
+                             "qk_l2_norm": {"lmm.qk_l2_norm": False}}.items():
+            outputs[name] = TitansLM(base.replace(change)).apply({"params": params}, tokens)
+        for name in ("norm_eps", "loss_scale", "qk_l2_norm"):
+            assert float(jnp.max(jnp.abs(outputs[name] - outputs["base"]))) > 1e-6, name

@@ -31,7 +31,7 @@ def test_dense_with_it_matches_plain_dense_and_other_contractions_fall_through()
         loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
         a = jax.grad(loss(ours), argnums=(0, 1))(params, x)
         b = jax.grad(loss(plain), argnums=(0, 1))(params, x)
-        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_allclose(u, v, rtol=1e-13)
         # a batched contraction is not Dense's: it goes to lax.dot_general unchanged
         lhs, rhs = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))

@@ -2,6 +2,7 @@
 run killed with SIGKILL mid-way and resumed gives the losses of an uninterrupted run, and
 missing data / vocabulary mismatches / bad overrides give clear errors."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -53,16 +54,40 @@ def test_every_experiment_config_loads_and_builds_its_model():
         configs.get_config("table_everything")
 
 
-def test_overrides_are_typed_and_unknown_keys_are_refused():
-    config = configs.apply_overrides(configs.get_config("quick"), [
-        "run.steps=7", "optim.learning_rate=1e-4", "model.use_momentum=false", "arch=mag", "data.eval_corpora=code"])
-    assert config.run.steps == 7 and config.optim.learning_rate == 1e-4 and config.arch == "mag"
-    assert dict(config.model)["use_momentum"] is False and config.data.eval_corpora == ("code",)
-    for bad, message in [("run.stepz=3", "no field 'stepz'"), ("model.depth=2", "ModelConfig has no field"),
-                         ("steps", "key=value"), ("run.steps=many", "invalid literal"),
-                         ("data.corpus=poems", "unknown corpus")]:
+def test_overrides_are_typed_and_reach_the_model_and_bad_ones_are_refused():
+    quick = configs.get_config("quick")
+    config = configs.apply_overrides(quick, [
+        "run.steps=7", "optim.learning_rate=1e-4", "model.lmm.use_momentum=false", "arch=mag",
+        "data.eval_corpora=code", "model.lmm.memory.impl=reference", "model.norm_eps=1e-5"])
+    # the values arrive typed, and what was set reaches the model that is built (not only the
+    # override list); fields not named keep the named config's values
+    assert config.run == dataclasses.replace(quick.run, steps=7) and type(config.run.steps) is int
+    assert config.optim == dataclasses.replace(quick.optim, learning_rate=1e-4)
+    assert config.data.eval_corpora == ("code",)
+    model = config.model_config(vocab_size=256)
+    assert model.arch == "mag" and model.d_model == 128 and model.lmm.memory.chunk_size == 16
+    layer = model.memory_layer
+    assert layer.use_momentum is False and layer.memory_config.impl == "reference"
+    assert layer.norm_eps == 1e-5 and layer.memory_config.norm_eps == 1e-5  # the model's eps reaches the memory
+    # model.arch is the experiment's architecture (it used to crash preset() with a TypeError)
+    assert configs.apply_overrides(quick, ["model.arch=ttt"]).model_config().memory_layer.use_momentum is False
+    for bad, message in [("run.stepz=3", "RunConfig has no field 'stepz'"), ("model.depth=2", "ModelConfig has no field"),
+                         ("steps", "key=value"), ("run.steps=abc", r"run.steps='abc': expected an integer"),
+                         ("model.d_model=1.5", r"model.d_model='1.5': expected an integer"),
+                         ("optim.learning_rate=fast", r"optim.learning_rate='fast': expected a number"),
+                         ("lr=fast", "unknown override 'lr'"), ("model.lmm.memory.impl=fastest", "impl must be one of"),
+                         ("model.lmm=3", "nested config"), ("data.corpus=poems", "unknown corpus"),
+                         ("run.steps=0", "run.steps=0: RunConfig.steps must be positive")]:
         with pytest.raises(ValueError, match=message):
-            configs.apply_overrides(configs.get_config("quick"), [bad])
+            configs.apply_overrides(quick, [bad])
+
+
+def test_a_vocabulary_override_that_conflicts_with_the_tokenizer_is_refused():
+    config = configs.apply_overrides(configs.get_config("quick"), ["model.vocab_size=100"])
+    with pytest.raises(ValueError, match="model.vocab_size=100 conflicts with the tokenizer's vocabulary of 256"):
+        config.model_config(vocab_size=256)
+    same = configs.apply_overrides(configs.get_config("quick"), ["model.vocab_size=256"])
+    assert same.model_config(vocab_size=256).vocab_size == 256
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from titans_jax.models import ModelConfig
 from titans_jax.training import OptimConfig, RunConfig, make_optimizer, read_metrics, train
 
 MODEL = ModelConfig(arch="mag", vocab_size=64, d_model=32, num_layers=1, num_heads=2, head_dim=16, mlp_hidden=64,
-                    window=8, chunk_size=4, num_persistent=2, attention_block=16)
+                    window=8, num_persistent=2, attention_block=16).replace({"lmm.memory.chunk_size": 4})
 OPTIM = OptimConfig(learning_rate=1e-2, warmup_steps=2)
 RUN = RunConfig(steps=6, batch_size=2, seq_len=16, log_every=2, eval_every=0, eval_batches=2, save_every=2,
                 keep_checkpoints=5, progress=False)

@@ -9,9 +9,11 @@ are divided by the temperature and optionally restricted to the top_k before sam
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from titans_jax.models import TitansLM, check_tokens
 
@@ -64,8 +66,12 @@ def generate(model: TitansLM, params, prompt: Array, max_new_tokens: int, *, rng
     pass over prompt ++ new tokens reproduces them at positions T .. T + max_new_tokens - 1).
     """
     check_tokens(prompt, model.config.vocab_size)
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float, np.floating)) or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool)):
+        raise ValueError(f"top_k must be an integer or None, got {top_k!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and not 0 < top_k <= model.config.vocab_size:

@@ -15,6 +15,7 @@ Dimension letters: B batch, T tokens, D d_model, H heads, E head dim, W conv wid
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -31,23 +32,22 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class LMMConfig:
-    """Configuration of one LMM layer. Every component the paper ablates can be switched off:
-    conv (conv_width=0), momentum (use_momentum=False), forgetting (use_forgetting=False),
-    deep vs linear memory (memory_depth=1)."""
+    """Configuration of one LMM layer; the memory MLP and its inner loop are the nested
+    `memory` (a MemoryConfig). Every component the paper ablates can be switched off: conv
+    (conv_width=0), momentum (use_momentum=False), forgetting (use_forgetting=False), deep vs
+    linear memory (memory.depth=1).
 
-    d_model: int
-    num_heads: int
-    head_dim: int
-    # memory MLP and its inner loop (see MemoryConfig)
-    memory_depth: int = 2
-    memory_expansion: int = 4
-    memory_activation: str = "gelu"
-    memory_residual_norm: bool = True  # M(x) = x + LN(f(x)); without it deep memories diverge (see theta_max)
-    memory_bias: bool = False
-    chunk_size: int = 64
-    loss_scale: float = 0.5
-    remat_every: int = 1
-    impl: str = "chunked"
+    Fields left None are inherited from the enclosing model (ModelConfig fills d_model,
+    num_heads, head_dim, norm_eps, dtype and param_dtype); `resolve()` gives the complete
+    config a layer runs with (a standalone layer must set the three dims itself).
+    """
+
+    d_model: int | None = None
+    num_heads: int | None = None
+    head_dim: int | None = None
+    # The memory MLP and its inner loop. Its key/value dims are this layer's head_dim; its norm_eps
+    # is this layer's unless set.
+    memory: memory_lib.MemoryConfig = memory_lib.MemoryConfig()
     # gates: theta = theta_max * sigmoid(.), eta = sigmoid(.), alpha = sigmoid(.)
     use_momentum: bool = True
     use_forgetting: bool = True
@@ -67,37 +67,65 @@ class LMMConfig:
     # short convolution and normalisation
     conv_width: int = 4
     qk_l2_norm: bool = True
-    norm_eps: float = 1e-6
-    # precision: projections may run in bf16; memory state and gate math stay in param_dtype
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    norm_eps: float | None = None  # None: the model's (memory_lib.NORM_EPS standalone)
+    # precision: projections may run in bf16; memory state and gate math stay in param_dtype.
+    # None: the model's (float32 standalone).
+    dtype: str | None = None
+    param_dtype: str | None = None
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"LMMConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.memory, memory_lib.MemoryConfig):
+            raise TypeError(f"LMMConfig.memory must be a MemoryConfig, got {type(self.memory).__name__}")
         if not isinstance(self.conv_width, (int, np.integer)) or self.conv_width < 0:
             raise ValueError(f"LMMConfig.conv_width must be an integer >= 0 (0 = no conv), got {self.conv_width!r}")
         if not (self.theta_max > 0 and math.isfinite(self.theta_max)):
             raise ValueError(f"LMMConfig.theta_max must be positive and finite, got {self.theta_max!r}")
+        if self.norm_eps is not None and not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
+            raise ValueError(f"LMMConfig.norm_eps must be positive and finite (or None), got {self.norm_eps!r}")
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16", "float64"):
-                raise ValueError(f"LMMConfig.{name} must be a float dtype name, got {getattr(self, name)!r}")
-        self.memory  # validates the memory part
+            if getattr(self, name) not in (None,) + FLOAT_DTYPES:
+                raise ValueError(f"LMMConfig.{name} must be one of {FLOAT_DTYPES}, got {getattr(self, name)!r}")
+        if self.head_dim is not None:
+            self.memory_config  # validates the memory part
+
+    def resolve(self, **inherited) -> "LMMConfig":
+        """The complete config: unset (None) fields from `inherited` (d_model, num_heads,
+        head_dim, norm_eps, dtype, param_dtype), then the standalone defaults. The dims must
+        agree where both are set."""
+        unknown = set(inherited) - set(_INHERITED)
+        if unknown:
+            raise TypeError(f"LMMConfig.resolve got unknown fields {sorted(unknown)}")
+        changes = {}
+        for name in _INHERITED:
+            mine, theirs = getattr(self, name), inherited.get(name)
+            if mine is None:
+                value = theirs if theirs is not None else _STANDALONE.get(name)
+                if value is None:
+                    raise ValueError(f"LMMConfig.{name} is unset: give it, or use the layer inside a ModelConfig")
+                changes[name] = value
+            elif name in ("d_model", "num_heads", "head_dim") and theirs is not None and mine != theirs:
+                raise ValueError(f"LMMConfig.{name}={mine} conflicts with the model's {name}={theirs}; leave it unset "
+                                 "to inherit it")
+        return dataclasses.replace(self, **changes) if changes else self
 
     @property
-    def memory(self) -> memory_lib.MemoryConfig:
-        return memory_lib.MemoryConfig(
-            key_dim=self.head_dim, value_dim=self.head_dim, depth=self.memory_depth,
-            expansion=self.memory_expansion, activation=self.memory_activation,
-            residual_norm=self.memory_residual_norm, use_bias=self.memory_bias,
-            chunk_size=self.chunk_size, loss_scale=self.loss_scale, remat_every=self.remat_every,
-            impl=self.impl)
+    def memory_config(self) -> memory_lib.MemoryConfig:
+        """The memory's config as the core runs it: key/value dims = head_dim, norm_eps inherited."""
+        return self.memory.resolve(key_dim=self.head_dim, value_dim=self.head_dim,
+                                   norm_eps=_STANDALONE["norm_eps"] if self.norm_eps is None else self.norm_eps)
 
     @property
     def num_gates(self) -> int:
         return 1 + int(self.use_momentum) + int(self.use_forgetting)
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+_INHERITED = ("d_model", "num_heads", "head_dim", "norm_eps", "dtype", "param_dtype")
+_STANDALONE = {"norm_eps": memory_lib.NORM_EPS, "dtype": "float32", "param_dtype": "float32"}
 
 
 # Logical names of the memory's independent slices. The memory runs separately per (batch, head),
@@ -137,13 +165,18 @@ def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
+@functools.lru_cache(maxsize=256)
+def _resolved(config: LMMConfig) -> LMMConfig:
+    return config.resolve()
+
+
 class LMMLayer(nn.Module):
     """Titans neural long-term memory layer. ``__call__(x [B, T, D], state) -> (y [B, T, D], state)``."""
 
     config: LMMConfig
 
     def setup(self):
-        cfg = self.config
+        cfg = _resolved(self.config)
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         inner = cfg.num_heads * cfg.head_dim
         dense = lambda features, name: nn.Dense(  # noqa: E731
@@ -168,27 +201,27 @@ class LMMLayer(nn.Module):
             lambda _, shape, dt: jnp.broadcast_to(jnp.asarray(bias_init, dt)[:, None], shape),
             (cfg.num_gates, cfg.num_heads), param_dtype)
         self.memory = self.param(
-            "memory", lambda rng: memory_lib.init_memory_params(rng, cfg.memory, cfg.num_heads, param_dtype))
+            "memory", lambda rng: memory_lib.init_memory_params(rng, cfg.memory_config, cfg.num_heads, param_dtype))
         self.out_norm_scale = self.param("out_norm_scale", nn.initializers.ones, (cfg.num_heads, cfg.head_dim), param_dtype)
 
     def initial_state(self, batch_size: int) -> LMMState:
-        cfg = self.config
+        cfg = _resolved(self.config)
         conv = None
         if cfg.conv_width:
             conv = jnp.zeros((batch_size, cfg.conv_width - 1, 3 * cfg.num_heads * cfg.head_dim), jnp.dtype(cfg.dtype))
-        return LMMState(conv=conv, memory=memory_lib.init_memory_state(self.memory, batch_size, cfg.memory))
+        return LMMState(conv=conv, memory=memory_lib.init_memory_state(self.memory, batch_size, cfg.memory_config))
 
     def retrieve(self, weights: tuple, queries: Array) -> Array:
         """M*(q) with given inner weights and no update (eq. 15): weights per layer [B, H, I, O]
         (e.g. a MemoryState's), queries [B, H, T, K] -> [B, H, T, V]."""
-        cfg = self.config
+        cfg = _resolved(self.config)
         norm = self.memory.get("norm")
-        mlp = lambda w, n, q: memory_lib.memory_mlp(w, n, q, cfg.memory)  # noqa: E731
+        mlp = lambda w, n, q: memory_lib.memory_mlp(w, n, q, cfg.memory_config)  # noqa: E731
         over_heads = jax.vmap(mlp, in_axes=(0, 0 if norm is not None else None, 0))
         return jax.vmap(over_heads, in_axes=(0, None, 0))(weights, norm, queries.astype(weights[0]["w"].dtype))
 
     def __call__(self, x: Array, state: LMMState | None = None) -> tuple[Array, LMMState]:
-        cfg = self.config
+        cfg = _resolved(self.config)
         if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"LMMLayer expects x of shape [batch, tokens, {cfg.d_model}], got {getattr(x, 'shape', None)}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -202,6 +235,7 @@ class LMMLayer(nn.Module):
         elif not isinstance(state, LMMState):
             raise TypeError(f"state must be an LMMState (or None), got {type(state).__name__}")
         heads, head_dim = cfg.num_heads, cfg.head_dim
+        memory_lib.check_lossless_dtype("LMMLayer input", x.dtype, cfg.dtype)
         x = x.astype(jnp.dtype(cfg.dtype))
 
         qkv = self.qkv_proj(x)
@@ -227,7 +261,7 @@ class LMMLayer(nn.Module):
                                     for t in (theta, log_eta, log_keep))
 
         retrieved, memory_state = memory_lib.memory_apply(
-            self.memory, keys, values, queries, theta, log_eta, log_keep, cfg.memory, state.memory)
+            self.memory, keys, values, queries, theta, log_eta, log_keep, cfg.memory_config, state.memory)
         retrieved = rms_norm(retrieved.transpose(0, 2, 1, 3), self.out_norm_scale, cfg.norm_eps)  # [B, T, H, E]
         gated = retrieved.reshape(batch, length, heads * head_dim).astype(x.dtype) * jax.nn.sigmoid(self.gate_out_proj(x))
         return self.out_proj(gated), LMMState(conv=conv_state, memory=memory_state)

@@ -54,6 +54,7 @@ Array = jax.Array
 PyTree = Any
 
 IMPLEMENTATIONS = ("chunked", "reference", "associative")
+NORM_EPS = 1e-6  # the one default epsilon of every norm (model RMSNorms, LMM output norm, memory LayerNorm)
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=True),
     "silu": jax.nn.silu,
@@ -67,38 +68,45 @@ class MemoryConfig:
     """Shape and semantics of the memory MLP and its test-time training.
 
     Attributes:
-      key_dim / value_dim: K and V (per head).
+      key_dim / value_dim: K and V (per head). None: set by the enclosing layer (LMMConfig fills
+        in its head_dim); the core functions need them set.
       depth: L_M, number of linear layers (1 = the linear memory of the paper's ablation).
       expansion: hidden width = expansion * key_dim for depth >= 2.
       activation: between layers; one of ACTIVATIONS ("gelu" is the tanh approximation).
-      residual_norm: M(x) = x + LayerNorm(f(x)) (MIRAS form); needs key_dim == value_dim. The
-        LayerNorm's scale/bias are outer parameters, fixed during the inner loop.
+      residual_norm: M(x) = x + LayerNorm(f(x)) (MIRAS form; the default); needs key_dim ==
+        value_dim. The LayerNorm's scale/bias are outer parameters, fixed during the inner loop.
+        False: the plain MLP f(x) of the paper's equations.
       use_bias: biases in the memory layers (trained by the inner loop like the weights).
       chunk_size: tokens per inner mini-batch (a model hyperparameter, see module doc).
       loss_scale: l = loss_scale * ||M(k) - v||^2 (0.5 gives the delta rule for L_M = 1).
       remat_every: checkpoint the chunk scan every this many chunks (0 = no remat).
       impl: one of IMPLEMENTATIONS.
-      norm_eps: epsilon of the residual LayerNorm.
+      norm_eps: epsilon of the residual LayerNorm. None: the enclosing layer's norm_eps
+        (NORM_EPS when used on its own).
     """
 
-    key_dim: int
-    value_dim: int
+    key_dim: int | None = None
+    value_dim: int | None = None
     depth: int = 2
     expansion: int = 4
     activation: str = "gelu"
-    residual_norm: bool = False
+    residual_norm: bool = True  # without it deep memories diverge (see LMMConfig.theta_max)
     use_bias: bool = False
     chunk_size: int = 64
     loss_scale: float = 0.5
     remat_every: int = 1
     impl: str = "chunked"
-    norm_eps: float = 1e-5
+    norm_eps: float | None = None
 
     def __post_init__(self):
         for name in ("key_dim", "value_dim", "depth", "expansion", "chunk_size"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
+            if value is None and name in ("key_dim", "value_dim"):
+                continue
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"MemoryConfig.{name} must be a positive integer, got {value!r}")
+        if self.norm_eps is not None and not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
+            raise ValueError(f"MemoryConfig.norm_eps must be a positive finite number (or None), got {self.norm_eps!r}")
         if self.depth > 4:
             raise ValueError(f"MemoryConfig.depth must be in 1..4 (the paper's range), got {self.depth}")
         if not isinstance(self.remat_every, (int, np.integer)) or self.remat_every < 0:
@@ -107,16 +115,39 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"MemoryConfig.impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
-        if self.residual_norm and self.key_dim != self.value_dim:
+        if self.residual_norm and None not in (self.key_dim, self.value_dim) and self.key_dim != self.value_dim:
             raise ValueError(
                 f"residual_norm needs key_dim == value_dim (M(x) = x + LN(f(x))), got "
                 f"{self.key_dim} != {self.value_dim}")
         if not (self.loss_scale > 0 and math.isfinite(self.loss_scale)):
             raise ValueError(f"MemoryConfig.loss_scale must be a positive finite number, got {self.loss_scale!r}")
 
+    def resolve(self, key_dim: int | None = None, value_dim: int | None = None,
+                norm_eps: float | None = None) -> "MemoryConfig":
+        """This config with its unset (None) fields taken from the enclosing layer: the dims
+        must agree where both are set, an explicit norm_eps is kept."""
+        changes = {}
+        for name, value in (("key_dim", key_dim), ("value_dim", value_dim)):
+            mine = getattr(self, name)
+            if mine is None:
+                changes[name] = value
+            elif value is not None and mine != value:
+                raise ValueError(f"MemoryConfig.{name}={mine} conflicts with the enclosing layer's {value} "
+                                 "(the memory works on one head: leave it unset to inherit the head dim)")
+        if self.norm_eps is None:
+            changes["norm_eps"] = NORM_EPS if norm_eps is None else norm_eps
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @property
+    def layer_norm_eps(self) -> float:
+        return NORM_EPS if self.norm_eps is None else self.norm_eps
+
     @property
     def layer_dims(self) -> tuple[tuple[int, int], ...]:
         """(I, O) of every memory layer."""
+        if self.key_dim is None or self.value_dim is None:
+            raise ValueError("MemoryConfig.key_dim / value_dim are unset: set them, or use the memory through an "
+                             "LMMConfig, which sets both to its head_dim")
         if self.depth == 1:
             return ((self.key_dim, self.value_dim),)
         hidden = self.expansion * self.key_dim
@@ -205,7 +236,7 @@ def memory_mlp(weights: tuple, norm: dict | None, x: Array, config: MemoryConfig
         if index < len(weights) - 1:
             h = act(h)
     if config.residual_norm:
-        h = x + _layer_norm(h, norm["scale"], norm["bias"], config.norm_eps)
+        h = x + _layer_norm(h, norm["scale"], norm["bias"], config.layer_norm_eps)
     return h
 
 
@@ -314,7 +345,7 @@ def _chunk_step(weights, momentum, norm, keys, values, queries, gates, config):
             hidden = pre
     if config.residual_norm:
         prediction, norm_vjp = jax.vjp(
-            lambda z: keys + _layer_norm(z, norm["scale"], norm["bias"], config.norm_eps), hidden)
+            lambda z: keys + _layer_norm(z, norm["scale"], norm["bias"], config.layer_norm_eps), hidden)
         delta = norm_vjp(2.0 * config.loss_scale * (prediction - values))[0]
     else:
         delta = 2.0 * config.loss_scale * (hidden - values)
@@ -352,7 +383,7 @@ def _chunk_step(weights, momentum, norm, keys, values, queries, gates, config):
         new_weights.append(layer_new)
         new_momentum.append(surprise_new)
     if config.residual_norm:
-        hidden = queries + _layer_norm(hidden, norm["scale"], norm["bias"], config.norm_eps)
+        hidden = queries + _layer_norm(hidden, norm["scale"], norm["bias"], config.layer_norm_eps)
     return hidden, tuple(new_weights), tuple(new_momentum)
 
 
@@ -465,6 +496,10 @@ def memory_apply(
     else:
         _check_state(state, batch, heads, config)
     dtype = state.weights[0]["w"].dtype
+    for name, x in (("keys", keys), ("values", values), ("queries", queries), ("theta", theta),
+                    ("log_eta", log_eta), ("log_keep", log_keep)):
+        if x is not None:
+            check_lossless_dtype(name, x.dtype, dtype)
     if log_eta is None:
         log_eta = jnp.full(theta.shape, -jnp.inf, dtype)
     if log_keep is None:
@@ -504,6 +539,8 @@ def memory_apply(
         seq_keys[:, :, :padded], seq_values[:, :, :padded], seq_queries[:, :, :padded],
         seq_gates[:, :, :padded], num_valid)
     outputs = jax.lax.dynamic_slice_in_dim(outputs, num_pending, length, axis=2)
+    if not fresh:  # a traced state with num_pending out of range (checked eagerly): poison, never clip
+        outputs = jnp.where((num_pending >= 0) & (num_pending < chunk), outputs, jnp.nan)
 
     boundary = (num_valid // chunk) * chunk
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, boundary, chunk, axis=2)  # noqa: E731
@@ -592,16 +629,60 @@ def _check_inputs(keys, values, queries, theta, log_eta, log_keep, config: Memor
 
 
 def _check_state(state: MemoryState, batch: int, heads: int, config: MemoryConfig) -> None:
+    """Every field of a state against the inputs and config: structure, shapes, dtypes and (for
+    concrete states) num_pending in [0, chunk_size)."""
     if not isinstance(state, MemoryState):
         raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
-    if len(state.weights) != config.depth:
-        raise ValueError(f"state has {len(state.weights)} memory layers, config.depth = {config.depth}")
-    for index, (layer, (fan_in, fan_out)) in enumerate(zip(state.weights, config.layer_dims)):
-        expected = (batch, heads, fan_in, fan_out)
-        if tuple(layer["w"].shape) != expected:
-            raise ValueError(f"state layer {index} weights have shape {tuple(layer['w'].shape)}, expected {expected} "
-                             "(batch, heads or memory shape differ from the inputs/config)")
-    expected = (batch, heads, config.chunk_size, config.key_dim)
-    if tuple(state.pending_keys.shape) != expected:
-        raise ValueError(f"state pending buffer has shape {tuple(state.pending_keys.shape)}, expected {expected} "
-                         "(was the state made with another chunk_size?)")
+    for name in ("weights", "momentum"):
+        layers = getattr(state, name)
+        if not isinstance(layers, (tuple, list)) or len(layers) != config.depth:
+            raise ValueError(f"state.{name} must hold {config.depth} memory layers (config.depth), got "
+                             f"{len(layers) if isinstance(layers, (tuple, list)) else type(layers).__name__}")
+    dtype = state.weights[0]["w"].dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"state weights must be floating point, got {dtype}")
+    names = ("w", "b") if config.use_bias else ("w",)
+    for index, (fan_in, fan_out) in enumerate(config.layer_dims):
+        expected = {"w": (batch, heads, fan_in, fan_out), "b": (batch, heads, fan_out)}
+        for field in ("weights", "momentum"):
+            layer = getattr(state, field)[index]
+            if not isinstance(layer, Mapping) or set(layer) != set(names):
+                raise ValueError(f"state.{field}[{index}] must have entries {names} (use_bias={config.use_bias}), "
+                                 f"got {sorted(layer) if isinstance(layer, Mapping) else type(layer).__name__}")
+            for leaf_name in names:
+                leaf = layer[leaf_name]
+                if tuple(leaf.shape) != expected[leaf_name]:
+                    raise ValueError(
+                        f"state.{field}[{index}][{leaf_name!r}] has shape {tuple(leaf.shape)}, expected "
+                        f"{expected[leaf_name]} (batch, heads or memory shape differ from the inputs/config)")
+                if leaf.dtype != dtype:
+                    raise TypeError(f"state.{field}[{index}][{leaf_name!r}] has dtype {leaf.dtype}, the state's "
+                                    f"weights {dtype}: one state has one dtype")
+    pending = {"pending_keys": config.key_dim, "pending_values": config.value_dim, "pending_gates": 3}
+    for name, width in pending.items():
+        leaf = getattr(state, name)
+        expected = (batch, heads, config.chunk_size, width)
+        if tuple(getattr(leaf, "shape", ())) != expected:
+            raise ValueError(f"state.{name} has shape {tuple(getattr(leaf, 'shape', ()))}, expected {expected} "
+                             "(was the state made with another batch, heads, chunk_size or memory width?)")
+        if leaf.dtype != dtype:
+            raise TypeError(f"state.{name} has dtype {leaf.dtype}, the state's weights {dtype}")
+    count = state.num_pending
+    if getattr(count, "shape", None) != () or not jnp.issubdtype(count.dtype, jnp.integer):
+        raise TypeError(f"state.num_pending must be an integer scalar, got "
+                        f"{getattr(count, 'dtype', type(count).__name__)} of shape {getattr(count, 'shape', None)}")
+    if not isinstance(count, jax.core.Tracer):
+        with jax.ensure_compile_time_eval():
+            value = int(count)
+        if not 0 <= value < config.chunk_size:
+            raise ValueError(f"state.num_pending = {value} is outside [0, chunk_size = {config.chunk_size})")
+
+
+def check_lossless_dtype(name: str, dtype, compute_dtype) -> None:
+    """Refuse an input that computing in `compute_dtype` would silently round (float64 inputs
+    with float32 parameters, float32 inputs to a bfloat16 computation); narrower inputs are
+    widened exactly and pass."""
+    if jnp.promote_types(dtype, compute_dtype) != jnp.dtype(compute_dtype):
+        raise TypeError(f"{name} has dtype {jnp.dtype(dtype).name} but the computation runs in "
+                        f"{jnp.dtype(compute_dtype).name}, which would round it silently; cast it explicitly "
+                        f"(x.astype({jnp.dtype(compute_dtype).name!r})) or use parameters of its dtype")

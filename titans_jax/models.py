@@ -46,6 +46,7 @@ C segment length, N_p persistent tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -55,8 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from titans_jax import attention as attn_lib
+from titans_jax import config_tree
 from titans_jax import memory as memory_lib
-from titans_jax.lmm import LMMConfig, LMMLayer, LMMState, causal_depthwise_conv, l2_normalize, rms_norm
+from titans_jax.lmm import FLOAT_DTYPES, LMMConfig, LMMLayer, LMMState, causal_depthwise_conv, l2_normalize, rms_norm
 from titans_jax.projection import dense_dot_general
 
 Array = jax.Array
@@ -90,36 +92,34 @@ class ModelConfig:
     attention_impl: str = "blocked"  # or "jax": jax.nn.dot_product_attention (not with a windowed prefix)
     # persistent memory and MAC
     num_persistent: int = 4
-    segment_size: int = 32  # MAC segment length C; a multiple of chunk_size
+    segment_size: int = 128  # MAC segment length C; a multiple of lmm.memory.chunk_size
     mac_retrieval: str = "causal"
     num_learned_queries: int = 8
     mac_remat_segments: bool = True  # rematerialise each MAC segment in training (memory ~ carries only)
-    # the long-term memory (see LMMConfig)
-    memory_depth: int = 2
-    memory_expansion: int = 4
-    memory_activation: str = "gelu"
-    memory_residual_norm: bool = True
-    chunk_size: int = 16
-    use_momentum: bool = True
-    use_forgetting: bool = True
-    conv_width: int = 4
-    theta_max: float = 0.1  # see LMMConfig.theta_max: larger steps diverge for correlated keys
-    alpha_bias_init: float = -8.0  # see LMMConfig.alpha_bias_init: -4 made gradients explode past ~1K tokens
-    memory_remat_every: int = 1
+    # The long-term memory of every lmm / mac / mag / mal block (its memory MLP and inner loop are
+    # lmm.memory). Its d_model, heads, head dim, norm_eps and dtypes come from this config.
+    lmm: LMMConfig = LMMConfig()
     # everything else
     tie_embeddings: bool = False
     remat: str = "none"  # per-block rematerialisation policy, a key of REMAT_POLICIES
-    norm_eps: float = 1e-6
+    norm_eps: float = memory_lib.NORM_EPS
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {ARCHITECTURES}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in FLOAT_DTYPES:
+                raise ValueError(f"ModelConfig.{name} must be one of {FLOAT_DTYPES}, got {getattr(self, name)!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0 and math.isfinite(self.norm_eps)):
+            raise ValueError(f"ModelConfig.norm_eps must be a positive finite number, got {self.norm_eps!r}")
+        if not isinstance(self.lmm, LMMConfig):
+            raise TypeError(f"ModelConfig.lmm must be an LMMConfig, got {type(self.lmm).__name__}")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "mlp_hidden",
-                     "attention_block", "segment_size", "chunk_size"):
+                     "attention_block", "segment_size"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.window, (int, np.integer)) or self.window <= 0:
             raise ValueError(f"ModelConfig.window must be a positive integer, got {self.window!r}")
@@ -127,11 +127,11 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not isinstance(self.num_persistent, (int, np.integer)) or self.num_persistent < 0:
             raise ValueError(f"num_persistent must be an integer >= 0, got {self.num_persistent!r}")
-        if self.arch == "mac" and self.segment_size % self.chunk_size:
+        if self.arch == "mac" and self.segment_size % self.lmm.memory.chunk_size:
             raise ValueError(
-                f"MAC needs segment_size to be a multiple of the memory chunk_size (so that segment "
+                f"MAC needs segment_size to be a multiple of the memory chunk size (so that segment "
                 f"boundaries are chunk boundaries), got segment_size={self.segment_size}, "
-                f"chunk_size={self.chunk_size}")
+                f"lmm.memory.chunk_size={self.lmm.memory.chunk_size}")
         if self.mac_retrieval not in MAC_RETRIEVAL:
             raise ValueError(f"unknown mac_retrieval {self.mac_retrieval!r}; choose one of {MAC_RETRIEVAL}")
         if self.mac_retrieval == "learned" and self.num_learned_queries <= 0:
@@ -144,7 +144,7 @@ class ModelConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {tuple(REMAT_POLICIES)}")
         if self.uses_memory:
-            self.lmm  # validates the memory part
+            self.memory_layer  # validates the memory part (its dims against the model's)
 
     @property
     def uses_memory(self) -> bool:
@@ -161,19 +161,22 @@ class ModelConfig:
         return 0 if self.arch == "mac" else self.num_persistent
 
     @property
-    def lmm(self) -> LMMConfig:
-        return LMMConfig(
-            d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
-            memory_depth=self.memory_depth, memory_expansion=self.memory_expansion,
-            memory_activation=self.memory_activation, memory_residual_norm=self.memory_residual_norm,
-            chunk_size=self.chunk_size, remat_every=self.memory_remat_every,
-            use_momentum=self.use_momentum, use_forgetting=self.use_forgetting,
-            theta_max=self.theta_max, alpha_bias_init=self.alpha_bias_init, conv_width=self.conv_width,
-            norm_eps=self.norm_eps,
-            dtype=self.dtype, param_dtype=self.param_dtype)
+    def memory_layer(self) -> LMMConfig:
+        """The complete LMMConfig of this model's memory layers (lmm with the model's dims,
+        norm_eps and dtypes filled in)."""
+        return _memory_layer(self.lmm, self.d_model, self.num_heads, self.head_dim, self.norm_eps, self.dtype,
+                             self.param_dtype)
 
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
+    def replace(self, changes: dict | None = None, /, **fields) -> "ModelConfig":
+        """A copy with fields changed; nested fields by dotted path or nested dict:
+        config.replace({"lmm.memory.chunk_size": 8}, num_layers=4)."""
+        return config_tree.replace(self, {**(changes or {}), **fields})
+
+
+@functools.lru_cache(maxsize=256)
+def _memory_layer(lmm: LMMConfig, d_model, num_heads, head_dim, norm_eps, dtype, param_dtype) -> LMMConfig:
+    return lmm.resolve(d_model=d_model, num_heads=num_heads, head_dim=head_dim, norm_eps=norm_eps, dtype=dtype,
+                       param_dtype=param_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,13 +288,13 @@ class MemoryAsContext(nn.Module):
     def setup(self):
         cfg = self.config
         heads, head_dim = cfg.num_heads, cfg.head_dim
-        self.memory = LMMLayer(cfg.lmm, name="memory")
+        self.memory = LMMLayer(cfg.memory_layer, name="memory")
         if cfg.mac_retrieval == "causal":
             self.retrieval_query = _dense(cfg, heads * head_dim, "retrieval_query")
-            if cfg.conv_width:
-                bound = 1.0 / math.sqrt(cfg.conv_width)
+            if cfg.lmm.conv_width:
+                bound = 1.0 / math.sqrt(cfg.lmm.conv_width)
                 self.retrieval_conv_kernel = self.param(
-                    "retrieval_conv_kernel", nn.initializers.uniform(2 * bound), (cfg.conv_width, heads * head_dim),
+                    "retrieval_conv_kernel", nn.initializers.uniform(2 * bound), (cfg.lmm.conv_width, heads * head_dim),
                     cfg.param_dtype)
                 self.retrieval_conv_bias = self.param(
                     "retrieval_conv_bias", nn.initializers.zeros, (heads * head_dim,), cfg.param_dtype)
@@ -314,8 +317,8 @@ class MemoryAsContext(nn.Module):
         lmm_state = self.memory.initial_state(batch)
         buffer = jnp.zeros((batch, cfg.segment_size, cfg.num_heads, cfg.head_dim), cfg.dtype)
         conv = None
-        if cfg.mac_retrieval == "causal" and cfg.conv_width:
-            conv = jnp.zeros((batch, cfg.conv_width - 1, cfg.num_heads * cfg.head_dim), cfg.dtype)
+        if cfg.mac_retrieval == "causal" and cfg.lmm.conv_width:
+            conv = jnp.zeros((batch, cfg.lmm.conv_width - 1, cfg.num_heads * cfg.head_dim), cfg.dtype)
         return MACCache(conv, lmm_state.memory.weights, buffer, buffer, buffer, buffer,
                         jnp.zeros((), jnp.int32), lmm_state)
 
@@ -327,7 +330,7 @@ class MemoryAsContext(nn.Module):
         conv = cache.retrieval_conv
         if cfg.mac_retrieval == "causal":
             queries = self.retrieval_query(x)
-            if cfg.conv_width:
+            if cfg.lmm.conv_width:
                 queries, conv = causal_depthwise_conv(queries, self.retrieval_conv_kernel, self.retrieval_conv_bias, conv)
             queries = l2_normalize(jax.nn.silu(_split_heads(queries, cfg.num_heads)))
             queries = queries.transpose(0, 2, 1, 3)  # [B, H, L, E]
@@ -436,7 +439,7 @@ class Block(nn.Module):
         if cfg.arch in ("transformer", "swa", "mag", "mal"):
             self.attention = Attention(cfg, cfg.attention_window, cfg.prefix_length, name="attention")
         if cfg.arch in ("lmm", "mag", "mal"):
-            self.memory = LMMLayer(cfg.lmm, name="memory")
+            self.memory = LMMLayer(cfg.memory_layer, name="memory")
         if cfg.arch == "mag":
             self.gate = OutputGate(cfg, name="gate")
         if cfg.arch == "mal":
@@ -497,6 +500,7 @@ class TitansLM(nn.Module):
                 raise ValueError("mode='decode' needs the cache returned by mode='prefill'")
             if length != 1:
                 raise ValueError(f"mode='decode' takes one token per call, got {length}")
+            check_cache(cfg, cache, batch)
             position = cache["position"]
         else:
             if cache is not None:
@@ -549,6 +553,8 @@ def check_tokens(tokens: Array, vocab_size: int) -> Array:
         raise ValueError(f"tokens must have shape [batch, length], got {getattr(tokens, 'shape', None)}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.shape[0] == 0:
+        raise ValueError(f"tokens must hold at least one sequence, got shape {tuple(tokens.shape)}")
     if tokens.shape[1] == 0:
         raise ValueError("tokens must hold at least one position")
     if not isinstance(tokens, jax.core.Tracer):
@@ -557,6 +563,55 @@ def check_tokens(tokens: Array, vocab_size: int) -> Array:
         if low < 0 or high >= vocab_size:
             raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{low}, {high}]")
     return tokens
+
+
+def check_cache(config: ModelConfig, cache, batch: int) -> None:
+    """A decode cache against the one this model's prefill makes for `batch` sequences: the
+    same structure (architecture, layers, mixers), and every leaf of the same shape and dtype.
+    Runs on shapes only, so it also checks caches under jit; a mismatch names the first
+    differing entry instead of failing deep inside a layer."""
+    if not isinstance(cache, dict) or set(cache) != {"layers", "position", "limit"}:
+        raise TypeError("the decode cache must be the dict returned by mode='prefill' (keys layers, position, "
+                        f"limit), got {type(cache).__name__}" + (f" with keys {sorted(cache)}" if isinstance(cache, dict) else ""))
+    layers = cache["layers"]
+    if not isinstance(layers, (tuple, list)) or len(layers) != config.num_layers:
+        raise ValueError(f"the decode cache holds {len(layers) if isinstance(layers, (tuple, list)) else '?'} layers, "
+                         f"this {config.arch} model has {config.num_layers}")
+    capacity = 1
+    if config.attention_window is None:  # full attention: the ring holds max_len positions
+        attention = layers[0].get("attention") if isinstance(layers[0], dict) else None
+        if not isinstance(attention, attn_lib.KVCache):
+            raise ValueError(f"the decode cache has no attention cache in layer 0, which a {config.arch} model needs "
+                             "(a cache of another architecture?)")
+        capacity = int(attention.k.shape[1])
+    expected = _expected_cache(config, int(batch), capacity)
+    got_leaves, got_tree = jax.tree_util.tree_flatten_with_path(cache)
+    want_leaves, want_tree = jax.tree_util.tree_flatten_with_path(expected)
+    if got_tree != want_tree:
+        got_paths = [jax.tree_util.keystr(path) for path, _ in got_leaves]
+        want_paths = [jax.tree_util.keystr(path) for path, _ in want_leaves]
+        missing = [p for p in want_paths if p not in got_paths]
+        extra = [p for p in got_paths if p not in want_paths]
+        raise ValueError(f"the decode cache does not fit this {config.arch} model (another architecture or "
+                         f"config?): missing {missing[:3]}, unexpected {extra[:3]}")
+    for (path, leaf), (_, want) in zip(got_leaves, want_leaves, strict=True):
+        shape, dtype = tuple(getattr(leaf, "shape", ())), getattr(leaf, "dtype", type(leaf))
+        if shape != tuple(want.shape) or dtype != want.dtype:
+            raise ValueError(
+                f"decode cache entry {jax.tree_util.keystr(path)} has shape {shape} and dtype {dtype}, this model "
+                f"expects {tuple(want.shape)} {want.dtype} for {batch} sequences (a cache of another batch size or "
+                "config?)")
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_cache(config: ModelConfig, batch: int, max_len: int):
+    model = TitansLM(config, parent=None)
+
+    def prefill(tokens):
+        variables = model.init(jax.random.PRNGKey(0), tokens)
+        return model.apply(variables, tokens, mode="prefill", max_len=max_len)[1]
+
+    return jax.eval_shape(prefill, jax.ShapeDtypeStruct((batch, 1), jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------

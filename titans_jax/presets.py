@@ -18,17 +18,22 @@ and parameter count beside the target (from jax.eval_shape: nothing is allocated
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
+from titans_jax import config_tree
 from titans_jax.models import ARCHITECTURES, ModelConfig, abstract_params, param_count
 
-_TINY = dict(vocab_size=256, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_hidden=64, window=16,
-             segment_size=8, chunk_size=4, num_persistent=2, attention_block=16, num_learned_queries=4)
-_SMALL = dict(vocab_size=256, d_model=256, num_heads=4, head_dim=64, window=256, segment_size=128,
-              chunk_size=32, num_persistent=4, attention_block=256)
-_MINI = dict(vocab_size=256, d_model=128, num_heads=2, head_dim=64, window=128, segment_size=64, chunk_size=16,
-             num_persistent=4, attention_block=256)
-_PAPER = dict(vocab_size=32000, window=1024, segment_size=512, chunk_size=64, num_persistent=16,
-              attention_block=512, remat="dots_no_batch")
+# Shapes as ModelConfig changes (nested fields by dotted path, see titans_jax.config_tree).
+_TINY = {"vocab_size": 256, "d_model": 32, "num_layers": 2, "num_heads": 2, "head_dim": 16, "mlp_hidden": 64,
+         "window": 16, "segment_size": 8, "lmm.memory.chunk_size": 4, "num_persistent": 2, "attention_block": 16,
+         "num_learned_queries": 4}
+_SMALL = {"vocab_size": 256, "d_model": 256, "num_heads": 4, "head_dim": 64, "window": 256, "segment_size": 128,
+          "lmm.memory.chunk_size": 32, "num_persistent": 4, "attention_block": 256}
+_MINI = {"vocab_size": 256, "d_model": 128, "num_heads": 2, "head_dim": 64, "window": 128, "segment_size": 64,
+         "lmm.memory.chunk_size": 16, "num_persistent": 4, "attention_block": 256}
+_PAPER = {"vocab_size": 32000, "window": 1024, "segment_size": 512, "lmm.memory.chunk_size": 64,
+          "num_persistent": 16, "attention_block": 512, "remat": "dots_no_batch"}
 
 # name -> (shape, target parameter count or None)
 PRESETS: dict[str, tuple[dict, int | None]] = {
@@ -42,8 +47,8 @@ PRESETS: dict[str, tuple[dict, int | None]] = {
 }
 # Named variants of the LMM the paper compares with or ablates.
 VARIANTS = {
-    "ttt": dict(arch="lmm", use_momentum=False, use_forgetting=False),  # TTT: eta = alpha = 0
-    "linear": dict(arch="lmm", memory_depth=1),  # linear memory, L_M = 1
+    "ttt": {"arch": "lmm", "lmm.use_momentum": False, "lmm.use_forgetting": False},  # TTT: eta = alpha = 0
+    "linear": {"arch": "lmm", "lmm.memory.depth": 1},  # linear memory, L_M = 1
 }
 MLP_MULTIPLE = 64
 
@@ -52,18 +57,24 @@ def standard_mlp_hidden(d_model: int) -> int:
     return max(MLP_MULTIPLE, MLP_MULTIPLE * round(8 * d_model / 3 / MLP_MULTIPLE))
 
 
-def preset(name: str, arch: str = "mac", **overrides) -> ModelConfig:
-    """The `name` preset for `arch` (one of ARCHITECTURES or VARIANTS). Overrides are applied
-    first; num_layers / mlp_hidden given as overrides are kept, the others are solved."""
+def preset(name: str, arch: str = "mac", changes: Mapping[str, Any] | None = None, /, **fields) -> ModelConfig:
+    """The `name` preset for `arch` (one of ARCHITECTURES or VARIANTS), with `changes` (a dict
+    of ModelConfig fields, nested ones by dotted path: {"lmm.memory.chunk_size": 8}) and
+    keyword `fields` applied first; num_layers / mlp_hidden given there are kept, the others
+    are solved."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {tuple(PRESETS)}")
     if arch not in ARCHITECTURES and arch not in VARIANTS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHITECTURES + tuple(VARIANTS)}")
+    overrides = {**(changes or {}), **fields}
+    if "arch" in overrides:
+        raise ValueError(f"preset() takes the architecture as its `arch` argument ({arch!r}), not as the change "
+                         f"arch={overrides['arch']!r}")
     shape, target = PRESETS[name]
-    fields = dict(shape, **VARIANTS.get(arch, {"arch": arch}), **overrides)
-    fields.setdefault("mlp_hidden", standard_mlp_hidden(fields["d_model"]))
-    fields.setdefault("num_layers", 1)
-    config = ModelConfig(**fields)
+    merged = {**shape, **VARIANTS.get(arch, {"arch": arch}), **overrides}
+    merged.setdefault("mlp_hidden", standard_mlp_hidden(merged["d_model"]))
+    merged.setdefault("num_layers", 1)
+    config = config_tree.replace(ModelConfig(), merged)
     if target is None:
         return config
     rest, block, per_unit = _size_model(config.replace(num_layers=1))
@@ -84,9 +95,9 @@ def _size_model(config: ModelConfig) -> tuple[int, int, int]:
     return param_count(params) - block, block, 3 * config.d_model
 
 
-def preset_param_count(name: str, arch: str, **overrides) -> int:
+def preset_param_count(name: str, arch: str, changes: Mapping[str, Any] | None = None, /, **fields) -> int:
     """Exact parameter count of a preset from shapes only (jax.eval_shape)."""
-    return param_count(abstract_params(preset(name, arch, **overrides)))
+    return param_count(abstract_params(preset(name, arch, changes, **fields)))
 
 
 def all_presets() -> list[tuple[str, str]]:

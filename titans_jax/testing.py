@@ -54,11 +54,11 @@ def objective_and_grads(config: mem.MemoryConfig):
 
 
 VARIANTS = {
-    "plain": {},
+    "plain": dict(residual_norm=False),
     "bias_residual_norm": dict(use_bias=True, residual_norm=True),
-    "no_momentum": {},  # log_eta = None
-    "no_forgetting": {},  # log_keep = None
-    "silu_mean_loss": dict(activation="silu", loss_scale=1.0 / 6),
+    "no_momentum": dict(residual_norm=False),  # log_eta = None
+    "no_forgetting": dict(residual_norm=False),  # log_keep = None
+    "silu_mean_loss": dict(activation="silu", loss_scale=1.0 / 6, residual_norm=False),
 }
 
 
@@ -82,12 +82,37 @@ def run_all_implementations(depth: int, chunk_size: int, variant: str = "plain",
     return results
 
 
-def max_relative_difference(a, b) -> float:
-    """Largest |a - b| of any leaf, relative to that leaf's scale max(1, max |b|)."""
+def _max_difference(a, b, relative: bool) -> float:
     import numpy as np
 
-    worst = 0.0
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    structure_a, structure_b = jax.tree.structure(a), jax.tree.structure(b)
+    if structure_a != structure_b:
+        raise ValueError(f"trees differ in structure: {structure_a} vs {structure_b}")
+    pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    worst, compared = 0.0, 0
+    for index, (x, y) in enumerate(pairs):
         x, y = np.asarray(x), np.asarray(y)
-        worst = max(worst, float(np.max(np.abs(x - y))) / max(1.0, float(np.max(np.abs(y)))))
+        if x.shape != y.shape:
+            raise ValueError(f"leaf {index} has shape {x.shape} vs {y.shape}")
+        if x.size == 0:
+            continue
+        compared += x.size
+        if np.isnan(x).any() or np.isnan(y).any():
+            return float("inf")  # a NaN is the largest difference, never a match
+        scale = max(1.0, float(np.max(np.abs(y)))) if relative else 1.0
+        worst = max(worst, float(np.max(np.abs(x - y))) / scale)
+    if not compared:
+        raise ValueError("nothing to compare: the trees hold no elements")
     return worst
+
+
+def max_relative_difference(a, b) -> float:
+    """Largest |a - b| of any leaf, relative to that leaf's scale max(1, max |b|). The trees must
+    have the same structure and leaf shapes and hold at least one element, and a NaN counts as
+    an infinite difference: mismatched, empty or NaN trees never compare as equal."""
+    return _max_difference(a, b, relative=True)
+
+
+def max_absolute_difference(a, b) -> float:
+    """Largest |a - b| of any leaf, with the checks of max_relative_difference."""
+    return _max_difference(a, b, relative=False)
