@@ -217,6 +217,15 @@ def test_load_tokens_stream_and_cache(fixture_cache):
     assert pipeline.stream_num_bytes(tokens, tok.token_byte_lengths()) == len(expected) - 1
     with pytest.raises(ValueError, match="separator"):
         pipeline.concat_documents([np.array([1, 0, 2])], 0, ["bad"])
+    # a truncated cache file (a killed write of an older version, a full disk) crashed np.load with
+    # a reshape error: it is set aside and rebuilt, with a warning naming it
+    truncated = path.with_name("truncated.npy")  # a new file, so the memory map of `tokens` stays valid
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    truncated.replace(path)
+    with pytest.warns(RuntimeWarning, match=r"token cache .* is damaged .* rebuilding"):
+        rebuilt = pipeline.load_tokens("books", "validation", tok)
+    np.testing.assert_array_equal(rebuilt, tokens)
+    assert list(path.parent.glob(f"{path.stem}.damaged-*.npy"))
     ds = pipeline.WindowDataset(tokens, 8, 2, seed=0)
     assert ds.batch(0).shape == (2, 9)
 

@@ -37,6 +37,8 @@ import hashlib
 import math
 import os
 import pathlib
+import time
+import warnings
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -77,6 +79,14 @@ def load_tokens(corpus: str, split: str, tokenizer, data_dir=None,
     from titans_jax.data.sources import load_documents
 
     path = token_cache_path(corpus, split, tokenizer)
+    if path.exists():
+        try:
+            return _open_token_cache(path, mmap)
+        except (ValueError, OSError, EOFError) as error:  # derived data: set it aside and rebuild
+            aside = path.with_name(f"{path.stem}.damaged-{time.strftime('%Y%m%d-%H%M%S')}.npy")
+            os.replace(path, aside)
+            warnings.warn(f"token cache {path} is damaged ({type(error).__name__}: {error}); moved it to "
+                          f"{aside.name} and rebuilding it from the corpus", RuntimeWarning, stacklevel=2)
     if not path.exists():
         docs = load_documents(corpus, split, data_dir)
         names = [name for name, _ in docs]
@@ -87,7 +97,15 @@ def load_tokens(corpus: str, split: str, tokenizer, data_dir=None,
         partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
         np.save(partial, tokens)
         os.replace(partial, path)
-    return np.load(path, mmap_mode="r" if mmap else None)
+    return _open_token_cache(path, mmap)
+
+
+def _open_token_cache(path: pathlib.Path, mmap: bool) -> np.ndarray:
+    """The cached stream; a truncated, damaged or foreign file raises ValueError / OSError."""
+    tokens = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    if tokens.dtype != np.int32 or tokens.ndim != 1 or tokens.size < 2:
+        raise ValueError(f"expected a 1-D int32 token stream, found {tokens.dtype} of shape {tokens.shape}")
+    return tokens
 
 
 def tokens_fingerprint(tokens: np.ndarray) -> str:
