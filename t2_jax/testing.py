@@ -1,5 +1,6 @@
-"""Tiny models for tests: random JAX parameters, and tiny Hugging Face checkpoints written by
-transformers (needs the optional `hf` extra: torch + transformers)."""
+"""Tiny models for tests: random JAX parameters, tiny Hugging Face checkpoints written by
+transformers (needs the optional `hf` extra: torch + transformers), and a tree comparison that
+cannot pass on mismatched trees."""
 
 from __future__ import annotations
 
@@ -12,8 +13,37 @@ import numpy as np
 
 from t2_jax._config import PRESETS, LlamaConfig
 from t2_jax._model import param_shapes
+from t2_jax._svf import flatten_paths
 
 TINY = PRESETS["tiny"]
+
+
+def assert_trees_close(actual, desired, *, atol: float = 0.0, rtol: float = 0.0,
+                       check_dtype: bool = True) -> None:
+    """Assert that two pytrees have the same leaf paths (in the same order), shapes, dtypes and
+    values within atol + rtol * |desired| (exact with the defaults; NaNs compare equal).
+
+    Raises AssertionError on any difference in structure and when `desired` has no leaves: a
+    comparison that can pass on mismatched or empty trees is a test that cannot fail.
+    """
+    flat_actual, flat_desired = flatten_paths(actual), flatten_paths(desired)
+    if not flat_desired:
+        raise AssertionError("assert_trees_close: the expected tree has no leaves, so the "
+                             "comparison would pass vacuously")
+    if list(flat_actual) != list(flat_desired):
+        missing = sorted(set(flat_desired) - set(flat_actual))
+        unexpected = sorted(set(flat_actual) - set(flat_desired))
+        raise AssertionError(f"trees differ in structure: missing {missing}, unexpected "
+                             f"{unexpected}" + ("" if missing or unexpected else
+                                                " (same paths in another order)"))
+    for (path, a), b in zip(flat_actual.items(), flat_desired.values(), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            raise AssertionError(f"leaf {path}: shape {a.shape} != expected {b.shape}")
+        if check_dtype and a.dtype != b.dtype:
+            raise AssertionError(f"leaf {path}: dtype {a.dtype} != expected {b.dtype}")
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), atol=atol,
+                                   rtol=rtol, err_msg=f"leaf {path}")
 
 
 def tiny_params(config: LlamaConfig = TINY, seed: int = 0, std: float = 0.2):
