@@ -14,7 +14,7 @@ the transpose of a Hugging Face / PyTorch `weight`:
   layers/attn/q/kernel  (L, D, H*E)     layers/attn/q/bias (L, H*E)   [attention_bias only]
   layers/attn/k/kernel  (L, D, K*E)     layers/attn/k/bias (L, K*E)   [attention_bias only]
   layers/attn/v/kernel  (L, D, K*E)     layers/attn/v/bias (L, K*E)   [attention_bias only]
-  layers/attn/o/kernel  (L, H*E, D)
+  layers/attn/o/kernel  (L, H*E, D)     layers/attn/o/bias (L, D)     [attention_output_bias]
   layers/mlp_norm       (L, D)
   layers/mlp/gate/kernel (L, D, F)   layers/mlp/up/kernel (L, D, F)
   layers/mlp/down/kernel (L, F, D)
@@ -59,6 +59,8 @@ def param_shapes(config: LlamaConfig) -> Params:
             "v": {"kernel": (L, D, KE)}, "o": {"kernel": (L, HE, D)}}
     if c.attention_bias:
         attn["q"]["bias"], attn["k"]["bias"], attn["v"]["bias"] = (L, HE), (L, KE), (L, KE)
+    if c.attention_output_bias:
+        attn["o"]["bias"] = (L, D)
     shapes = {
         "embed": (V, D),
         "layers": {
@@ -232,7 +234,7 @@ def _block(x, layer, positions, mask, config, past_kv=None):
         keys = jnp.concatenate([past_kv[0].astype(k.dtype), k], axis=1)
         values = jnp.concatenate([past_kv[1].astype(v.dtype), v], axis=1)
     out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
-    x = x + dense(out.reshape(B, T, H * E), attn["o"]["kernel"])
+    x = x + _linear(out.reshape(B, T, H * E), attn["o"])
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     mlp = layer["mlp"]
     gated = jax.nn.silu(dense(h, mlp["gate"]["kernel"])) * dense(h, mlp["up"]["kernel"])

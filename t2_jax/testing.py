@@ -66,9 +66,10 @@ def write_tiny_hf_checkpoint(directory: str | pathlib.Path, family: str, seed: i
                              **overrides) -> pathlib.Path:
     """Write a tiny random checkpoint with transformers' own save_pretrained (safetensors).
 
-    family: "llama" (separate embeddings, llama3 RoPE scaling), "qwen2" (q/k/v biases, tied
-    embeddings) or "mistral" (sliding window 4). Weights are redrawn with a larger std than
-    transformers' init so that logits are O(1) and parity tests are sensitive.
+    family: "llama" (separate embeddings, llama3 RoPE scaling), "llama-bias" (the same with
+    attention_bias: q, k, v and o biases), "qwen2" (q/k/v biases, tied embeddings) or
+    "mistral" (sliding window 4). Weights are redrawn with a larger std than transformers' init
+    so that logits are O(1) and parity tests are sensitive.
     """
     import torch
     import transformers
@@ -76,8 +77,9 @@ def write_tiny_hf_checkpoint(directory: str | pathlib.Path, family: str, seed: i
     common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   rms_norm_eps=1e-5)
-    if family == "llama":
-        common.update(tie_word_embeddings=False, rope_parameters={
+    if family in ("llama", "llama-bias"):
+        common.update(tie_word_embeddings=False, attention_bias=family == "llama-bias",
+                      rope_parameters={
             "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
         cls_config, cls_model = transformers.LlamaConfig, transformers.LlamaForCausalLM
@@ -134,7 +136,7 @@ def write_tiny_gguf(path: str | pathlib.Path, params, config: LlamaConfig, token
     `tokenizers.Tokenizer` whose vocab/merges go into tokenizer.ggml.* ("smollm" pre-tokenizer)."""
     import gguf
 
-    from t2_jax._loaders import params_to_hf_state, permute_qk_for_gguf
+    from t2_jax._loaders import gguf_tensor_name, params_to_hf_state, permute_qk_for_gguf
 
     if config.rope_layout != "half":
         raise ValueError("write_tiny_gguf expects rotate-half (Hugging Face) parameters")
@@ -176,26 +178,12 @@ def write_tiny_gguf(path: str | pathlib.Path, params, config: LlamaConfig, token
         else:
             writer.add_tensor(name, array)
 
-    put("token_embd.weight", state["model.embed_tokens.weight"])
-    put("output_norm.weight", state["model.norm.weight"])
-    if not config.tie_embeddings:
-        put("output.weight", state["lm_head.weight"])
-    for i in range(config.num_layers):
-        p, b = f"model.layers.{i}.", f"blk.{i}."
-        put(b + "attn_norm.weight", state[p + "input_layernorm.weight"])
-        put(b + "ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
-        for short, heads in (("q", config.num_heads), ("k", config.num_kv_heads), ("v", None)):
-            weight = state[p + f"self_attn.{short}_proj.weight"]
-            bias = state.get(p + f"self_attn.{short}_proj.bias")
-            if permute and heads is not None:
-                weight = permute_qk_for_gguf(weight, heads)
-                bias = None if bias is None else permute_qk_for_gguf(bias, heads)
-            put(b + f"attn_{short}.weight", weight)
-            if bias is not None:
-                put(b + f"attn_{short}.bias", bias)
-        put(b + "attn_output.weight", state[p + "self_attn.o_proj.weight"])
-        for name, short in (("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
-            put(b + f"{short}.weight", state[p + f"mlp.{name}_proj.weight"])
+    for name, array in state.items():  # Q/K weights and biases permuted for "pairs" RoPE
+        heads = (config.num_heads if ".q_proj." in name else
+                 config.num_kv_heads if ".k_proj." in name else None)
+        if permute and heads is not None:
+            array = permute_qk_for_gguf(array, heads)
+        put(gguf_tensor_name(name), array)
     for name, array in (extra_tensors or {}).items():
         put(name, array)
     writer.write_header_to_file()
@@ -206,8 +194,9 @@ def write_tiny_gguf(path: str | pathlib.Path, params, config: LlamaConfig, token
 
 
 def hf_model_from_params(params, config: LlamaConfig, attn_implementation: str = "sdpa"):
-    """A transformers model (float32, eval mode) holding our parameters: LlamaForCausalLM, or
-    Qwen2ForCausalLM when config.attention_bias, MistralForCausalLM with a sliding window.
+    """A transformers model (float32, eval mode) holding our parameters: LlamaForCausalLM
+    (with attention_bias=True when config.attention_output_bias), Qwen2ForCausalLM when
+    config.attention_bias only, MistralForCausalLM with a sliding window.
     Used by the benchmark (same weights on both sides) and the parity tests."""
     import torch
     import transformers
@@ -226,7 +215,13 @@ def hf_model_from_params(params, config: LlamaConfig, attn_implementation: str =
                   num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
                   rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_embeddings,
                   max_position_embeddings=config.max_position_embeddings, rope_parameters=rope)
-    if config.attention_bias:
+    if config.attention_output_bias:  # Llama's attention_bias: q, k, v and o biases
+        if not config.attention_bias or config.sliding_window is not None:
+            raise ValueError("transformers has an o_proj bias only with q/k/v biases and no "
+                             "sliding window (LlamaConfig(attention_bias=True))")
+        hf_config = transformers.LlamaConfig(attention_bias=True, **common)
+        model_class = transformers.LlamaForCausalLM
+    elif config.attention_bias:
         hf_config = transformers.Qwen2Config(**common)
         model_class = transformers.Qwen2ForCausalLM
     elif config.sliding_window is not None:

@@ -14,7 +14,7 @@ from t2_jax import testing  # noqa: E402
 
 pytestmark = pytest.mark.peer
 
-FAMILIES = ["llama", "qwen2", "mistral"]
+FAMILIES = ["llama", "llama-bias", "qwen2", "mistral"]
 TOL = 1e-4
 
 
@@ -28,18 +28,25 @@ def checkpoint(request, tmp_path_factory):
 
 def test_loader_reads_config_and_all_tensors(checkpoint):
     family, params, config, model = checkpoint
-    assert config.attention_bias == (family == "qwen2")
+    assert config.attention_bias == (family in ("qwen2", "llama-bias"))
+    assert config.attention_output_bias == (family == "llama-bias")
     assert config.tie_embeddings == (family == "qwen2")
     assert config.sliding_window == (4 if family == "mistral" else None)
-    assert (config.rope_scaling is not None) == (family == "llama")
+    assert (config.rope_scaling is not None) == family.startswith("llama")
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["q"]["kernel"][1]),
                                   state["model.layers.1.self_attn.q_proj.weight"].T)
     np.testing.assert_array_equal(np.asarray(params["layers"]["mlp"]["down"]["kernel"][0]),
                                   state["model.layers.0.mlp.down_proj.weight"].T)
-    if family == "qwen2":
+    if config.attention_bias:
         np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["k"]["bias"][0]),
                                       state["model.layers.0.self_attn.k_proj.bias"])
+    if config.attention_output_bias:
+        np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["o"]["bias"][1]),
+                                      state["model.layers.1.self_attn.o_proj.bias"])
+    # every tensor transformers holds was read (nothing dropped)
+    tied = {"lm_head.weight"} if config.tie_embeddings else set()
+    assert set(state) - tied == set(t2_jax.params_to_hf_state(params, config))
 
 
 def test_logits_match(checkpoint):

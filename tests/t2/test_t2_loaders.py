@@ -1,0 +1,100 @@
+"""Loader reliability: every tensor a checkpoint holds is loaded or refused by name (Llama's
+attention_bias gives o_proj a bias too), for Hugging Face directories and GGUF files alike."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import t2_jax
+from t2_jax import testing
+
+# q/k/v biases, like Qwen2; a Llama checkpoint with attention_bias adds o_proj.bias
+CONFIG = t2_jax.get_config("tiny").replace(attention_bias=True, name="tiny-bias")
+
+
+def write_hf_directory(directory, state, **hf_config):
+    from safetensors.numpy import save_file
+
+    c = CONFIG
+    config = {"model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+              "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+              "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+              "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+              "tie_word_embeddings": False, "attention_bias": True, **hf_config}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
+              str(directory / "model.safetensors"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def params():
+    return testing.tiny_params(CONFIG, seed=11)
+
+
+def o_biases(seed=12):
+    rng = np.random.default_rng(seed)
+    return [0.5 * rng.standard_normal(CONFIG.hidden_size).astype(np.float32)
+            for _ in range(CONFIG.num_layers)]
+
+
+def test_llama_attention_bias_loads_and_applies_the_o_proj_bias(params, tmp_path):
+    # transformers' Llama with attention_bias=True biases q, k, v and o
+    state = t2_jax.params_to_hf_state(params, CONFIG)
+    for i, bias in enumerate(o_biases()):
+        state[f"model.layers.{i}.self_attn.o_proj.bias"] = bias
+    loaded, config = t2_jax.load_hf(write_hf_directory(tmp_path / "llama", state))
+    assert config.attention_bias and config.attention_output_bias
+    np.testing.assert_array_equal(loaded["layers"]["attn"]["o"]["bias"], np.stack(o_biases()))
+    tokens = testing.random_tokens(1, 6, CONFIG.vocab_size, seed=1)
+    with_bias, _ = t2_jax.apply(loaded, config, tokens)
+    loaded["layers"]["attn"]["o"]["bias"] = jnp.zeros_like(loaded["layers"]["attn"]["o"]["bias"])
+    without, _ = t2_jax.apply(loaded, config, tokens)
+    assert float(jnp.abs(with_bias - without).max()) > 0.1  # the bias is applied
+
+
+def test_unused_hf_tensors_are_refused_or_named_in_a_warning(params, tmp_path):
+    state = t2_jax.params_to_hf_state(params, CONFIG)
+    state["model.layers.0.self_attn.q_norm.weight"] = np.ones(CONFIG.head_dim, np.float32)
+    state["model.layers.2.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"]
+    directory = write_hf_directory(tmp_path / "qwen2", state, model_type="qwen2")
+    with pytest.raises(ValueError, match=r"2 tensor\(s\).*does not use: 'model\.layers\.0\.self_"
+                                         r"attn\.q_norm\.weight', 'model\.layers\.2\.mlp.*"
+                                         r"allow_unused=True") as error:
+        t2_jax.load_hf(directory)
+    assert str(directory) in str(error.value)
+    with pytest.warns(UserWarning, match=r"q_norm\.weight.*ignored"):
+        loaded, _ = t2_jax.load_hf(directory, allow_unused=True)
+    testing.assert_trees_close(loaded, params)
+
+
+def test_tied_lm_head_copy_is_accepted_only_when_equal_to_the_embedding(params, tmp_path):
+    config = CONFIG.replace(tie_embeddings=True)
+    tied = {k: v for k, v in params.items() if k != "lm_head"}
+    state = t2_jax.params_to_hf_state(tied, config)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    loaded, _ = t2_jax.load_hf(write_hf_directory(tmp_path / "copy", state, model_type="qwen2",
+                                                  tie_word_embeddings=True))
+    testing.assert_trees_close(loaded, tied)
+    state["lm_head.weight"] = state["lm_head.weight"] + 1.0
+    with pytest.raises(ValueError, match="'lm_head.weight'"):
+        t2_jax.load_hf(write_hf_directory(tmp_path / "other", state, model_type="qwen2",
+                                          tie_word_embeddings=True))
+
+
+def test_gguf_o_bias_is_loaded_and_unused_tensors_refused(params, tmp_path):
+    biases = {f"blk.{i}.attn_output.bias": b for i, b in enumerate(o_biases())}
+    path = testing.write_tiny_gguf(tmp_path / "bias.gguf", params, CONFIG, extra_tensors=biases)
+    loaded, config = t2_jax.load_gguf(path)
+    assert config.attention_output_bias
+    np.testing.assert_array_equal(loaded["layers"]["attn"]["o"]["bias"], np.stack(o_biases()))
+    norm = {"blk.1.attn_k_norm.weight": np.ones(CONFIG.head_dim, np.float32)}
+    path = testing.write_tiny_gguf(tmp_path / "norm.gguf", params, CONFIG, extra_tensors=norm)
+    with pytest.raises(ValueError, match=r"norm\.gguf holds 1 tensor\(s\).*'blk\.1\.attn_k_norm"):
+        t2_jax.load_gguf(path)
+    with pytest.warns(UserWarning, match="attn_k_norm"):
+        loaded, _ = t2_jax.load_gguf(path, allow_unused=True)
+    testing.assert_trees_close(loaded, params)
