@@ -33,45 +33,78 @@ _SAFETENSORS_DTYPES = {
 
 
 def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file as numpy arrays (memory-mapped, read-only)."""
+    """All tensors of one .safetensors file as numpy arrays (memory-mapped, read-only).
+
+    A truncated or damaged file (header cut short or unparsable, a tensor whose bytes lie past
+    the end of the file or do not match its shape and dtype) raises ValueError naming the file
+    and the tensor.
+    """
     path = pathlib.Path(path)
+    size = path.stat().st_size
+
+    def damaged(why):
+        return ValueError(f"safetensors file {path} ({size} bytes) is truncated or damaged: {why}")
+
+    if size < 8:
+        raise damaged("it is shorter than the 8-byte header length")
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+        if 8 + header_len > size:
+            raise damaged(f"its header claims {header_len} bytes, only {size - 8} follow")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise damaged(f"its JSON header does not parse ({error})") from error
+    if not isinstance(header, dict):
+        raise damaged("its header is not a JSON object")
+    data_size = size - 8 - header_len
+    data = (np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if data_size
+            else np.zeros(0, np.uint8))
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        tensors[name] = data[begin:end].view(dtype).reshape(info["shape"])
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise damaged(f"the header entry of tensor {name!r} is malformed: {info!r}") from None
+        if dtype_name not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
+        needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != needed:
+            raise damaged(f"tensor {name!r} of shape {shape} and dtype {dtype_name} needs "
+                          f"{needed} bytes, its header entry gives {end - begin}")
+        if not 0 <= begin <= end <= data_size:
+            raise damaged(f"tensor {name!r} (shape {shape}, {dtype_name}) occupies bytes "
+                          f"[{begin}, {end}) of the data section, which holds {data_size}")
+        tensors[name] = data[begin:end].view(dtype).reshape(shape)
     return tensors
 
 
-def _hf_state_dict(directory: pathlib.Path) -> dict[str, np.ndarray]:
+def _hf_state_dict(directory: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, the file each came from) of a Hugging Face directory."""
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
-        state = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(read_safetensors(directory / shard))
+        files = [directory / shard for shard in sorted(set(weight_map.values()))]
+    elif single.exists():
+        files = [single]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {directory}")
+    state, origins = {}, {}
+    for file in files:
+        tensors = read_safetensors(file)
+        state.update(tensors)
+        origins.update(dict.fromkeys(tensors, str(file)))
+    if index.exists():
         missing = set(weight_map) - set(state)
         if missing:
             raise ValueError(f"{index} lists tensors absent from its shards: {sorted(missing)[:5]}")
-        return state
-    if single.exists():
-        return read_safetensors(single)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {directory}")
-    state = {}
-    for file in files:
-        state.update(read_safetensors(file))
-    return state
+    return state, origins
 
 
 def _hf_name(path: str) -> tuple[str, bool]:
@@ -141,19 +174,27 @@ def _ignorable(name: str, state: Mapping[str, np.ndarray], config: LlamaConfig) 
 
 def hf_state_to_params(state: Mapping[str, np.ndarray], config: LlamaConfig,
                        dtype: Any = jnp.float32, *, allow_unused: bool = False,
-                       source: str = "checkpoint") -> Params:
+                       source: str = "checkpoint",
+                       origins: Mapping[str, str] | None = None) -> Params:
     """Map Hugging Face tensor names (model.layers.{i}.self_attn.q_proj.weight, ...) to our
     stacked pytree; PyTorch (out, in) weights are transposed to (in, out) kernels.
 
     Every tensor the config implies must be present (hf_tensor_shapes), and a tensor the model
     does not use is refused with a ValueError listing it; allow_unused=True turns that into a
-    warning. `source` names the checkpoint in error messages.
+    warning. A tensor of the wrong shape is a ValueError naming it, its file and both shapes.
+    `source` names the checkpoint in error messages, `origins` the file of each tensor.
     """
     expected = hf_tensor_shapes(config)
     missing = [name for name in expected if name not in state]
     if missing:
         raise ValueError(f"{source} lacks {len(missing)} tensor(s) required by config "
                          f"{config.name!r}: {_list_names(missing)}")
+    for name, shape in expected.items():
+        found = tuple(np.shape(state[name]))
+        if found != shape:
+            where = f"file {origins[name]}" if origins and name in origins else source
+            raise ValueError(f"{where}: tensor {name!r} has shape {found}, config "
+                             f"{config.name!r} expects {shape}")
     unused = sorted(n for n in state if n not in expected and not _ignorable(n, state, config))
     _refuse_unused(unused, allow_unused, source, f"config {config.name!r}")
 
@@ -203,8 +244,9 @@ def load_hf(directory: str | pathlib.Path, dtype: Any = jnp.float32, *,
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: expected a Hugging Face model directory")
     config = LlamaConfig.from_hf_dict(json.loads(config_file.read_text()))
-    params = hf_state_to_params(_hf_state_dict(directory), config, dtype,
-                                allow_unused=allow_unused, source=f"checkpoint {directory}")
+    state, origins = _hf_state_dict(directory)
+    params = hf_state_to_params(state, config, dtype, allow_unused=allow_unused,
+                                source=f"checkpoint {directory}", origins=origins)
     return params, config
 
 
@@ -305,27 +347,31 @@ def load_gguf(path: str | pathlib.Path, dtype: Any = jnp.float32, rope_layout: s
     the stored rows and rotates adjacent pairs instead. Both give the same logits.
     A tensor the model does not use is an error naming it (a warning with allow_unused=True).
     """
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"GGUF file {path} not found")
-    reader = GGUFReader(path)
+    reader = _open_gguf(path)
     config = config_from_gguf(reader, rope_layout)
     tensors = {t.name: t for t in reader.tensors}
     # llama.cpp permutes Q/K rows (and biases) to adjacent pairs for the llama architecture
     # only; qwen2 files keep the Hugging Face rotate-half order.
     stored_layout = "pairs" if _field(reader, "general.architecture") == "llama" else "half"
 
-    def get(name, heads=None):
+    def get(name, expected, heads=None):
         if name not in tensors:
             raise ValueError(f"GGUF file {path} lacks tensor {name!r} required by config "
                              f"{config.name!r}")
         t = tensors[name]
-        array = dequantize(t.data, t.tensor_type).astype(np.float32)
         # numpy order is the reverse of GGML's ne[]: (out, in) for matrices.
-        array = array.reshape(tuple(int(n) for n in reversed(t.shape)))
+        shape = tuple(int(n) for n in reversed(t.shape))
+        if shape != expected:
+            raise ValueError(f"GGUF file {path}: tensor {name!r} has shape {shape}, but the "
+                             f"file's metadata (config {config.name!r}) implies {expected}")
+        try:
+            array = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+        except (ValueError, NotImplementedError) as error:
+            raise ValueError(f"GGUF file {path}: tensor {name!r} ({t.tensor_type.name}, shape "
+                             f"{shape}) does not dequantise: {error}") from error
         if heads is None or stored_layout == rope_layout:
             return array
         if stored_layout == "pairs":
@@ -333,13 +379,13 @@ def load_gguf(path: str | pathlib.Path, dtype: Any = jnp.float32, rope_layout: s
         return permute_qk_for_gguf(array, heads)
 
     state = {}
-    for hf_name in hf_tensor_shapes(config):
+    for hf_name, expected in hf_tensor_shapes(config).items():
         heads = None
         if ".self_attn.q_proj." in hf_name:
             heads = config.num_heads
         elif ".self_attn.k_proj." in hf_name:
             heads = config.num_kv_heads
-        state[hf_name] = get(gguf_tensor_name(hf_name), heads)
+        state[hf_name] = get(gguf_tensor_name(hf_name), expected, heads)
     used = {gguf_tensor_name(name) for name in state}
     _refuse_unused(sorted(set(tensors) - used), allow_unused, f"GGUF file {path}",
                    f"config {config.name!r}")
@@ -347,11 +393,28 @@ def load_gguf(path: str | pathlib.Path, dtype: Any = jnp.float32, rope_layout: s
     return params, config
 
 
+def _open_gguf(path: pathlib.Path):
+    """A GGUFReader, or a ValueError naming the file when it is truncated or damaged (the
+    reader itself fails with bare numpy reshape or index errors)."""
+    from gguf import GGUFReader
+
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file {path} not found")
+    try:
+        return GGUFReader(path)
+    except OSError:
+        raise
+    except Exception as error:  # any parse failure of the third-party reader means damage
+        raise ValueError(f"GGUF file {path} ({path.stat().st_size} bytes) is truncated or "
+                         f"damaged: reading it failed with {type(error).__name__}: {error}"
+                         ) from error
+
+
 def gguf_metadata(path: str | pathlib.Path) -> dict[str, Any]:
     """Scalar/string GGUF metadata (arrays such as the vocabulary are left out)."""
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFValueType
 
-    reader = GGUFReader(path)
+    reader = _open_gguf(pathlib.Path(path))
     out = {}
     for key, field in reader.fields.items():
         if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > 16:

@@ -98,3 +98,71 @@ def test_gguf_o_bias_is_loaded_and_unused_tensors_refused(params, tmp_path):
     with pytest.warns(UserWarning, match="attn_k_norm"):
         loaded, _ = t2_jax.load_gguf(path, allow_unused=True)
     testing.assert_trees_close(loaded, params)
+
+
+# ---- truncated or damaged files, tensors of the wrong shape ----------------------------------
+
+
+def test_truncated_safetensors_names_the_file_and_tensor(params, tmp_path):
+    directory = write_hf_directory(tmp_path / "cut", t2_jax.params_to_hf_state(params, CONFIG),
+                                   model_type="qwen2")
+    file = directory / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:-1000])
+    with pytest.raises(ValueError, match=r"model\.safetensors \(\d+ bytes\) is truncated or "
+                                         r"damaged: tensor '[\w.]+' \(shape \(\d+, \d+\), F32\) "
+                                         r"occupies bytes"):
+        t2_jax.load_hf(directory)
+    file.write_bytes(data[:100])  # inside the JSON header
+    with pytest.raises(ValueError, match=r"truncated or damaged: its header claims \d+ bytes"):
+        t2_jax.read_safetensors(file)
+    file.write_bytes(data[:5])
+    with pytest.raises(ValueError, match="truncated or damaged: it is shorter than"):
+        t2_jax.read_safetensors(file)
+
+
+def test_safetensors_header_disagreeing_with_its_bytes_is_damage(tmp_path):
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [3, 5], "data_offsets": [0, 40]}})
+    file = tmp_path / "bad.safetensors"
+    file.write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(40))
+    with pytest.raises(ValueError, match=r"bad\.safetensors .*damaged: tensor 'w' of shape "
+                                         r"\(3, 5\) and dtype F32 needs 60 bytes, its header "
+                                         r"entry gives 40"):
+        t2_jax.read_safetensors(file)
+
+
+def test_hf_tensor_of_the_wrong_shape_is_named(params, tmp_path):
+    state = t2_jax.params_to_hf_state(params, CONFIG)
+    name = "model.layers.1.self_attn.k_proj.weight"
+    state[name] = state[name].T  # (32, 16) where (K*E, D) = (16, 32) belongs
+    directory = write_hf_directory(tmp_path / "shape", state, model_type="qwen2")
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.1\.self_attn"
+                                         r"\.k_proj\.weight' has shape \(32, 16\), config "
+                                         r"'.*' expects \(16, 32\)"):
+        t2_jax.load_hf(directory)
+
+
+def test_truncated_gguf_names_the_file(params, tmp_path):
+    path = testing.write_tiny_gguf(tmp_path / "cut.gguf", params, CONFIG)
+    data = path.read_bytes()
+    for keep in (len(data) - 1000, 200):
+        path.write_bytes(data[:keep])
+        with pytest.raises(ValueError, match=r"GGUF file .*cut\.gguf \(\d+ bytes\) is truncated "
+                                             r"or damaged"):
+            t2_jax.load_gguf(path)
+
+
+def test_gguf_tensor_disagreeing_with_its_metadata_is_named(params, tmp_path):
+    path = testing.write_tiny_gguf(tmp_path / "meta.gguf", params, CONFIG)
+    # rewrite llama.feed_forward_length (uint32 64) to 48: the FFN tensors no longer fit
+    key = b"llama.feed_forward_length"
+    data = path.read_bytes()
+    at = data.index(key) + len(key) + 4  # the key, then its 4-byte value type
+    assert int.from_bytes(data[at:at + 4], "little") == CONFIG.intermediate_size
+    path.write_bytes(data[:at] + (48).to_bytes(4, "little") + data[at + 4:])
+    with pytest.raises(ValueError, match=r"meta\.gguf: tensor 'blk\.0\.ffn_\w+\.weight' has shape "
+                                         r"\((64, 32|32, 64)\), but the file's metadata .* "
+                                         r"implies \((48, 32|32, 48)\)"):
+        t2_jax.load_gguf(path)
