@@ -151,4 +151,23 @@ def test_expert_save_load_and_wrong_base_refused(params, svd, tmp_path):
     with pytest.raises(t2_jax.ExpertMismatchError, match="wrong model"):
         t2_jax.load_expert(file, base_fingerprint=other_fp)
     with pytest.raises(t2_jax.ExpertMismatchError, match="different selection rules"):
-        t2_jax.load_expert(file, svd=t2_jax.compute_svd(params, MIXED_RULE))
+        t2_jax.load_expert(file, fp, svd=t2_jax.compute_svd(params, MIXED_RULE))
+
+
+def test_expert_base_is_checked_by_default(params, svd, tmp_path):
+    # the file records its base: loading without naming the target model is refused too
+    fp = t2_jax.fingerprint(params)
+    file = t2_jax.save_expert(tmp_path / "e.safetensors", random_expert(svd, seed=5),
+                              base_fingerprint=fp, rule=t2_jax.DEFAULT_RULE, form="paper")
+    with pytest.raises(ValueError, match=r"trained on base model [0-9a-f]{16}…; name the model"):
+        t2_jax.load_expert(file)
+    with pytest.raises(ValueError, match="trained on base model"):
+        t2_jax.load_expert(file, svd=svd)
+    other = testing.tiny_params(CONFIG, seed=98)
+    with pytest.raises(t2_jax.ExpertMismatchError, match="allow_other_base=True to override"):
+        t2_jax.load_expert(file, params=other)
+    expert, _ = t2_jax.load_expert(file, params=params)  # the right base, given as params
+    testing.assert_trees_close(expert, random_expert(svd, seed=5))
+    for kwargs in (dict(params=other), {}):
+        with pytest.warns(UserWarning, match="allow_other_base=True"):
+            t2_jax.load_expert(file, allow_other_base=True, **kwargs)
