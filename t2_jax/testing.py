@@ -79,9 +79,10 @@ def write_tiny_hf_checkpoint(directory: str | pathlib.Path, family: str, seed: i
                   rms_norm_eps=1e-5)
     if family in ("llama", "llama-bias"):
         common.update(tie_word_embeddings=False, attention_bias=family == "llama-bias",
-                      rope_parameters={
-            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                       "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 16})
         cls_config, cls_model = transformers.LlamaConfig, transformers.LlamaForCausalLM
     elif family == "qwen2":
         common.update(tie_word_embeddings=True, rope_parameters={
@@ -121,6 +122,60 @@ def load_hf_torch_model(directory: str | pathlib.Path):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         directory, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
+
+
+# ---- golden fixtures: transformers' outputs stored for a parity test without torch ------------
+
+GOLDEN_FAMILIES = ("llama", "llama-bias", "qwen2", "mistral")
+# smaller than the live parity test's checkpoints (vocab 96, MLP 48) to keep the committed
+# files small: about 70 KB of float32 weights and 20 KB of logits per family
+GOLDEN_SIZES = dict(vocab_size=64, intermediate_size=32)
+GOLDEN_NEW_TOKENS = 10
+
+
+def write_golden_fixture(directory: str | pathlib.Path, family: str) -> pathlib.Path:
+    """A tiny random checkpoint written by transformers (config.json + model.safetensors) and,
+    in golden.npz, what transformers computes from it (float32, eager attention):
+
+      tokens (2, 24) -> logits (2, 24, V)            past llama3's original context 16 and
+                                                     Mistral's window 4
+      padded_tokens, padded_mask (2, 12), row 0 left-padded by 5 -> padded_logits (2, 12, V)
+      prompt (2, 7) -> generated (2, 10)             greedy, no stop token
+      versions                                       transformers and torch versions
+
+    Needs the `hf` extra (torch + transformers). experiments/make_t2_golden.py writes the
+    committed fixtures; tests/t2/test_t2_golden.py compares our loader + model with them.
+    """
+    import torch
+    import transformers
+
+    directory = pathlib.Path(directory)
+    write_tiny_hf_checkpoint(directory, family, **GOLDEN_SIZES)
+    (directory / "generation_config.json").unlink(missing_ok=True)  # not needed to load
+    model = load_hf_torch_model(directory)
+    vocab = model.config.vocab_size
+    tokens = random_tokens(2, 24, vocab, seed=1)
+    padded_tokens = random_tokens(2, 12, vocab, seed=2)
+    padded_mask = np.ones_like(padded_tokens)
+    padded_mask[0, :5] = 0
+    positions = np.clip(np.cumsum(padded_mask, axis=1) - 1, 0, None)
+    prompt = random_tokens(2, 7, vocab, seed=3)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    with torch.no_grad():
+        logits = model(as_long(tokens)).logits.numpy()
+        padded_logits = model(as_long(padded_tokens), attention_mask=as_long(padded_mask),
+                              position_ids=as_long(positions)).logits.numpy()
+        generated = model.generate(as_long(prompt), attention_mask=torch.ones_like(as_long(prompt)),
+                                   max_new_tokens=GOLDEN_NEW_TOKENS,
+                                   min_new_tokens=GOLDEN_NEW_TOKENS, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)
+    versions = f"transformers {transformers.__version__}, torch {torch.__version__}"
+    np.savez(directory / "golden.npz", tokens=tokens, logits=logits.astype(np.float32),
+             padded_tokens=padded_tokens, padded_mask=padded_mask.astype(np.int32),
+             padded_logits=padded_logits.astype(np.float32), prompt=prompt,
+             generated=generated[:, prompt.shape[1]:].numpy().astype(np.int32),
+             versions=np.asarray(versions))
+    return directory
 
 
 def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:

@@ -135,3 +135,19 @@ def test_safetensors_reader_handles_bfloat16(tmp_path):
     assert str(read["w"].dtype) == "bfloat16"
     np.testing.assert_array_equal(read["w"].astype(np.float32), tensors["w"].float().numpy())
     np.testing.assert_array_equal(read["i"], np.arange(4))
+
+
+@pytest.mark.parametrize("family", testing.GOLDEN_FAMILIES)
+def test_committed_golden_fixtures_are_current(family, tmp_path):
+    # the fixtures test_t2_golden.py checks without torch equal what this transformers computes
+    import pathlib
+
+    committed = pathlib.Path(__file__).parent / "golden" / family
+    fresh = testing.write_golden_fixture(tmp_path / family, family)
+    assert (fresh / "model.safetensors").read_bytes() == (committed / "model.safetensors"
+                                                          ).read_bytes()
+    with np.load(fresh / "golden.npz") as new, np.load(committed / "golden.npz") as old:
+        for key in ("tokens", "padded_tokens", "padded_mask", "prompt", "generated"):
+            np.testing.assert_array_equal(new[key], old[key], err_msg=key)
+        for key in ("logits", "padded_logits"):
+            np.testing.assert_allclose(new[key], old[key], atol=TOL, rtol=0, err_msg=key)
