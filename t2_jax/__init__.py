@@ -3,8 +3,9 @@
 from t2_jax._config import PRESETS, Llama3RopeScaling, LlamaConfig, get_config
 from t2_jax._generate import (POISONED, Generation, continuation_logprobs, decode, decode_step,
                               generate, prefill, sample_token)
-from t2_jax._loaders import (config_from_gguf, gguf_metadata, hf_state_to_params, load_gguf,
-                             load_hf, params_to_hf_state, permute_qk_for_gguf, read_safetensors,
+from t2_jax._loaders import (config_from_gguf, gguf_metadata, gguf_tensor_name,
+                             hf_state_to_params, hf_tensor_shapes, load_gguf, load_hf,
+                             params_to_hf_state, permute_qk_for_gguf, read_safetensors,
                              unpermute_qk_from_gguf)
 from t2_jax._tokenizer import (TextTokenizer, detect_chat_format, load_tokenizer, render_chat,
                                tokenizer_from_gguf)
@@ -21,7 +22,8 @@ __all__ = [
     "PRESETS", "Llama3RopeScaling", "LlamaConfig", "get_config",
     "POISONED", "Generation", "continuation_logprobs", "decode", "decode_step", "generate", "prefill",
     "sample_token",
-    "config_from_gguf", "gguf_metadata", "hf_state_to_params", "load_gguf", "load_hf",
+    "config_from_gguf", "gguf_metadata", "gguf_tensor_name", "hf_state_to_params",
+    "hf_tensor_shapes", "load_gguf", "load_hf",
     "params_to_hf_state",
     "permute_qk_for_gguf", "read_safetensors", "unpermute_qk_from_gguf",
     "ATTENTION_QV_RULE", "DEFAULT_RULE", "FORMS", "ExpertMismatchError", "Factors", "SVFForm",

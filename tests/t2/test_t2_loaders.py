@@ -166,3 +166,17 @@ def test_gguf_tensor_disagreeing_with_its_metadata_is_named(params, tmp_path):
                                          r"\((64, 32|32, 64)\), but the file's metadata .* "
                                          r"implies \((48, 32|32, 48)\)"):
         t2_jax.load_gguf(path)
+
+
+def test_name_tables_cover_every_parameter():
+    import jax
+
+    config = CONFIG.replace(attention_output_bias=True, name="tiny-all-biases")
+    shapes = t2_jax.hf_tensor_shapes(config)
+    ours = jax.tree.leaves(t2_jax.param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    assert sum(int(np.prod(s)) for s in shapes.values()) == sum(int(np.prod(s)) for s in ours)
+    assert shapes["model.layers.1.self_attn.o_proj.bias"] == (config.hidden_size,)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (16, 32)  # PyTorch (out, in)
+    assert t2_jax.gguf_tensor_name("model.layers.1.self_attn.o_proj.bias") == (
+        "blk.1.attn_output.bias")
+    assert t2_jax.gguf_tensor_name("lm_head.weight") == "output.weight"
