@@ -20,7 +20,8 @@ from t2_jax._model import (Cache, Params, apply, apply_rope, attention, check_pa
 
 __all__ = [
     "PRESETS", "Llama3RopeScaling", "LlamaConfig", "get_config",
-    "POISONED", "Generation", "continuation_logprobs", "decode", "decode_step", "generate", "prefill",
+    "POISONED", "Generation", "continuation_logprobs", "decode", "decode_step", "generate",
+    "prefill",
     "sample_token",
     "config_from_gguf", "gguf_metadata", "gguf_tensor_name", "hf_state_to_params",
     "hf_tensor_shapes", "load_gguf", "load_hf",

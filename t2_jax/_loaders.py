@@ -65,7 +65,8 @@ def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         try:
-            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            dtype_name, shape = info["dtype"], tuple(info["shape"])
+            begin, end = info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise damaged(f"the header entry of tensor {name!r} is malformed: {info!r}") from None
         if dtype_name not in _SAFETENSORS_DTYPES:
@@ -110,8 +111,8 @@ def _hf_state_dict(directory: pathlib.Path) -> tuple[dict[str, np.ndarray], dict
 def _hf_name(path: str) -> tuple[str, bool]:
     """Our leaf path (layers/attn/q/kernel) -> (Hugging Face name, with "{}" for the layer
     index, and whether the PyTorch weight is the transpose of our kernel)."""
-    top = {"embed": ("model.embed_tokens.weight", False), "final_norm": ("model.norm.weight", False),
-           "lm_head": ("lm_head.weight", True),
+    top = {"embed": ("model.embed_tokens.weight", False),
+           "final_norm": ("model.norm.weight", False), "lm_head": ("lm_head.weight", True),
            "layers/attn_norm": ("model.layers.{}.input_layernorm.weight", False),
            "layers/mlp_norm": ("model.layers.{}.post_attention_layernorm.weight", False)}
     if path in top:
