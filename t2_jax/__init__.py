@@ -1,10 +1,11 @@
 """Transformer² in JAX: Llama-family base models, loaders, generation, SVF experts."""
 
 from t2_jax._config import PRESETS, Llama3RopeScaling, LlamaConfig, get_config
-from t2_jax._generate import (Generation, continuation_logprobs, decode, decode_step, generate,
-                              prefill, sample_token)
-from t2_jax._loaders import (config_from_gguf, gguf_metadata, hf_state_to_params, load_gguf,
-                             load_hf, params_to_hf_state, permute_qk_for_gguf, read_safetensors,
+from t2_jax._generate import (POISONED, Generation, continuation_logprobs, decode, decode_step,
+                              generate, prefill, sample_token)
+from t2_jax._loaders import (config_from_gguf, gguf_metadata, gguf_tensor_name,
+                             hf_state_to_params, hf_tensor_shapes, load_gguf, load_hf,
+                             params_to_hf_state, permute_qk_for_gguf, read_safetensors,
                              unpermute_qk_from_gguf)
 from t2_jax._tokenizer import (TextTokenizer, detect_chat_format, load_tokenizer, render_chat,
                                tokenizer_from_gguf)
@@ -19,9 +20,11 @@ from t2_jax._model import (Cache, Params, apply, apply_rope, attention, check_pa
 
 __all__ = [
     "PRESETS", "Llama3RopeScaling", "LlamaConfig", "get_config",
-    "Generation", "continuation_logprobs", "decode", "decode_step", "generate", "prefill",
+    "POISONED", "Generation", "continuation_logprobs", "decode", "decode_step", "generate",
+    "prefill",
     "sample_token",
-    "config_from_gguf", "gguf_metadata", "hf_state_to_params", "load_gguf", "load_hf",
+    "config_from_gguf", "gguf_metadata", "gguf_tensor_name", "hf_state_to_params",
+    "hf_tensor_shapes", "load_gguf", "load_hf",
     "params_to_hf_state",
     "permute_qk_for_gguf", "read_safetensors", "unpermute_qk_from_gguf",
     "ATTENTION_QV_RULE", "DEFAULT_RULE", "FORMS", "ExpertMismatchError", "Factors", "SVFForm",

@@ -33,7 +33,9 @@ class LlamaConfig:
 
     rope_layout: "half" rotates (x[i], x[i + Dh/2]) pairs (Hugging Face checkpoints);
     "pairs" rotates adjacent (x[2i], x[2i+1]) pairs (llama.cpp / GGUF layout of Q and K rows).
-    attention_bias: q/k/v projections carry biases (Qwen2). sliding_window: a key is visible
+    attention_bias: q/k/v projections carry biases (Qwen2, and Llama's attention_bias).
+    attention_output_bias: the output projection o carries a bias too (Llama's attention_bias
+    biases all four projections; Qwen2's o has none). sliding_window: a key is visible
     to a query iff 0 <= query_index - key_index < sliding_window (Mistral v0.1); None = full.
     """
 
@@ -50,6 +52,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     attention_bias: bool = False
+    attention_output_bias: bool = False
     sliding_window: int | None = None
     max_position_embeddings: int = 8192
     name: str = "custom"
@@ -115,13 +118,19 @@ class LlamaConfig:
                         scaling["original_max_position_embeddings"]))
             elif kind not in (None, "default"):
                 raise ValueError(f"unsupported rope scaling type {kind!r}")
+        # Which projections carry biases follows transformers' modeling code: Llama's
+        # attention_bias biases q, k, v and o; Qwen2 always biases q, k, v (never o); Mistral
+        # has no biases (its attention ignores attention_bias).
         if model_type == "qwen2":
-            attention_bias = True
+            attention_bias, attention_output_bias = True, False
             use_sliding = hf.get("use_sliding_window", False)
             sliding_window = hf.get("sliding_window") if use_sliding else None
+        elif model_type == "mistral":
+            attention_bias = attention_output_bias = False
+            sliding_window = hf.get("sliding_window")
         else:
-            attention_bias = bool(hf.get("attention_bias", False))
-            sliding_window = hf.get("sliding_window") if model_type == "mistral" else None
+            attention_bias = attention_output_bias = bool(hf.get("attention_bias", False))
+            sliding_window = None
         if hf.get("mlp_bias", False):
             raise ValueError("mlp_bias=True is not supported")
         return cls(
@@ -137,6 +146,7 @@ class LlamaConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
+            attention_output_bias=attention_output_bias,
             sliding_window=sliding_window,
             max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
             name=str(hf.get("_name_or_path") or model_type),

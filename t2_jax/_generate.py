@@ -14,11 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2_jax._config import LlamaConfig
-from t2_jax._model import Cache, Params, _check_tokens, apply, check_params, init_cache
+from t2_jax._model import (Cache, Params, _check_cache_room, _check_tokens, apply, check_params,
+                           init_cache)
+
+POISONED = -1  # the token decode emits where the logits are NaN (poisoned: see apply)
 
 
 class Generation(NamedTuple):
-    tokens: jax.Array   # (B, N) int32; after a stop token (kept) the row holds pad_id
+    tokens: jax.Array   # (B, N) int32; after a stop token (kept) the row holds pad_id; -1
+                        # (POISONED) where the logits were NaN (an out-of-range id under jit)
     lengths: jax.Array  # (B,) int32: generated tokens per row, the stop token included
     stopped: jax.Array  # (B,) bool: the row emitted a stop token
 
@@ -67,28 +71,54 @@ def prefill(params: Params, config: LlamaConfig, tokens: jax.Array, attention_ma
     return logits[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
 def decode_step(params: Params, config: LlamaConfig, cache: Cache,
                 tokens: jax.Array) -> tuple[jax.Array, Cache]:
-    """One token per row (B,) into the cache. Returns (next-token logits (B, V), cache)."""
+    """One token per row (B,) into the cache. Returns (next-token logits (B, V), cache).
+    A full cache or an out-of-range id is a ValueError (NaN logits under jit, see apply)."""
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"decode_step takes one token per row, shape (batch,), got {tokens.shape}")
+    _check_tokens(tokens[:, None], config)
+    _check_cache_room(cache, 1)
+    return _decode_step(params, config, cache, tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _decode_step(params, config, cache, tokens):
     logits, cache = apply(params, config, tokens[:, None], cache=cache)
     return logits[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_p",
-                                             "stop_tokens", "pad_id"))
+def _sample_or_poisoned(logits, key, temperature, top_p):
+    token = sample_token(logits, key, temperature, top_p)
+    return jnp.where(jnp.any(jnp.isnan(logits), axis=-1), POISONED, token)
+
+
 def decode(params: Params, config: LlamaConfig, cache: Cache, first_logits: jax.Array,
            key: jax.Array, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
            stop_tokens: tuple[int, ...] = (), pad_id: int = 0) -> Generation:
-    """The decode loop (one lax.while_loop; stops early once every row has stopped)."""
+    """The decode loop (one lax.while_loop; stops early once every row has stopped). The cache
+    must have room for max_new_tokens - 1 more tokens (ValueError otherwise, NaN logits and
+    POISONED tokens under jit); a row whose logits are NaN emits POISONED (-1)."""
+    _check_cache_room(cache, max_new_tokens - 1)
+    return _decode(params, config, cache, first_logits, key, max_new_tokens, temperature, top_p,
+                   stop_tokens, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_p",
+                                             "stop_tokens", "pad_id"))
+def _decode(params, config, cache, first_logits, key, max_new_tokens, temperature, top_p,
+            stop_tokens, pad_id):
     B = first_logits.shape[0]
-    stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+    stops = jnp.asarray(stop_tokens, jnp.int32)
     keys = jax.random.split(key, max_new_tokens)
 
-    def is_stop(tok):
+    def is_stop(tok):  # (POISONED is no stop token: a poisoned row keeps emitting it)
+        if not stop_tokens:
+            return jnp.zeros(tok.shape, bool)
         return jnp.any(tok[:, None] == stops[None, :], axis=-1)
 
-    first = sample_token(first_logits, keys[0], temperature, top_p)
+    first = _sample_or_poisoned(first_logits, keys[0], temperature, top_p)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     stopped = is_stop(first)
     lengths = jnp.ones((B,), jnp.int32)
@@ -100,7 +130,7 @@ def decode(params: Params, config: LlamaConfig, cache: Cache, first_logits: jax.
     def body(carry):
         step, cache, previous, out, stopped, lengths = carry
         logits, cache = apply(params, config, previous[:, None], cache=cache)
-        token = sample_token(logits[:, 0], keys[step], temperature, top_p)
+        token = _sample_or_poisoned(logits[:, 0], keys[step], temperature, top_p)
         token = jnp.where(stopped, pad_id, token)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
         lengths = lengths + (~stopped).astype(jnp.int32)

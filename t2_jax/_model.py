@@ -14,7 +14,7 @@ the transpose of a Hugging Face / PyTorch `weight`:
   layers/attn/q/kernel  (L, D, H*E)     layers/attn/q/bias (L, H*E)   [attention_bias only]
   layers/attn/k/kernel  (L, D, K*E)     layers/attn/k/bias (L, K*E)   [attention_bias only]
   layers/attn/v/kernel  (L, D, K*E)     layers/attn/v/bias (L, K*E)   [attention_bias only]
-  layers/attn/o/kernel  (L, H*E, D)
+  layers/attn/o/kernel  (L, H*E, D)     layers/attn/o/bias (L, D)     [attention_output_bias]
   layers/mlp_norm       (L, D)
   layers/mlp/gate/kernel (L, D, F)   layers/mlp/up/kernel (L, D, F)
   layers/mlp/down/kernel (L, F, D)
@@ -59,6 +59,8 @@ def param_shapes(config: LlamaConfig) -> Params:
             "v": {"kernel": (L, D, KE)}, "o": {"kernel": (L, HE, D)}}
     if c.attention_bias:
         attn["q"]["bias"], attn["k"]["bias"], attn["v"]["bias"] = (L, HE), (L, KE), (L, KE)
+    if c.attention_output_bias:
+        attn["o"]["bias"] = (L, D)
     shapes = {
         "embed": (V, D),
         "layers": {
@@ -232,7 +234,7 @@ def _block(x, layer, positions, mask, config, past_kv=None):
         keys = jnp.concatenate([past_kv[0].astype(k.dtype), k], axis=1)
         values = jnp.concatenate([past_kv[1].astype(v.dtype), v], axis=1)
     out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
-    x = x + dense(out.reshape(B, T, H * E), attn["o"]["kernel"])
+    x = x + _linear(out.reshape(B, T, H * E), attn["o"])
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     mlp = layer["mlp"]
     gated = jax.nn.silu(dense(h, mlp["gate"]["kernel"])) * dense(h, mlp["up"]["kernel"])
@@ -250,6 +252,9 @@ def default_positions(attention_mask: jax.Array, start: jax.Array | int = 0) -> 
 
 
 def _check_tokens(tokens, config: LlamaConfig) -> None:
+    """Rank-2 integer ids in [0, vocab_size): a ValueError for concrete tokens. Under tracing the
+    values are unknown here; _apply_jit then makes the logits of a row holding an out-of-range
+    id NaN instead of reading a clamped embedding."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must have shape (batch, time), got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -259,6 +264,20 @@ def _check_tokens(tokens, config: LlamaConfig) -> None:
         if values.size and (values.min() < 0 or values.max() >= config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got range "
                              f"[{values.min()}, {values.max()}]")
+
+
+def _check_cache_room(cache: Cache, num_tokens: int) -> None:
+    """A ValueError when num_tokens do not fit the cache's free slots (concrete caches only;
+    under tracing _apply_jit makes the logits NaN instead of overwriting the last slot)."""
+    if not isinstance(cache["length"], jax.core.Tracer):
+        slots, length = cache["k"].shape[2], int(cache["length"])
+        if length > slots:
+            raise ValueError(f"the cache overflowed: length {length} > its {slots} slots (tokens "
+                             "were written past its capacity under jit; those logits were NaN)")
+        free = slots - length
+        if num_tokens > free:
+            raise ValueError(f"{num_tokens} tokens do not fit the cache: {free} of "
+                             f"{cache['k'].shape[2]} slots are free")
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int,
@@ -282,17 +301,18 @@ def apply(params: Params, config: LlamaConfig, tokens: jax.Array, *,
     With a cache, the T tokens are written at slots [length, length + T) and attend to every
     real earlier slot; the caller must keep length + T <= the cache's S (generate does).
     positions (B, T) default: real tokens counted from 0 (or from cache["next_position"]).
+    Out-of-range token ids and tokens past the cache's capacity raise ValueError; under jit,
+    where their values are unknown, they poison the result instead: every logit of a row holding
+    an id outside [0, V) is NaN (its cache entries too), and all logits are NaN once
+    length + T > S (the returned length keeps counting, so later calls stay NaN).
     last_logits_only: logits of the last slot only, (B, 1, V). return_hidden: also return the
     final-norm hidden states (B, T, D) as a third output.
     """
     tokens = jnp.asarray(tokens)
     _check_tokens(tokens, config)
     check_params(params, config)
-    if cache is not None and not isinstance(cache["length"], jax.core.Tracer):
-        free = cache["k"].shape[2] - int(cache["length"])
-        if tokens.shape[1] > free:
-            raise ValueError(f"{tokens.shape[1]} tokens do not fit the cache: {free} of "
-                             f"{cache['k'].shape[2]} slots are free")
+    if cache is not None:
+        _check_cache_room(cache, tokens.shape[1])
     if attention_mask is not None:
         attention_mask = jnp.asarray(attention_mask)
         if attention_mask.shape != tokens.shape:
@@ -312,7 +332,12 @@ def _apply_jit(params, config, tokens, attention_mask, positions, cache, last_lo
         raise ValueError(f"attention_mask shape {attention_mask.shape} != tokens shape {(B, T)}")
     attention_mask = jnp.asarray(attention_mask)
     real = attention_mask.astype(bool)
+    # jnp indexing clamps an out-of-range id to the last row: poison it instead, so the row's
+    # keys/values (and any cache they are written to) are NaN as well as its logits.
+    in_vocab = (tokens >= 0) & (tokens < config.vocab_size)
     x = params["embed"][tokens]
+    x = jnp.where(in_vocab[..., None], x, jnp.nan).astype(x.dtype)
+    row_ok = jnp.all(in_vocab, axis=-1)  # (B,)
     layers = params["layers"]
 
     if cache is None:
@@ -347,6 +372,9 @@ def _apply_jit(params, config, tokens, attention_mask, positions, cache, last_lo
             return _block(h, layer, positions, mask, config, (ck, cv))
 
         x, (ks, vs) = jax.lax.scan(step, x, (layers, cache["k"], cache["v"]))
+        # dynamic_update_slice would clamp the start and overwrite the last slots: past the
+        # capacity every logit is NaN instead.
+        row_ok = row_ok & (start + T <= S)
         at = (0, 0, start, 0, 0)
         new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], ks.astype(cache["k"].dtype), at),
                      "v": jax.lax.dynamic_update_slice(cache["v"], vs.astype(cache["v"].dtype), at),
@@ -360,6 +388,8 @@ def _apply_jit(params, config, tokens, attention_mask, positions, cache, last_lo
     hidden = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     head = params["embed"].T if config.tie_embeddings else params["lm_head"]
     logits = (hidden @ head).astype(jnp.float32)
+    logits = jnp.where(row_ok[:, None, None], logits, jnp.nan)
+    hidden = jnp.where(row_ok[:, None, None], hidden, jnp.nan).astype(hidden.dtype)
     if return_hidden:
         return logits, new_cache, hidden
     return logits, new_cache

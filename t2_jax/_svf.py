@@ -24,6 +24,7 @@ import hashlib
 import json
 import pathlib
 import re
+import warnings
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -319,9 +320,15 @@ def save_expert(path: str | pathlib.Path, expert, *, base_fingerprint: str, rule
 
 
 def load_expert(path: str | pathlib.Path, base_fingerprint: str | None = None,
-                svd: Mapping[str, Factors] | None = None) -> tuple[dict, dict[str, str]]:
-    """Read an expert and its metadata. With base_fingerprint, an expert trained on another
-    base model is refused (ExpertMismatchError); with svd, its paths and shapes are checked."""
+                svd: Mapping[str, Factors] | None = None, *, params: Params | None = None,
+                allow_other_base: bool = False) -> tuple[dict, dict[str, str]]:
+    """Read an expert and its metadata, checking that it was trained on the base model it will
+    be applied to: give that model as base_fingerprint (t2_jax.fingerprint(params)) or as params.
+
+    The file records its base's fingerprint; an expert of another base, or a call naming no
+    base, is refused (ExpertMismatchError / ValueError) unless allow_other_base=True, which
+    loads it with a warning. With svd, the expert's paths and shapes are checked against it.
+    """
     from safetensors import safe_open
 
     path = pathlib.Path(path)
@@ -332,11 +339,30 @@ def load_expert(path: str | pathlib.Path, base_fingerprint: str | None = None,
         flat = {k: jnp.asarray(f.get_tensor(k)) for k in f.keys()}
     if metadata.get("format") != "t2_jax.svf_expert":
         raise ValueError(f"{path} is not a t2_jax SVF expert (metadata {metadata})")
-    if base_fingerprint is not None and metadata["base_fingerprint"] != base_fingerprint:
-        raise ExpertMismatchError(
-            f"expert {path.name} was trained on base model {metadata['base_fingerprint'][:16]}…, "
-            f"but it is being loaded onto base model {base_fingerprint[:16]}…; refusing to apply "
-            "it to the wrong model")
+    if params is not None:
+        if base_fingerprint is not None and base_fingerprint != fingerprint(params):
+            raise ValueError("load_expert: base_fingerprint and params name different models")
+        base_fingerprint = fingerprint(params)
+    recorded = metadata.get("base_fingerprint")
+    problem = None
+    if recorded is None:
+        problem = f"expert {path} records no base model fingerprint"
+    elif base_fingerprint is None:
+        if not allow_other_base:
+            raise ValueError(
+                f"load_expert({path}): the expert was trained on base model {recorded[:16]}…; "
+                "name the model it will be applied to with base_fingerprint="
+                "t2_jax.fingerprint(params) or params=params (or pass allow_other_base=True "
+                "to load it unchecked)")
+        problem = f"expert {path} (base model {recorded[:16]}…) is loaded without a base check"
+    elif recorded != base_fingerprint:
+        problem = (f"expert {path} was trained on base model {recorded[:16]}…, but it is being "
+                   f"loaded onto base model {base_fingerprint[:16]}…")
+    if problem is not None:
+        if not allow_other_base:
+            raise ExpertMismatchError(problem + "; refusing to apply it to the wrong model (pass "
+                                      "allow_other_base=True to override)")
+        warnings.warn(problem + " (allow_other_base=True)", stacklevel=2)
     if svd is not None:
         _check_expert(svd, flat)
     return unflatten_paths(flat), metadata

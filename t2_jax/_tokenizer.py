@@ -137,8 +137,10 @@ def tokenizer_from_gguf(path_or_reader) -> TextTokenizer:
     from gguf import GGUFReader
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+    from t2_jax._loaders import _open_gguf  # a damaged file is named, not a numpy error
+
     reader = (path_or_reader if isinstance(path_or_reader, GGUFReader)
-              else GGUFReader(path_or_reader))
+              else _open_gguf(pathlib.Path(path_or_reader)))
 
     def field(key, default=None):
         f = reader.fields.get(key)

@@ -1,5 +1,6 @@
-"""Tiny models for tests: random JAX parameters, and tiny Hugging Face checkpoints written by
-transformers (needs the optional `hf` extra: torch + transformers)."""
+"""Tiny models for tests: random JAX parameters, tiny Hugging Face checkpoints written by
+transformers (needs the optional `hf` extra: torch + transformers), and a tree comparison that
+cannot pass on mismatched trees."""
 
 from __future__ import annotations
 
@@ -12,8 +13,37 @@ import numpy as np
 
 from t2_jax._config import PRESETS, LlamaConfig
 from t2_jax._model import param_shapes
+from t2_jax._svf import flatten_paths
 
 TINY = PRESETS["tiny"]
+
+
+def assert_trees_close(actual, desired, *, atol: float = 0.0, rtol: float = 0.0,
+                       check_dtype: bool = True) -> None:
+    """Assert that two pytrees have the same leaf paths (in the same order), shapes, dtypes and
+    values within atol + rtol * |desired| (exact with the defaults; NaNs compare equal).
+
+    Raises AssertionError on any difference in structure and when `desired` has no leaves: a
+    comparison that can pass on mismatched or empty trees is a test that cannot fail.
+    """
+    flat_actual, flat_desired = flatten_paths(actual), flatten_paths(desired)
+    if not flat_desired:
+        raise AssertionError("assert_trees_close: the expected tree has no leaves, so the "
+                             "comparison would pass vacuously")
+    if list(flat_actual) != list(flat_desired):
+        missing = sorted(set(flat_desired) - set(flat_actual))
+        unexpected = sorted(set(flat_actual) - set(flat_desired))
+        raise AssertionError(f"trees differ in structure: missing {missing}, unexpected "
+                             f"{unexpected}" + ("" if missing or unexpected else
+                                                " (same paths in another order)"))
+    for (path, a), b in zip(flat_actual.items(), flat_desired.values(), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            raise AssertionError(f"leaf {path}: shape {a.shape} != expected {b.shape}")
+        if check_dtype and a.dtype != b.dtype:
+            raise AssertionError(f"leaf {path}: dtype {a.dtype} != expected {b.dtype}")
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), atol=atol,
+                                   rtol=rtol, err_msg=f"leaf {path}")
 
 
 def tiny_params(config: LlamaConfig = TINY, seed: int = 0, std: float = 0.2):
@@ -36,9 +66,10 @@ def write_tiny_hf_checkpoint(directory: str | pathlib.Path, family: str, seed: i
                              **overrides) -> pathlib.Path:
     """Write a tiny random checkpoint with transformers' own save_pretrained (safetensors).
 
-    family: "llama" (separate embeddings, llama3 RoPE scaling), "qwen2" (q/k/v biases, tied
-    embeddings) or "mistral" (sliding window 4). Weights are redrawn with a larger std than
-    transformers' init so that logits are O(1) and parity tests are sensitive.
+    family: "llama" (separate embeddings, llama3 RoPE scaling), "llama-bias" (the same with
+    attention_bias: q, k, v and o biases), "qwen2" (q/k/v biases, tied embeddings) or
+    "mistral" (sliding window 4). Weights are redrawn with a larger std than transformers' init
+    so that logits are O(1) and parity tests are sensitive.
     """
     import torch
     import transformers
@@ -46,10 +77,12 @@ def write_tiny_hf_checkpoint(directory: str | pathlib.Path, family: str, seed: i
     common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   rms_norm_eps=1e-5)
-    if family == "llama":
-        common.update(tie_word_embeddings=False, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    if family in ("llama", "llama-bias"):
+        common.update(tie_word_embeddings=False, attention_bias=family == "llama-bias",
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                       "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 16})
         cls_config, cls_model = transformers.LlamaConfig, transformers.LlamaForCausalLM
     elif family == "qwen2":
         common.update(tie_word_embeddings=True, rope_parameters={
@@ -91,6 +124,60 @@ def load_hf_torch_model(directory: str | pathlib.Path):
     return model.eval()
 
 
+# ---- golden fixtures: transformers' outputs stored for a parity test without torch ------------
+
+GOLDEN_FAMILIES = ("llama", "llama-bias", "qwen2", "mistral")
+# smaller than the live parity test's checkpoints (vocab 96, MLP 48) to keep the committed
+# files small: about 70 KB of float32 weights and 20 KB of logits per family
+GOLDEN_SIZES = dict(vocab_size=64, intermediate_size=32)
+GOLDEN_NEW_TOKENS = 10
+
+
+def write_golden_fixture(directory: str | pathlib.Path, family: str) -> pathlib.Path:
+    """A tiny random checkpoint written by transformers (config.json + model.safetensors) and,
+    in golden.npz, what transformers computes from it (float32, eager attention):
+
+      tokens (2, 24) -> logits (2, 24, V)            past llama3's original context 16 and
+                                                     Mistral's window 4
+      padded_tokens, padded_mask (2, 12), row 0 left-padded by 5 -> padded_logits (2, 12, V)
+      prompt (2, 7) -> generated (2, 10)             greedy, no stop token
+      versions                                       transformers and torch versions
+
+    Needs the `hf` extra (torch + transformers). experiments/make_t2_golden.py writes the
+    committed fixtures; tests/t2/test_t2_golden.py compares our loader + model with them.
+    """
+    import torch
+    import transformers
+
+    directory = pathlib.Path(directory)
+    write_tiny_hf_checkpoint(directory, family, **GOLDEN_SIZES)
+    (directory / "generation_config.json").unlink(missing_ok=True)  # not needed to load
+    model = load_hf_torch_model(directory)
+    vocab = model.config.vocab_size
+    tokens = random_tokens(2, 24, vocab, seed=1)
+    padded_tokens = random_tokens(2, 12, vocab, seed=2)
+    padded_mask = np.ones_like(padded_tokens)
+    padded_mask[0, :5] = 0
+    positions = np.clip(np.cumsum(padded_mask, axis=1) - 1, 0, None)
+    prompt = random_tokens(2, 7, vocab, seed=3)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    with torch.no_grad():
+        logits = model(as_long(tokens)).logits.numpy()
+        padded_logits = model(as_long(padded_tokens), attention_mask=as_long(padded_mask),
+                              position_ids=as_long(positions)).logits.numpy()
+        generated = model.generate(as_long(prompt), attention_mask=torch.ones_like(as_long(prompt)),
+                                   max_new_tokens=GOLDEN_NEW_TOKENS,
+                                   min_new_tokens=GOLDEN_NEW_TOKENS, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)
+    versions = f"transformers {transformers.__version__}, torch {torch.__version__}"
+    np.savez(directory / "golden.npz", tokens=tokens, logits=logits.astype(np.float32),
+             padded_tokens=padded_tokens, padded_mask=padded_mask.astype(np.int32),
+             padded_logits=padded_logits.astype(np.float32), prompt=prompt,
+             generated=generated[:, prompt.shape[1]:].numpy().astype(np.int32),
+             versions=np.asarray(versions))
+    return directory
+
+
 def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, length), dtype=np.int32)
 
@@ -104,7 +191,7 @@ def write_tiny_gguf(path: str | pathlib.Path, params, config: LlamaConfig, token
     `tokenizers.Tokenizer` whose vocab/merges go into tokenizer.ggml.* ("smollm" pre-tokenizer)."""
     import gguf
 
-    from t2_jax._loaders import params_to_hf_state, permute_qk_for_gguf
+    from t2_jax._loaders import gguf_tensor_name, params_to_hf_state, permute_qk_for_gguf
 
     if config.rope_layout != "half":
         raise ValueError("write_tiny_gguf expects rotate-half (Hugging Face) parameters")
@@ -146,26 +233,12 @@ def write_tiny_gguf(path: str | pathlib.Path, params, config: LlamaConfig, token
         else:
             writer.add_tensor(name, array)
 
-    put("token_embd.weight", state["model.embed_tokens.weight"])
-    put("output_norm.weight", state["model.norm.weight"])
-    if not config.tie_embeddings:
-        put("output.weight", state["lm_head.weight"])
-    for i in range(config.num_layers):
-        p, b = f"model.layers.{i}.", f"blk.{i}."
-        put(b + "attn_norm.weight", state[p + "input_layernorm.weight"])
-        put(b + "ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
-        for short, heads in (("q", config.num_heads), ("k", config.num_kv_heads), ("v", None)):
-            weight = state[p + f"self_attn.{short}_proj.weight"]
-            bias = state.get(p + f"self_attn.{short}_proj.bias")
-            if permute and heads is not None:
-                weight = permute_qk_for_gguf(weight, heads)
-                bias = None if bias is None else permute_qk_for_gguf(bias, heads)
-            put(b + f"attn_{short}.weight", weight)
-            if bias is not None:
-                put(b + f"attn_{short}.bias", bias)
-        put(b + "attn_output.weight", state[p + "self_attn.o_proj.weight"])
-        for name, short in (("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
-            put(b + f"{short}.weight", state[p + f"mlp.{name}_proj.weight"])
+    for name, array in state.items():  # Q/K weights and biases permuted for "pairs" RoPE
+        heads = (config.num_heads if ".q_proj." in name else
+                 config.num_kv_heads if ".k_proj." in name else None)
+        if permute and heads is not None:
+            array = permute_qk_for_gguf(array, heads)
+        put(gguf_tensor_name(name), array)
     for name, array in (extra_tensors or {}).items():
         put(name, array)
     writer.write_header_to_file()
@@ -176,8 +249,9 @@ def write_tiny_gguf(path: str | pathlib.Path, params, config: LlamaConfig, token
 
 
 def hf_model_from_params(params, config: LlamaConfig, attn_implementation: str = "sdpa"):
-    """A transformers model (float32, eval mode) holding our parameters: LlamaForCausalLM, or
-    Qwen2ForCausalLM when config.attention_bias, MistralForCausalLM with a sliding window.
+    """A transformers model (float32, eval mode) holding our parameters: LlamaForCausalLM
+    (with attention_bias=True when config.attention_output_bias), Qwen2ForCausalLM when
+    config.attention_bias only, MistralForCausalLM with a sliding window.
     Used by the benchmark (same weights on both sides) and the parity tests."""
     import torch
     import transformers
@@ -196,7 +270,13 @@ def hf_model_from_params(params, config: LlamaConfig, attn_implementation: str =
                   num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
                   rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_embeddings,
                   max_position_embeddings=config.max_position_embeddings, rope_parameters=rope)
-    if config.attention_bias:
+    if config.attention_output_bias:  # Llama's attention_bias: q, k, v and o biases
+        if not config.attention_bias or config.sliding_window is not None:
+            raise ValueError("transformers has an o_proj bias only with q/k/v biases and no "
+                             "sliding window (LlamaConfig(attention_bias=True))")
+        hf_config = transformers.LlamaConfig(attention_bias=True, **common)
+        model_class = transformers.LlamaForCausalLM
+    elif config.attention_bias:
         hf_config = transformers.Qwen2Config(**common)
         model_class = transformers.Qwen2ForCausalLM
     elif config.sliding_window is not None:

@@ -74,6 +74,19 @@ def test_from_hf_dict_llama32_and_qwen2():
         t2_jax.LlamaConfig.from_hf_dict({"model_type": "gpt2"})
 
 
+@pytest.mark.parametrize("model_type,qkv,o", [("llama", True, True), ("qwen2", True, False),
+                                              ("mistral", False, False)])
+def test_from_hf_dict_attention_bias_follows_transformers(model_type, qkv, o):
+    # LlamaAttention biases q, k, v and o with attention_bias; Qwen2 biases q, k, v always;
+    # MistralAttention has no biases whatever the config says
+    config = t2_jax.LlamaConfig.from_hf_dict({
+        "model_type": model_type, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "attention_bias": True})
+    assert (config.attention_bias, config.attention_output_bias) == (qkv, o)
+    shapes = t2_jax.param_shapes(config)["layers"]["attn"]
+    assert ("bias" in shapes["o"]) == o and ("bias" in shapes["q"]) == qkv
+
+
 def test_llama3_rope_scaling_bands():
     config = t2_jax.get_config("llama-3.2-1b")
     plain = t2_jax.rope_frequencies(config.replace(rope_scaling=None))

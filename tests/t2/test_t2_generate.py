@@ -164,3 +164,71 @@ def test_params_of_another_config_are_refused(params):
     other = CONFIG.replace(intermediate_size=96, name="tiny-wide")
     with pytest.raises(ValueError, match=r"layers'\]\['mlp'\]\['down'\]\['kernel'\].*tiny-wide"):
         t2_jax.apply(params, other, np.array([[1, 2]]))
+
+
+# ---- under jit the eager checks cannot run: bad inputs poison the result with NaN -------------
+
+
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory):
+    # a GGUF-loaded model (adjacent-pair RoPE, q/k/v biases) must behave the same under jit
+    config = CONFIG.replace(attention_bias=True, name="tiny-gguf-jit")
+    path = testing.write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "jit.gguf",
+                                   testing.tiny_params(config, seed=13), config)
+    return t2_jax.load_gguf(path, rope_layout="pairs")
+
+
+@pytest.fixture(params=["random", "gguf"])
+def model(request, params):
+    if request.param == "gguf":
+        return request.getfixturevalue("gguf_model")
+    return params, CONFIG
+
+
+def test_out_of_range_ids_poison_their_row_under_jit(model):
+    params, config = model
+    tokens = testing.random_tokens(2, 6, config.vocab_size, seed=10)
+    want, _ = t2_jax.apply(params, config, tokens)
+    bad, negative = tokens.copy(), tokens.copy()
+    bad[0, 3] = config.vocab_size  # would read the clamped last embedding row
+    negative[0, 3] = -1
+    forward = jax.jit(lambda p, t: t2_jax.apply(p, config, t)[0])
+    for ids in (bad, negative):
+        got = np.asarray(forward(params, ids))
+        assert np.isnan(got[0]).all()
+        np.testing.assert_allclose(got[1], want[1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 128\)"):
+        t2_jax.apply(params, config, bad)  # eagerly: a clear error
+
+
+def test_decoding_past_the_cache_capacity_is_nan_under_jit(model):
+    params, config = model
+    tokens = testing.random_tokens(2, 7, config.vocab_size, seed=11)
+    full, _ = t2_jax.apply(params, config, tokens)
+    step = jax.jit(lambda p, t, c: t2_jax.apply(p, config, t, cache=c))
+    logits, cache = step(params, tokens[:, :5], t2_jax.init_cache(config, 2, 6))
+    logits, cache = step(params, tokens[:, 5:6], cache)  # the last free slot: exact
+    np.testing.assert_allclose(logits[:, 0], full[:, 5], atol=1e-5, rtol=0)
+    logits, cache = step(params, tokens[:, 6:7], cache)  # one past: would overwrite slot 5
+    assert np.isnan(np.asarray(logits)).all()
+    logits, _ = jax.jit(lambda p, c, t: t2_jax.decode_step(p, config, c, t))(
+        params, cache, tokens[:, 6])
+    assert np.isnan(np.asarray(logits)).all()  # and it stays poisoned
+    with pytest.raises(ValueError, match=r"overflowed: length 7 > its 6 slots"):
+        t2_jax.decode_step(params, config, cache, tokens[:, 6])  # eagerly: a clear error
+    _, full_cache = t2_jax.apply(params, config, tokens[:, :6],
+                                 cache=t2_jax.init_cache(config, 2, 6))
+    with pytest.raises(ValueError, match="1 tokens do not fit the cache: 0 of 6 slots are free"):
+        t2_jax.decode_step(params, config, full_cache, tokens[:, 6])
+
+
+def test_decode_with_a_short_cache_emits_poisoned_tokens_under_jit(params):
+    prompt = testing.random_tokens(1, 4, CONFIG.vocab_size, seed=12)
+    first, cache = t2_jax.prefill(params, CONFIG, prompt, np.ones_like(prompt), 6)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="do not fit the cache: 2 of 6 slots are free"):
+        t2_jax.decode(params, CONFIG, cache, first, key, 5)
+    out = jax.jit(lambda c: t2_jax.decode(params, CONFIG, c, first, key, 5))(cache)
+    greedy = t2_jax.generate(params, CONFIG, prompt, max_new_tokens=3).tokens
+    np.testing.assert_array_equal(out.tokens[:, :3], greedy)  # slots 4 and 5 were free
+    np.testing.assert_array_equal(out.tokens[:, 3:], t2_jax.POISONED)

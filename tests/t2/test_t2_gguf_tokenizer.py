@@ -67,10 +67,7 @@ def test_tiny_gguf_reads_back_exactly(tiny_gguf):
     loaded, loaded_config = t2_jax.load_gguf(path)
     assert loaded_config.replace(name=config.name, max_position_embeddings=
                                  config.max_position_embeddings) == config
-    for (p, a), (q, b) in zip(t2_jax.flatten_paths(loaded).items(),
-                              t2_jax.flatten_paths(params).items()):
-        assert p == q
-        np.testing.assert_array_equal(a, b)
+    testing.assert_trees_close(loaded, params)
 
 
 def test_tiny_gguf_pairs_layout_gives_same_logits(tiny_gguf):
@@ -162,9 +159,7 @@ def test_gguf_with_qkv_biases_and_tied_embeddings(tmp_path, arch, rope_layout):
     assert loaded_config.attention_bias and loaded_config.tie_embeddings
     assert "lm_head" not in loaded
     if rope_layout == "half":
-        for (p, a), b in zip(t2_jax.flatten_paths(loaded).items(),
-                             t2_jax.flatten_paths(params).values()):
-            np.testing.assert_array_equal(a, b, err_msg=p)
+        testing.assert_trees_close(loaded, params)
     tokens = testing.random_tokens(1, 9, config.vocab_size, seed=7)
     want, _ = t2_jax.apply(params, config, tokens)
     got, _ = t2_jax.apply(loaded, loaded_config, tokens)

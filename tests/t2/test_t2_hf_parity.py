@@ -14,7 +14,7 @@ from t2_jax import testing  # noqa: E402
 
 pytestmark = pytest.mark.peer
 
-FAMILIES = ["llama", "qwen2", "mistral"]
+FAMILIES = ["llama", "llama-bias", "qwen2", "mistral"]
 TOL = 1e-4
 
 
@@ -28,18 +28,25 @@ def checkpoint(request, tmp_path_factory):
 
 def test_loader_reads_config_and_all_tensors(checkpoint):
     family, params, config, model = checkpoint
-    assert config.attention_bias == (family == "qwen2")
+    assert config.attention_bias == (family in ("qwen2", "llama-bias"))
+    assert config.attention_output_bias == (family == "llama-bias")
     assert config.tie_embeddings == (family == "qwen2")
     assert config.sliding_window == (4 if family == "mistral" else None)
-    assert (config.rope_scaling is not None) == (family == "llama")
+    assert (config.rope_scaling is not None) == family.startswith("llama")
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["q"]["kernel"][1]),
                                   state["model.layers.1.self_attn.q_proj.weight"].T)
     np.testing.assert_array_equal(np.asarray(params["layers"]["mlp"]["down"]["kernel"][0]),
                                   state["model.layers.0.mlp.down_proj.weight"].T)
-    if family == "qwen2":
+    if config.attention_bias:
         np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["k"]["bias"][0]),
                                       state["model.layers.0.self_attn.k_proj.bias"])
+    if config.attention_output_bias:
+        np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["o"]["bias"][1]),
+                                      state["model.layers.1.self_attn.o_proj.bias"])
+    # every tensor transformers holds was read (nothing dropped)
+    tied = {"lm_head.weight"} if config.tie_embeddings else set()
+    assert set(state) - tied == set(t2_jax.params_to_hf_state(params, config))
 
 
 def test_logits_match(checkpoint):
@@ -116,9 +123,7 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
     a, config_a = t2_jax.load_hf(single)
     b, config_b = t2_jax.load_hf(sharded)
     assert config_a == config_b
-    for (p, x), (q, y) in zip(t2_jax.flatten_paths(a).items(), t2_jax.flatten_paths(b).items()):
-        assert p == q
-        np.testing.assert_array_equal(x, y)
+    testing.assert_trees_close(b, a)
 
 
 def test_safetensors_reader_handles_bfloat16(tmp_path):
@@ -130,3 +135,19 @@ def test_safetensors_reader_handles_bfloat16(tmp_path):
     assert str(read["w"].dtype) == "bfloat16"
     np.testing.assert_array_equal(read["w"].astype(np.float32), tensors["w"].float().numpy())
     np.testing.assert_array_equal(read["i"], np.arange(4))
+
+
+@pytest.mark.parametrize("family", testing.GOLDEN_FAMILIES)
+def test_committed_golden_fixtures_are_current(family, tmp_path):
+    # the fixtures test_t2_golden.py checks without torch equal what this transformers computes
+    import pathlib
+
+    committed = pathlib.Path(__file__).parent / "golden" / family
+    fresh = testing.write_golden_fixture(tmp_path / family, family)
+    assert (fresh / "model.safetensors").read_bytes() == (committed / "model.safetensors"
+                                                          ).read_bytes()
+    with np.load(fresh / "golden.npz") as new, np.load(committed / "golden.npz") as old:
+        for key in ("tokens", "padded_tokens", "padded_mask", "prompt", "generated"):
+            np.testing.assert_array_equal(new[key], old[key], err_msg=key)
+        for key in ("logits", "padded_logits"):
+            np.testing.assert_allclose(new[key], old[key], atol=TOL, rtol=0, err_msg=key)

@@ -47,8 +47,7 @@ def test_default_rule_selects_mlp_matrices_of_every_layer(params, svd):
 def test_uniform_z_reproduces_base_weights(params, svd, form, value):
     expert = jax.tree.map(lambda z: jnp.full_like(z, value), t2_jax.init_expert(svd, form))
     adapted = t2_jax.compose(params, svd, expert, form)
-    for path, original in t2_jax.flatten_paths(params).items():
-        np.testing.assert_allclose(t2_jax.flatten_paths(adapted)[path], original, atol=2e-6)
+    testing.assert_trees_close(adapted, params, atol=2e-6)
 
 
 def test_paper_form_without_rescale_changes_weights(params, svd):
@@ -132,9 +131,7 @@ def test_svd_cache_round_trip_keyed_by_fingerprint(params, tmp_path):
     files = list(tmp_path.glob("*.npz"))
     assert len(files) == 1 and files[0].name.startswith(t2_jax.fingerprint(params)[:16])
     again = t2_jax.svd_cached(params, cache_dir=tmp_path)
-    for path in first:
-        for a, b in zip(first[path], again[path]):
-            np.testing.assert_array_equal(a, b)
+    testing.assert_trees_close(again, first)
     other = jax.tree.map(lambda x: x * 1.01, params)
     assert t2_jax.fingerprint(other) != t2_jax.fingerprint(params)
     t2_jax.svd_cached(other, cache_dir=tmp_path)
@@ -149,10 +146,28 @@ def test_expert_save_load_and_wrong_base_refused(params, svd, tmp_path):
     loaded, meta = t2_jax.load_expert(file, base_fingerprint=fp, svd=svd)
     assert meta["form"] == "released" and meta["rule"] == t2_jax.DEFAULT_RULE
     assert meta["task"] == "math" and meta["base_fingerprint"] == fp
-    for path, value in t2_jax.flatten_paths(expert).items():
-        np.testing.assert_array_equal(t2_jax.flatten_paths(loaded)[path], value)
+    testing.assert_trees_close(loaded, expert)
     other_fp = t2_jax.fingerprint(testing.tiny_params(CONFIG, seed=99))
     with pytest.raises(t2_jax.ExpertMismatchError, match="wrong model"):
         t2_jax.load_expert(file, base_fingerprint=other_fp)
     with pytest.raises(t2_jax.ExpertMismatchError, match="different selection rules"):
-        t2_jax.load_expert(file, svd=t2_jax.compute_svd(params, MIXED_RULE))
+        t2_jax.load_expert(file, fp, svd=t2_jax.compute_svd(params, MIXED_RULE))
+
+
+def test_expert_base_is_checked_by_default(params, svd, tmp_path):
+    # the file records its base: loading without naming the target model is refused too
+    fp = t2_jax.fingerprint(params)
+    file = t2_jax.save_expert(tmp_path / "e.safetensors", random_expert(svd, seed=5),
+                              base_fingerprint=fp, rule=t2_jax.DEFAULT_RULE, form="paper")
+    with pytest.raises(ValueError, match=r"trained on base model [0-9a-f]{16}…; name the model"):
+        t2_jax.load_expert(file)
+    with pytest.raises(ValueError, match="trained on base model"):
+        t2_jax.load_expert(file, svd=svd)
+    other = testing.tiny_params(CONFIG, seed=98)
+    with pytest.raises(t2_jax.ExpertMismatchError, match="allow_other_base=True to override"):
+        t2_jax.load_expert(file, params=other)
+    expert, _ = t2_jax.load_expert(file, params=params)  # the right base, given as params
+    testing.assert_trees_close(expert, random_expert(svd, seed=5))
+    for kwargs in (dict(params=other), {}):
+        with pytest.warns(UserWarning, match="allow_other_base=True"):
+            t2_jax.load_expert(file, allow_other_base=True, **kwargs)
