@@ -52,6 +52,28 @@ def test_tfds_builder_whole_document_splits(fixture_cache, corpus):
     assert len(list(built.glob("titans_corpora-*.array_record-*"))) == 3
 
 
+
+def test_editing_a_split_definition_rebuilds_the_dataset_and_token_cache(fixture_cache, monkeypatch):
+    """The built tfds dataset and the token cache are keyed on the split rules too: moving a book
+    to the test split (or changing the code salt) used to reuse the old build silently."""
+    from titans_jax.data import sources
+
+    tok = tokenizers.ByteTokenizer()
+    before = {name for name, _ in sources.load_documents("books", "test")}
+    old_path = pipeline.token_cache_path("books", "test", tok)
+    pipeline.load_tokens("books", "test", tok)
+    assert "shakespeare/lear" not in before and old_path.exists()
+    moved = dict(corpora.BOOK_SPLITS, test=corpora.BOOK_SPLITS["test"] | {"shakespeare/lear"})
+    monkeypatch.setattr(corpora, "BOOK_SPLITS", moved)
+    after = {name for name, _ in sources.load_documents("books", "test")}
+    assert after == before | {"shakespeare/lear"}
+    assert pipeline.token_cache_path("books", "test", tok) != old_path
+    stream = pipeline.load_tokens("books", "test", tok).tobytes()
+    assert BOOK_FIXTURES["shakespeare/lear"].encode() in np.frombuffer(stream, np.int32).astype(np.uint8).tobytes()
+    code_key = corpora.dataset_fingerprint("code")
+    monkeypatch.setattr(corpora, "CODE_SPLIT_SALT", b"another salt:")
+    assert corpora.dataset_fingerprint("code") != code_key
+
 def test_missing_data_names_the_fetch_command(cache):
     from titans_jax.data import sources
 

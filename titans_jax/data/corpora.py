@@ -223,6 +223,25 @@ BOOK_SPLITS = {
     }),
 }
 CODE_SPLIT_SALT = b"titans_jax code split v1:"
+CODE_SPLIT_BUCKETS = (90, 95)  # hash bucket (mod 100) < 90: train, < 95: validation, else test
+
+
+def split_fingerprint(corpus: str) -> str:
+    """sha256 of everything that assigns documents to splits (the book lists, or the code salt
+    and bucket bounds). Built datasets and token caches are keyed on it, so editing a split
+    definition rebuilds them instead of silently reusing the old ones."""
+    if corpus == "books":
+        definition = {name: sorted(names) for name, names in sorted(BOOK_SPLITS.items())}
+    elif corpus == "code":
+        definition = {"salt": CODE_SPLIT_SALT.hex(), "buckets": list(CODE_SPLIT_BUCKETS)}
+    else:
+        raise ValueError(f"unknown corpus {corpus!r}; expected one of {CORPORA}")
+    return sha256_bytes(json.dumps({"corpus": corpus, "splits": definition}, sort_keys=True).encode())
+
+
+def dataset_fingerprint(corpus: str) -> str:
+    """The key of a built dataset / token stream: the raw text (manifests) and the split rules."""
+    return sha256_bytes(f"{corpus_fingerprint(corpus)}\n{split_fingerprint(corpus)}".encode())
 
 
 def document_split(corpus: str, name: str) -> str:
@@ -239,7 +258,8 @@ def document_split(corpus: str, name: str) -> str:
         return "train"
     if corpus == "code":
         bucket = int(hashlib.sha256(CODE_SPLIT_SALT + name.encode()).hexdigest()[:8], 16) % 100
-        return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
+        train_end, validation_end = CODE_SPLIT_BUCKETS
+        return "train" if bucket < train_end else "validation" if bucket < validation_end else "test"
     raise ValueError(f"unknown corpus {corpus!r}; expected one of {CORPORA}")
 
 
@@ -504,7 +524,8 @@ def read_text(path: pathlib.Path) -> str:
 
 __all__ = [
     "BOOK_SOURCES", "BOOK_SPLITS", "CORPORA", "SPLITS", "document_split", "FETCH_BOOKS_COMMAND", "FETCH_CODE_COMMAND", "FETCH_COMMANDS",
-    "code_dir", "code_version", "corpus_fingerprint", "decode_bible_data", "fetch_austen_texts",
+    "code_dir", "code_version", "corpus_fingerprint", "dataset_fingerprint", "split_fingerprint",
+    "CODE_SPLIT_BUCKETS", "decode_bible_data", "fetch_austen_texts",
     "fetch_books", "fetch_code", "fetch_kjv", "fetch_shakespeare", "list_documents",
     "read_manifest", "source_dirs", "split_bible_books", "stdlib_files", "strip_gutenberg",
     "texts_dir", "verify_folder", "write_manifest",

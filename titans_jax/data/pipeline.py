@@ -7,7 +7,8 @@ Token stream. The documents of a split (sorted by name) are tokenised and concat
 i.e. every document is followed by the tokenizer's separator (`separator_id`: byte 0 for
 ByteTokenizer, <|endoftext|> for BPE), and one leading separator gives the first document the
 same "start of document" context as the others. `load_tokens` caches the stream as .npy under
-<cache>/tokens/<corpus>/, keyed by split, tokenizer fingerprint and corpus fingerprint.
+<cache>/tokens/<corpus>/, keyed by split, tokenizer fingerprint and dataset fingerprint (raw
+text + split definitions, `corpora.dataset_fingerprint`).
 
 Training windows. With T tokens and sequence length L there are N = (T - 1) // L windows; window
 k is tokens[k L : k L + L + 1] (inputs = [:-1], targets = [1:]). `WindowDataset.batch(step)` is a
@@ -65,7 +66,7 @@ def concat_documents(docs_tokens: Sequence[np.ndarray], separator_id: int,
 
 
 def token_cache_path(corpus: str, split: str, tokenizer) -> pathlib.Path:
-    source = corpora.corpus_fingerprint(corpus)[:16]
+    source = corpora.dataset_fingerprint(corpus)[:16]
     return cache_root() / "tokens" / corpus / f"{split}-{tokenizer.fingerprint}-{source}.npy"
 
 

@@ -5,8 +5,10 @@
 
 The first call builds the `titans_corpora/<corpus>` dataset under data_dir (default
 <cache>/tfds) from the raw text in the cache; later calls read the built array_record files. The
-build records the corpus fingerprint (from the sources' MANIFEST.json files) beside the dataset,
-and a dataset built from other raw text (re-fetched, another interpreter's stdlib) is rebuilt.
+build records a stamp beside the dataset: the builder's version and `corpora.dataset_fingerprint`
+(the sources' MANIFEST.json fingerprints and the split definitions: book lists, code salt and
+buckets). A dataset built from other raw text (re-fetched, another interpreter's stdlib), with
+other split rules or by another builder version is rebuilt.
 Missing raw text raises FileNotFoundError naming `python -m titans_jax.data.fetch books|code`.
 """
 
@@ -42,8 +44,8 @@ def build(corpus: str, data_dir: str | pathlib.Path | None = None, force: bool =
     import tensorflow_datasets as tfds
 
     data_dir = pathlib.Path(data_dir or default_data_dir())
-    fingerprint = corpora.corpus_fingerprint(corpus)
     builder = _builder(corpus, data_dir)
+    fingerprint = f"{builder.VERSION} {corpora.dataset_fingerprint(corpus)}"
     version_dir = pathlib.Path(builder.data_dir)
     stamp = version_dir / FINGERPRINT_FILE
     current = stamp.read_text().strip() if stamp.exists() else None
