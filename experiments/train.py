@@ -24,7 +24,7 @@ import numpy as np
 
 from experiments.configs import CONFIGS, ExperimentConfig, apply_overrides, get_config
 from titans_jax import generate
-from titans_jax.training import plot_curves, train
+from titans_jax.training import CheckpointSaveError, plot_curves, train
 
 
 def spread(batches: list, count: int) -> list:
@@ -81,6 +81,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", help="run directory (checkpoints, metrics); resumes if it holds a run")
     parser.add_argument("--list", action="store_true", help="list the named configs and exit")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="resume a run whose checkpoint has other optimiser settings, total steps or batch "
+                             "size; each change is recorded with its step in config.json and summary.json")
     args = parser.parse_args(argv)
     if args.list:
         for name in sorted(CONFIGS):
@@ -94,23 +97,31 @@ def main(argv=None) -> dict:
     out = pathlib.Path(args.out or f"runs/{args.config}")
     tokenizer, train_batch, eval_sets, meta, prompt = build_data(config)
     model_config = config.model_config(vocab_size=tokenizer.vocab_size)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(
-        {"experiment": args.config, "overrides": args.set, "config": dataclasses.asdict(config),
-         "model_config": dataclasses.asdict(model_config)}, indent=2, default=str))
+    record = {"experiment": args.config, "overrides": args.set, "config": dataclasses.asdict(config),
+              "model_config": dataclasses.asdict(model_config)}  # config.json, written once resume is checked
     from titans_jax.models import abstract_params, param_count
 
     print(f"{args.config}: {model_config.arch}, {param_count(abstract_params(model_config)) / 1e6:.2f}M parameters, "
           f"{model_config.num_layers} layers x d {model_config.d_model}; {config.run.steps} steps of "
           f"{config.run.batch_size} x {config.run.seq_len} tokens; out {out}", flush=True)
-    summary = train(model_config, config.optim, config.run, out, train_batch, eval_sets, meta=meta,
-                    sample_fn=make_sampler(tokenizer, prompt, config.run.sample_tokens, config.run.seed),
-                    byte_lengths=np.asarray(tokenizer.token_byte_lengths()))
+    try:
+        summary = train(model_config, config.optim, config.run, out, train_batch, eval_sets, meta=meta,
+                        sample_fn=make_sampler(tokenizer, prompt, config.run.sample_tokens, config.run.seed),
+                        byte_lengths=np.asarray(tokenizer.token_byte_lengths()), run_record=record,
+                        allow_changes=args.allow_changes)
+    except CheckpointSaveError as error:  # one clear line, not orbax's asyncio traceback
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     plot_curves({config.arch: out / "metrics.jsonl"}, out / "loss.png")
+    for change in summary.get("changes", []):
+        print(f"setting changed at step {change['step']}: {change['field']} {change['from']!r} -> {change['to']!r}")
     if summary.get("stopped_by_signal"):
         print(f"stopped by signal {summary['stopped_by_signal']} at step {summary['step']}; "
-              f"run the same command again to resume", flush=True)
+              f"run the same command again to {'evaluate' if summary['step'] == config.run.steps else 'resume'}",
+              flush=True)
         return summary
+    if summary.get("already_finished"):
+        print(f"{out} already holds the finished run (step {summary['step']}); its recorded results:")
     for name, result in summary.get("eval", {}).items():
         print(f"held-out {name} (test split, {result['bytes']} bytes): {result['bits_per_byte']:.4f} bits per byte")
     if "sample" in summary:

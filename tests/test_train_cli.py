@@ -126,6 +126,9 @@ def test_a_checkpoint_of_another_vocabulary_is_refused(fixture_cache, tmp_path):
     first = run_cli(args, fixture_cache)
     output, _ = first.communicate(timeout=600)
     assert first.returncode == 0, output
+    config_before = (tmp_path / "config.json").read_text()
     second = run_cli(args + ["--set", "data.tokenizer=bpe", "--set", "data.bpe_vocab_size=300"], fixture_cache)
     output, _ = second.communicate(timeout=600)
-    assert second.returncode != 0 and "was written with" in output and "use another checkpoint directory" in output
+    assert second.returncode != 0 and "belongs to another run" in output and "Use another run directory" in output
+    assert "model_config.vocab_size: 256 -> " in output and "tokenizer: " in output
+    assert (tmp_path / "config.json").read_text() == config_before  # the refused run wrote nothing

@@ -4,17 +4,33 @@ checkpoints that resume exactly, metrics to JSONL and TensorBoard, evaluation in
 The trainer does not know where batches come from: it takes `train_batch(step) -> [B, T + 1]`
 token ids, a pure function of the step (titans_jax.data.pipeline.WindowDataset.batch is one), so
 the data position is the step and a resumed run reads exactly the batches an uninterrupted run
-would have read. Everything that determines the continuation — parameters, optimiser state,
-step, the data seed, the model and tokenizer fingerprints — is in the checkpoint.
+would have read. Everything that determines the continuation -- parameters, optimiser state,
+step, the data seed, the model and tokenizer fingerprints, the optimiser settings -- is in the
+checkpoint.
 
 Checkpoints (orbax CheckpointManager, async, keep the last N):
   - saved every `save_every` steps, at the end, and when SIGTERM / SIGINT arrive (the signal
-    sets a flag; the loop saves after the current step and returns);
-  - every save records a sha256 of the parameters' bytes; on resume the newest step that
-    restores *and* matches its digest wins, and each skipped one is reported with a warning
-    (orbax itself raises on most damage, but a damaged or empty step still counts as its
-    latest_step, and bit flips can restore silently);
-  - a checkpoint of another model config, tokenizer or data seed is refused with a clear error.
+    sets a flag; the loop saves after the current step -- once, even on a save step -- and
+    returns without the final evaluation; a second signal acts at once, as if no handler were
+    installed). A save that fails in orbax's background thread (a full disk) is raised at the
+    next step as one CheckpointSaveError naming the step, the directory and the cause; the
+    earlier checkpoints are left as they were;
+  - every save records a sha256 of the whole state (parameters, optimiser state, step); on
+    resume the newest step that restores *and* matches its digest wins, and each skipped one is
+    moved to <run>/damaged-checkpoints with a warning (orbax itself raises on most damage, but a
+    damaged or empty step still counts as its latest_step, and bit flips can restore silently).
+    When every checkpoint is damaged the run says so and starts again from step 0, keeping the
+    old metrics.jsonl beside the new one;
+  - a checkpoint of another model config, tokenizer, data seed or sequence length is refused,
+    naming the fields that differ, before anything in the run directory is written. Changed
+    optimiser settings (any OptimConfig field, the total steps that shape the schedule, the
+    batch size) are refused too unless `allow_changes=True` (CLI: --allow-changes), which
+    records each change with the step it took effect at in the checkpoints, summary.json and
+    config.json.
+
+Metrics: metrics.jsonl (one JSON object per line) is rewritten atomically on resume, dropping
+the interrupted run's records after the resumed step and a torn last line (a kill mid-write),
+with a warning. Rerunning a finished run writes nothing new: it reports the recorded evaluation.
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import pathlib
 import signal
 import time
@@ -35,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from titans_jax import config_tree
 from titans_jax.models import ModelConfig, TitansLM, init_params
 
 Array = jax.Array
@@ -63,14 +81,20 @@ class OptimConfig:
             raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
 
 
+def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to learning_rate over warmup_steps, then cosine decay to
+    learning_rate * min_lr_ratio at total_steps (the schedule the optimizer applies and logs)."""
+    if total_steps <= config.warmup_steps:
+        raise ValueError(f"total steps ({total_steps}) must exceed warmup_steps ({config.warmup_steps})")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+        decay_steps=total_steps, end_value=config.learning_rate * config.min_lr_ratio)
+
+
 def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """AdamW with linear warmup then cosine decay; global-norm clipping; no decay on vectors
     (norm scales, biases, gates' biases) — only matrices and embeddings are decayed."""
-    if total_steps <= config.warmup_steps:
-        raise ValueError(f"total steps ({total_steps}) must exceed warmup_steps ({config.warmup_steps})")
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-        decay_steps=total_steps, end_value=config.learning_rate * config.min_lr_ratio)
+    schedule = learning_rate_schedule(config, total_steps)
     decay_mask = lambda params: jax.tree.map(lambda leaf: leaf.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
@@ -150,12 +174,57 @@ def _programs(model_config: ModelConfig, optim_config: OptimConfig, total_steps:
 # Checkpoints
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions, ...); earlier ones are intact."""
+
+
+def tree_digest(tree) -> str:
+    """sha256 over every leaf's path, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def params_digest(params) -> str:
+    """The digest checkpoints written before the whole-state digest recorded (parameters only)."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         digest.update(jax.tree_util.keystr(path).encode())
         digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
     return digest.hexdigest()
+
+
+def _verify_digest(state: dict, meta: dict) -> None:
+    if "state_sha256" in meta:
+        if tree_digest(state) != meta["state_sha256"]:
+            raise ValueError("the state (parameters, optimiser state, step) does not match the digest recorded "
+                             "at save time")
+    elif "params_sha256" in meta:  # written by an older version: only the parameters can be checked
+        if params_digest(state["params"]) != meta["params_sha256"]:
+            raise ValueError("parameter digest does not match the one recorded at save time")
+        warnings.warn("this checkpoint predates whole-state digests: its optimiser state is not verified",
+                      RuntimeWarning, stacklevel=3)
+    else:
+        raise ValueError("the checkpoint records no digest")
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost exception of a chain, as one line."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text if len(text) <= 400 else text[:200] + ' ... ' + text[-195:]}"
+
+
+def mismatches(recorded: dict, current: dict, keys) -> list[str]:
+    """'field: checkpoint value -> this run's value' for each differing (nested) field."""
+    lines = []
+    for key in keys:
+        lines += config_tree.diff({key: recorded.get(key)}, {key: current.get(key)})
+    return lines
 
 
 class Checkpointer:
@@ -168,21 +237,61 @@ class Checkpointer:
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.set_aside: list[pathlib.Path] = []  # damaged steps moved away by restore_latest
+        self._saved: set[int] = set()
+        self._in_flight: int | None = None
+        self._closed = False
 
-    def save(self, step: int, state: dict, meta: dict) -> None:
-        meta = dict(meta, step=int(step), params_sha256=params_digest(state["params"]))
+    def save(self, step: int, state: dict, meta: dict) -> bool:
+        """Start an (async) save of `state` at `step`; a step already saved is not saved again
+        (orbax would raise StepAlreadyExistsError). Returns whether a save was started."""
+        step = int(step)
+        if step in self._saved or step in self.manager.all_steps():
+            return False
+        self.wait()  # the previous save must have succeeded (orbax would wait for it anyway)
+        meta = dict(meta, step=step, state_sha256=tree_digest(state))
         args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state), meta=self._ocp.args.JsonSave(meta))
-        self.manager.save(int(step), args=args, force=True)
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as error:  # noqa: BLE001 - the synchronous part failed (e.g. no space for metadata)
+            self._raise_save_error(step, error)
+        self._saved.add(step)
+        self._in_flight = step
+        return True
+
+    def check(self) -> None:
+        """Raise CheckpointSaveError if a background save has failed (cheap; call every step)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as error:  # noqa: BLE001 - orbax raises whatever the writer raised
+            self._raise_save_error(self._in_flight, error)
+
+    def _raise_save_error(self, step, error: BaseException):
+        # the committed steps on disk (orbax's own list is not reliable after a failed save)
+        good = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and int(p.name) != step]
+        raise CheckpointSaveError(
+            f"saving checkpoint step {step} to {self.directory} failed ({_root_cause(error)}); the earlier "
+            f"checkpoints {sorted(good)} are intact") from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001
+            self._raise_save_error(self._in_flight, error)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state: dict, expect: dict) -> tuple[dict, dict] | None:
-        """The newest checkpoint that restores and verifies, or None if there is none. `expect`
-        holds metadata that must match (model config, tokenizer, data seed)."""
+    def restore_latest(self, abstract_state: dict, identity: dict, settings: dict | None = None,
+                       allow_changes: bool = False) -> tuple[dict, dict, list[dict]] | None:
+        """The newest checkpoint that restores and verifies, as (state, meta, changes), or None.
+
+        `identity` holds metadata that must match (model config, tokenizer, data seed, ...): a
+        mismatch raises ValueError naming each differing field. `settings` (optimiser, schedule,
+        batch size) may differ only with allow_changes; `changes` then lists each as
+        {"step", "field", "from", "to"}. A setting the checkpoint did not record (an older
+        version) is taken as unchanged, with a warning."""
+        settings = settings or {}
         for step in reversed(self.steps()):
             ocp = self._ocp
             try:  # the metadata first: a checkpoint of another run is refused, never "repaired"
@@ -190,16 +299,12 @@ class Checkpointer:
             except Exception as error:  # noqa: BLE001 - unreadable metadata: damaged
                 meta, damage = None, error
             if meta is not None:
-                for key, value in expect.items():
-                    if meta.get(key) != value:
-                        raise ValueError(f"checkpoint step {step} in {self.directory} was written with {key}="
-                                         f"{meta.get(key)!r}, this run has {value!r}; use another checkpoint directory")
+                changes = self._compare(step, meta, identity, settings, allow_changes)
                 try:
                     state = self.manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state)))["state"]
-                    if params_digest(state["params"]) != meta.get("params_sha256"):
-                        raise ValueError("parameter digest does not match the one recorded at save time")
-                    return state, meta
+                    _verify_digest(state, meta)
+                    return state, meta, changes
                 except Exception as error:  # noqa: BLE001 - any damage: warn, set aside, fall back
                     damage = error
             aside = self._set_aside(step)
@@ -207,6 +312,30 @@ class Checkpointer:
                           f"{str(damage)[:200]}); moved to {aside}, falling back to the previous one",
                           RuntimeWarning, stacklevel=2)
         return None
+
+    def _compare(self, step: int, meta: dict, identity: dict, settings: dict, allow_changes: bool) -> list[dict]:
+        where = f"checkpoint step {step} in {self.directory}"
+        differ = mismatches(meta, identity, identity)
+        if differ:
+            raise ValueError(f"{where} belongs to another run; these fields differ (checkpoint -> this run): "
+                             f"{'; '.join(differ)}. Use another run directory.")
+        unrecorded = [key for key in settings if key not in meta]
+        if unrecorded:
+            warnings.warn(f"{where} does not record {unrecorded} (written by an older version); assuming this "
+                          f"run's values", RuntimeWarning, stacklevel=3)
+        recorded = {key: meta[key] for key in settings if key in meta}
+        differ = mismatches(recorded, settings, recorded)
+        if differ and not allow_changes:
+            raise ValueError(f"{where} was trained with other optimiser settings (checkpoint -> this run): "
+                             f"{'; '.join(differ)}. Rerun with the checkpoint's values, or pass --allow-changes "
+                             f"(train(..., allow_changes=True)) to continue with the new ones from step {step}; "
+                             f"the change is then recorded with its step.")
+        changes = []
+        for key in recorded:
+            old, new = _flatten_fields(recorded[key], key), _flatten_fields(settings[key], key)
+            changes += [{"step": step, "field": name, "from": old.get(name), "to": new.get(name)}
+                        for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+        return changes
 
     def _set_aside(self, step: int) -> pathlib.Path:
         """Move a damaged step out of the manager's view (kept for inspection, never deleted)."""
@@ -216,30 +345,75 @@ class Checkpointer:
         if source.exists():
             source.rename(target)
         self.manager.reload()
+        self.set_aside.append(target)
         return target
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the last save (CheckpointSaveError if it failed) and release the manager;
+        closing twice is harmless."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self.manager.close()
+
+
+def _flatten_fields(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        flat = {}
+        for key, item in value.items():
+            flat.update(_flatten_fields(item, f"{prefix}.{key}"))
+        return flat
+    return {prefix: value}
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
 
 
+def _parse_metrics(path: pathlib.Path) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (a kill mid-write) is dropped with a
+    warning; a damaged line elsewhere raises ValueError naming it."""
+    text = pathlib.Path(path).read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                warnings.warn(f"{path}: dropped a torn last line ({len(line)} characters, written by a run killed "
+                              f"mid-write)", RuntimeWarning, stacklevel=3)
+                break
+            raise ValueError(f"{path} line {number} is damaged ({error}); fix or remove that line") from None
+    return records
+
+
 class MetricsWriter:
     """Appends JSON lines to metrics.jsonl and scalars to TensorBoard event files (tensorboardX,
     no TensorFlow). On resume from step k, records after k (written by the interrupted run) are
-    dropped from the JSONL and purged from TensorBoard, so both logs read as one run."""
+    dropped from the JSONL (rewritten atomically) and purged from TensorBoard, so both logs read
+    as one run; `drop` removes more of the kept records (e.g. a final evaluation cut short)."""
 
-    def __init__(self, directory: str | pathlib.Path, resume_step: int = 0):
+    def __init__(self, directory: str | pathlib.Path, resume_step: int = 0,
+                 drop: Callable[[dict], bool] | None = None):
         self.directory = pathlib.Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in _parse_metrics(self.path)
+                    if record.get("step", 0) <= resume_step and not (drop and drop(record))]
+            _write_atomically(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         self._file = open(self.path, "a")
         from tensorboardX import SummaryWriter
 
@@ -259,7 +433,8 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    """All records of a metrics.jsonl (a torn last line is skipped with a warning)."""
+    return _parse_metrics(pathlib.Path(path))
 
 
 def plot_curves(runs: dict[str, str | pathlib.Path], out_path: str | pathlib.Path, key: str = "loss") -> None:
@@ -307,7 +482,9 @@ class RunConfig:
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints after the current step and returns."""
+    """SIGTERM / SIGINT set a flag; the loop checkpoints after the current step and returns. The
+    first signal puts the previous handlers back, so a second one acts at once (KeyboardInterrupt
+    for SIGINT, termination for SIGTERM); the checkpoints already written stay intact."""
 
     def __init__(self):
         self.signal = None
@@ -323,43 +500,86 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         self.signal = signum
+        self._restore()
 
-    def __exit__(self, *exc):
+    def _restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc):
+        self._restore()
+
+
+def _is_eval_record(record: dict) -> bool:
+    return any(key.startswith("eval/") for key in record)
 
 
 def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunConfig, out_dir: str | pathlib.Path,
           train_batch: Callable[[int], np.ndarray], eval_sets: dict[str, Callable[[], Iterable[np.ndarray]]] | None = None,
           meta: dict | None = None, sample_fn: Callable[[TitansLM, Any], str] | None = None,
-          byte_lengths: np.ndarray | None = None) -> dict:
+          byte_lengths: np.ndarray | None = None, run_record: dict | None = None,
+          allow_changes: bool = False) -> dict:
     """Train (or resume) in out_dir; returns a summary with the final evaluation.
 
     train_batch(step) must be a pure function of the step returning [batch_size, seq_len + 1]
     ids. eval_sets maps a name to a function giving its evaluation batches (see `evaluate`;
     byte_lengths[id] = UTF-8 bytes of a token turns bits per token into bits per byte). meta
     (tokenizer fingerprint, data seed, ...) is stored in every checkpoint and must match on resume.
+    run_record (the experiment's configuration) is written to out_dir/config.json once the
+    checkpoints have been checked, with the list of recorded setting changes. allow_changes:
+    accept a checkpoint written with other optimiser settings / total steps / batch size (see the
+    module docstring).
     """
     out_dir = pathlib.Path(out_dir)
     if optim_config.compute_dtype == "bfloat16":
         model_config = dataclasses.replace(model_config, dtype="bfloat16")
     model, optimizer, step_fn, eval_fn = _programs(model_config, optim_config, run_config.steps)
-    expect = {"model_config": json.loads(json.dumps(dataclasses.asdict(model_config))),
-              "batch_size": run_config.batch_size, "seq_len": run_config.seq_len, "seed": run_config.seed,
-              **(meta or {})}
+    identity = {"model_config": json.loads(json.dumps(dataclasses.asdict(model_config))),
+                "seq_len": run_config.seq_len, "seed": run_config.seed, **(meta or {})}
+    settings = {"optim": dataclasses.asdict(optim_config), "total_steps": run_config.steps,
+                "batch_size": run_config.batch_size}
     checkpointer = Checkpointer(out_dir / "checkpoints", keep=run_config.keep_checkpoints)
     abstract = jax.eval_shape(lambda: init_train_state(model_config, optimizer, run_config.seed))
-    restored = checkpointer.restore_latest(abstract, expect)
+    try:
+        restored = checkpointer.restore_latest(abstract, identity, settings, allow_changes)
+    except BaseException:
+        checkpointer.close()
+        raise
+    changes: list[dict] = []
+    previous_metrics = out_dir / "metrics.jsonl"
     if restored is None:
         state, start = init_train_state(model_config, optimizer, run_config.seed), 0
+        if checkpointer.set_aside:
+            kept = None
+            if previous_metrics.exists():
+                kept = previous_metrics.with_name(f"metrics.before-restart-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+                os.replace(previous_metrics, kept)
+            warnings.warn(f"every checkpoint in {checkpointer.directory} was damaged (moved to "
+                          f"{checkpointer.set_aside[0].parent}); training starts again from step 0"
+                          + (f" (the previous metrics are kept in {kept})" if kept else ""),
+                          RuntimeWarning, stacklevel=2)
     else:
         state, start = restored[0], int(restored[1]["step"])
-    writer = MetricsWriter(out_dir, resume_step=start)
-    schedule_lr = optax.warmup_cosine_decay_schedule(
-        0.0, optim_config.learning_rate, optim_config.warmup_steps, run_config.steps,
-        optim_config.learning_rate * optim_config.min_lr_ratio)
+        changes = list(restored[1].get("changes", [])) + restored[2]
+    summary_path = out_dir / "summary.json"
+    if start == run_config.steps and summary_path.exists():  # a finished run, rerun: report, write nothing
+        previous = json.loads(summary_path.read_text())
+        if (previous.get("completed") and previous.get("step") == start
+                and set(previous.get("eval", {})) == set(eval_sets or {})):
+            checkpointer.close()
+            return dict(previous, resumed_from=start, already_finished=True)
+    if run_record is not None:
+        _write_atomically(out_dir / "config.json", json.dumps(dict(run_record, changes=changes), indent=2,
+                                                                default=str))
+    # at the final step, a rerun re-evaluates: drop evaluation rows of an evaluation cut short
+    writer = MetricsWriter(out_dir, resume_step=start, drop=(
+        (lambda record: record.get("step") == start and _is_eval_record(record)) if start == run_config.steps
+        else None))
+    saved_meta = dict(identity, **settings, changes=changes)
+    schedule_lr = learning_rate_schedule(optim_config, run_config.steps)
     tokens_per_step = run_config.batch_size * run_config.seq_len
-    summary: dict[str, Any] = {"resumed_from": start, "stopped_by_signal": None}
+    summary: dict[str, Any] = {"resumed_from": start, "stopped_by_signal": None, "changes": changes}
 
     def run_eval(step):
         results = {}
@@ -372,56 +592,61 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
             writer.write(record)
         return results
 
-    def save(step):
-        checkpointer.save(step, state, expect)
-
     progress = None
     if run_config.progress:
         from tqdm import tqdm
 
         progress = tqdm(total=run_config.steps, initial=start, unit="step", dynamic_ncols=True)
     clock, clock_step = time.perf_counter(), start
-    with _StopFlag() as stop:
-        for step in range(start, run_config.steps):
-            batch = np.asarray(train_batch(step))
-            if batch.shape != (run_config.batch_size, run_config.seq_len + 1):
-                raise ValueError(f"train_batch({step}) gave shape {batch.shape}, expected "
-                                 f"{(run_config.batch_size, run_config.seq_len + 1)}")
-            state, metrics = step_fn(state, jnp.asarray(batch))
-            done = step + 1
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):  # the checkpoints hold only states from before this step
-                checkpointer.close()
-                raise FloatingPointError(f"non-finite loss {loss} at step {done}; the last checkpoint is "
-                                         f"step {max(checkpointer.steps(), default=0)}")
-            record = {"step": done, "loss": loss}
-            if done % run_config.log_every == 0 or done == run_config.steps:
-                now = time.perf_counter()
-                record.update(grad_norm=float(metrics["grad_norm"]), lr=float(schedule_lr(step)),
-                              tokens_per_s=tokens_per_step * (done - clock_step) / max(now - clock, 1e-9))
-                clock, clock_step = now, done
+    try:
+        with _StopFlag() as stop:
+            for step in range(start, run_config.steps):
+                batch = np.asarray(train_batch(step))
+                if batch.shape != (run_config.batch_size, run_config.seq_len + 1):
+                    raise ValueError(f"train_batch({step}) gave shape {batch.shape}, expected "
+                                     f"{(run_config.batch_size, run_config.seq_len + 1)}")
+                state, metrics = step_fn(state, jnp.asarray(batch))
+                done = step + 1
+                loss = float(metrics["loss"])
+                checkpointer.check()  # a background save that failed surfaces here, one step later
+                if not math.isfinite(loss):  # the checkpoints hold only states from before this step
+                    raise FloatingPointError(f"non-finite loss {loss} at step {done}; the last checkpoint is "
+                                             f"step {max(checkpointer.steps(), default=0)}")
+                record = {"step": done, "loss": loss}
+                if done % run_config.log_every == 0 or done == run_config.steps:
+                    now = time.perf_counter()
+                    record.update(grad_norm=float(metrics["grad_norm"]), lr=float(schedule_lr(step)),
+                                  tokens_per_s=tokens_per_step * (done - clock_step) / max(now - clock, 1e-9))
+                    clock, clock_step = now, done
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                writer.write(record)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            writer.write(record)
-            if progress is not None:
-                progress.update(1)
-            if run_config.eval_every and done % run_config.eval_every == 0 and done != run_config.steps:
-                run_eval(done)
-            if done % run_config.save_every == 0 or done == run_config.steps:
-                save(done)
-            if stop.signal is not None:
-                save(done)
-                summary["stopped_by_signal"] = int(stop.signal)
-                break
-    if progress is not None:
-        progress.close()
-    checkpointer.close()
-    final_step = int(state["step"])
-    summary["step"] = final_step
-    if final_step == run_config.steps:
-        summary["eval"] = run_eval(final_step)
-        if sample_fn is not None:
-            summary["sample"] = sample_fn(model, state["params"])
-    writer.close()
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                    progress.update(1)
+                if run_config.eval_every and done % run_config.eval_every == 0 and done != run_config.steps:
+                    run_eval(done)
+                if done % run_config.save_every == 0 or done == run_config.steps or stop.signal is not None:
+                    checkpointer.save(done, state, saved_meta)  # once per step, whatever asked for it
+                if stop.signal is not None:
+                    summary["stopped_by_signal"] = int(stop.signal)
+                    break
+        if progress is not None:
+            progress.close()
+            progress = None
+        checkpointer.close()  # waits for the last save; raises CheckpointSaveError if it failed
+        final_step = int(state["step"])
+        summary["step"] = final_step
+        if final_step == run_config.steps and summary["stopped_by_signal"] is None:
+            summary["eval"] = run_eval(final_step)
+            if sample_fn is not None:
+                summary["sample"] = sample_fn(model, state["params"])
+            summary["completed"] = True
+    finally:
+        if progress is not None:
+            progress.close()
+        try:
+            checkpointer.close()
+        finally:
+            writer.close()
+    _write_atomically(summary_path, json.dumps(summary, indent=2))
     return summary
