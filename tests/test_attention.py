@@ -1,5 +1,5 @@
 """The attention paths agree with a dense masked reference: blocked parallel (forward and
-gradients) and one-token decoding over the ring-buffer cache."""
+gradients) and streaming (calls of any length, one token included) over the fixed-shape cache."""
 
 import jax
 import jax.numpy as jnp
@@ -39,18 +39,28 @@ def test_blocked_attention_gradients_match_reference():
             np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize("window,num_prefix,prefill", [(None, 0, 1), (4, 2, 3), (3, 0, 5)])
-def test_decode_over_ring_cache_matches_reference(window, num_prefix, prefill):
+@pytest.mark.parametrize("window,num_prefix,splits,block", [
+    (None, 0, [1, 1, 5, 1, 6], 4), (4, 2, [3, 1, 7, 1], 3), (3, 0, [5, 1, 1, 7], 2), (1, 1, [2, 11], 4)])
+def test_streaming_over_the_cache_matches_reference(window, num_prefix, splits, block):
+    """The prefix first, then calls of the given sizes (longer than the window, one token, query
+    blocks that do not divide the call) against the dense reference over the whole sequence."""
     with jax.enable_x64(True):
-        length = 14
+        length = num_prefix + sum(splits)
         q, k, v = _qkv(length, seed=2)
         ref = attn.attention_reference(q, k, v, window=window, num_prefix=num_prefix)
         capacity = window if window is not None else length - num_prefix
-        cache = attn.cache_from_prefill(k[:, :prefill], v[:, :prefill], num_prefix=num_prefix, capacity=capacity)
-        step = jax.jit(lambda q, k, v, cache, pos: attn.decode_attention(q, k, v, cache, pos, window=window))
-        for pos in range(prefill, length):
-            out, cache = step(q[:, pos:pos + 1], k[:, pos:pos + 1], v[:, pos:pos + 1], cache, jnp.int32(pos))
-            np.testing.assert_allclose(out[:, 0], ref[:, pos], rtol=1e-12, atol=1e-12)
+        cache = attn.init_kv_cache(2, num_prefix, capacity, 2, 4, jnp.float64)
+        cache = cache._replace(prefix_k=k[:, :num_prefix], prefix_v=v[:, :num_prefix])
+        start = num_prefix
+        for size in splits:
+            piece = slice(start, start + size)
+            out, cache = attn.cached_attention(q[:, piece], k[:, piece], v[:, piece], jnp.int32(start), cache,
+                                               window=window, block_size=block)
+            np.testing.assert_allclose(out, ref[:, piece], rtol=1e-12, atol=1e-12)
+            start += size
+        assert cache.k.shape[1] == capacity  # the cache never grows
+        if window is not None:  # the last `window` positions, oldest first
+            np.testing.assert_array_equal(cache.slot_pos, np.arange(length - capacity, length))
 
 
 def test_rope_preserves_norms_and_depends_on_relative_position_only():

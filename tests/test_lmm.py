@@ -157,12 +157,15 @@ def test_bf16_projections_keep_float32_memory_state():
 
 
 def test_initial_state_method_matches_fresh_call():
-    layer, variables, x = build(replace(TINY, dict(dtype="float32", param_dtype="float32")))
-    state = layer.apply(variables, x.shape[0], method=LMMLayer.initial_state)
-    assert isinstance(state, LMMState) and isinstance(state.memory, MemoryState)
-    y_fresh, _ = layer.apply(variables, x)
-    y_state, _ = layer.apply(variables, x, state)
-    np.testing.assert_array_equal(np.asarray(y_fresh), np.asarray(y_state))
+    """A fresh call (whole chunks from M_0) and a call with the explicit initial state (the
+    streaming path: its num_pending is a value) agree to float64 rounding."""
+    with jax.enable_x64(True):
+        layer, variables, x = build(TINY)
+        state = layer.apply(variables, x.shape[0], method=LMMLayer.initial_state)
+        assert isinstance(state, LMMState) and isinstance(state.memory, MemoryState)
+        y_fresh, _ = layer.apply(variables, x)
+        y_state, _ = layer.apply(variables, x, state)
+    np.testing.assert_allclose(np.asarray(y_fresh), np.asarray(y_state), rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -283,8 +286,8 @@ def test_inputs_of_a_wider_dtype_are_refused_not_rounded():
 
 
 def test_every_field_of_a_memory_state_is_checked():
-    """Only the weight shapes were checked before: a wrong momentum, pending buffer, dtype or
-    num_pending reached the scan (or was clipped) silently."""
+    """Only the weight shapes were checked before: a wrong momentum, chunk-start weights, dtype
+    or num_pending reached the scan (or was clipped) silently."""
     config = replace(TINY, dict(dtype="float32", param_dtype="float32"))
     layer, variables, x = build(config)
     _, state = layer.apply(variables, x[:, :5])
@@ -294,8 +297,10 @@ def test_every_field_of_a_memory_state_is_checked():
         "momentum": memory._replace(momentum=memory.momentum[:1]),
         r"momentum\[1\]\['w'\] has shape": memory._replace(
             momentum=(memory.momentum[0], {"w": memory.momentum[1]["w"][:, :, :1]})),
-        "pending_values has shape": memory._replace(pending_values=memory.pending_values[..., :2]),
-        "pending_gates has dtype": memory._replace(pending_gates=memory.pending_gates.astype(jnp.bfloat16)),
+        r"chunk_weights\[0\]\['w'\] has shape": memory._replace(
+            chunk_weights=({"w": memory.chunk_weights[0]["w"][:1]}, memory.chunk_weights[1])),
+        r"chunk_weights\[1\]\['w'\] has dtype": memory._replace(
+            chunk_weights=(memory.chunk_weights[0], {"w": memory.chunk_weights[1]["w"].astype(jnp.bfloat16)})),
         r"num_pending = 7 is outside \[0, chunk_size = 4\)": memory._replace(num_pending=jnp.asarray(7, jnp.int32)),
         "num_pending must be an integer scalar": memory._replace(num_pending=jnp.asarray(1.0)),
     }

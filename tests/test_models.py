@@ -1,5 +1,6 @@
-"""The language models: decode == parallel, causality, gradients reach every parameter, presets,
-generation and clear errors. Tiny shapes; float64 where outputs are compared."""
+"""The language models: causality, gradients reach every parameter, presets, generation and
+clear errors (streaming == parallel is tests/test_streaming.py). Tiny shapes; float64 where
+outputs are compared."""
 
 import dataclasses
 
@@ -43,7 +44,6 @@ class Tiny:
         self.tokens = jax.random.randint(jax.random.PRNGKey(1), (2, LENGTH), 0, self.config.vocab_size)
         self.params = jax.jit(self.model.init)(jax.random.PRNGKey(0), self.tokens)["params"]
         self.forward = jax.jit(lambda p, t: self.model.apply({"params": p}, t))
-        self.step = jax.jit(lambda p, t, c: self.model.apply({"params": p}, t, c, mode="decode"))
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +57,6 @@ def tiny_models():
 
     with jax.enable_x64(True):
         yield get
-
-
-@pytest.mark.parametrize("name", arch_params(ARCHS))
-def test_decode_matches_parallel_forward(tiny_models, name):
-    """Prefill 3 tokens, then decode one at a time across chunk (4) and segment (8) boundaries."""
-    with jax.enable_x64(True):
-        tiny = tiny_models(name)
-        full = tiny.forward(tiny.params, tiny.tokens)
-        splits = [11] if tiny.config.arch == "mac" else [3]  # 11: one scanned segment + 3 tokens
-        for prefill in splits:
-            logits, cache = tiny.model.apply({"params": tiny.params}, tiny.tokens[:, :prefill], mode="prefill",
-                                             max_len=LENGTH)
-            outputs = [logits]
-            for i in range(prefill, LENGTH):
-                logits, cache = tiny.step(tiny.params, tiny.tokens[:, i:i + 1], cache)
-                outputs.append(logits)
-            np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, rtol=1e-10, atol=1e-10)
-            assert int(cache["position"]) == tiny.config.prefix_length + LENGTH
 
 
 @pytest.mark.parametrize("name", arch_params(ARCHS))
@@ -130,16 +112,6 @@ def test_generate_greedy_agrees_with_parallel_pass_and_sampling_is_reproducible(
         sample_b, _ = gen.generate(tiny.model, tiny.params, prompt, 6, rng=rng, temperature=0.8, top_k=5)
         np.testing.assert_array_equal(sample_a, sample_b)
         assert int(sample_a.min()) >= 0 and int(sample_a.max()) < tiny.config.vocab_size
-
-
-def test_full_attention_decode_past_its_cache_gives_nan_not_wrapped_context(tiny_models):
-    with jax.enable_x64(True):
-        tiny = tiny_models("transformer")
-        logits, cache = tiny.model.apply({"params": tiny.params}, tiny.tokens[:, :4], mode="prefill", max_len=5)
-        logits, cache = tiny.step(tiny.params, tiny.tokens[:, 4:5], cache)
-        assert bool(jnp.all(jnp.isfinite(logits)))
-        logits, cache = tiny.step(tiny.params, tiny.tokens[:, 5:6], cache)
-        assert bool(jnp.all(jnp.isnan(logits)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,13 +175,10 @@ def test_bad_inputs_are_rejected_with_clear_errors(tiny_models):
             apply(jnp.array([1, 2, 3]))
         with pytest.raises(TypeError, match="integer ids"):
             apply(jnp.ones((1, 3)))
-        with pytest.raises(ValueError, match="needs the cache"):
+        with pytest.raises(ValueError, match="at least one position"):
+            apply(jnp.zeros((1, 0), jnp.int32))
+        with pytest.raises(TypeError, match="mode"):  # the mode strings are gone: one call shape
             apply(jnp.array([[1]]), mode="decode")
-        with pytest.raises(ValueError, match="max_len >= the prompt length"):
-            apply(jnp.array([[1, 2, 3]]), mode="prefill", max_len=2)
-        _, cache = apply(jnp.array([[1, 2, 3]]), mode="prefill", max_len=8)
-        with pytest.raises(ValueError, match="one token per call"):
-            tiny.model.apply({"params": tiny.params}, jnp.array([[1, 2]]), cache, mode="decode")
         # under jit an out-of-range id cannot raise: the sequence's logits become NaN instead of
         # reading a clipped embedding row
         logits = tiny.forward(tiny.params, jnp.array([[1, 2, 99, 3]]))
@@ -232,36 +201,16 @@ def test_remat_policies_give_the_same_gradients(name):
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), grads[policy], grads["none"])
 
 
-def test_bad_batches_generation_arguments_and_decode_caches_give_clear_errors(tiny_models):
+def test_bad_batches_and_generation_arguments_give_clear_errors(tiny_models):
     """Each of these crashed deep inside a layer (or ran on) before: an empty batch, a float
-    max_new_tokens, a decode cache of another batch size, architecture or config."""
+    max_new_tokens (caches of another batch, architecture or config: tests/test_streaming.py)."""
     with jax.enable_x64(True):
         mac = tiny_models("mac")
-        apply = lambda model, tokens, *a, **kw: model.model.apply({"params": model.params}, tokens, *a, **kw)  # noqa: E731
         with pytest.raises(ValueError, match="at least one sequence"):
-            apply(mac, jnp.zeros((0, 3), jnp.int32))
+            mac.model.apply({"params": mac.params}, jnp.zeros((0, 3), jnp.int32))
         for bad in (2.5, "3", True, 0):
             with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
                 gen.generate(mac.model, mac.params, mac.tokens[:, :4], bad)
-        _, cache = apply(mac, mac.tokens[:, :5], mode="prefill", max_len=12)
-        token = mac.tokens[:, 5:6]
-        logits, _ = mac.step(mac.params, token, cache)  # the right cache works, jitted
-        assert bool(jnp.all(jnp.isfinite(logits)))
-        with pytest.raises(ValueError, match=r"decode cache entry .* for 1 sequences"):
-            apply(mac, token[:1], cache, mode="decode")  # another batch size
-        with pytest.raises(ValueError, match=r"decode cache entry .* for 1 sequences"):
-            mac.step(mac.params, token[:1], cache)  # the check runs on shapes, so under jit too
-        mag = tiny_models("mag")
-        _, mag_cache = apply(mag, mag.tokens[:, :5], mode="prefill", max_len=12)
-        with pytest.raises(ValueError, match="does not fit this mac model"):
-            apply(mac, token, mag_cache, mode="decode")  # another architecture
-        other = TitansLM(mac.config.replace(segment_size=4))  # another config of the same architecture
-        with pytest.raises(ValueError, match="decode cache entry"):
-            other.apply({"params": mac.params}, token, cache, mode="decode")
-        with pytest.raises(TypeError, match="dict returned by mode='prefill'"):
-            apply(mac, token, cache["layers"], mode="decode")
-        with pytest.raises(ValueError, match="holds 1 layers"):
-            apply(mac, token, {**cache, "layers": cache["layers"][:1]}, mode="decode")
 
 
 def test_memory_configs_of_the_model_reach_its_layers():

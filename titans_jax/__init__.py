@@ -4,7 +4,7 @@ MAG / MAL / LMM language models and their baselines.
 Public API:
   MemoryConfig, MemoryState, init_memory_params, init_memory_state, memory_apply  (pure core)
   LMMConfig, LMMLayer, LMMState                                                   (Flax layer)
-  ModelConfig, TitansLM, preset, generate                                         (models)
+  ModelConfig, TitansLM, init_cache, preset, generate                             (models)
 """
 
 from titans_jax.decoding import generate
@@ -20,12 +20,12 @@ from titans_jax.memory import (
     memory_apply,
     memory_mlp,
 )
-from titans_jax.models import ARCHITECTURES, ModelConfig, TitansLM, init_params, param_count
+from titans_jax.models import ARCHITECTURES, ModelConfig, TitansLM, init_cache, init_params, param_count
 from titans_jax.presets import PRESETS, preset
 
 __all__ = [
     "ARCHITECTURES", "IMPLEMENTATIONS", "LMMConfig", "LMMLayer", "LMMState", "MemoryConfig", "MemoryState",
     "ModelConfig", "PRESETS", "TitansLM", "causal_depthwise_conv", "chunk_coefficients", "generate",
-    "init_memory_params", "init_memory_state", "init_params", "inner_loss", "memory_apply", "memory_mlp",
+    "init_cache", "init_memory_params", "init_memory_state", "init_params", "inner_loss", "memory_apply", "memory_mlp",
     "param_count", "preset",
 ]

@@ -1,6 +1,6 @@
 """Attention as pure functions: RoPE, causal / sliding-window attention with an always-visible
-persistent prefix, computed in query blocks (never an N x N matrix), and one-token decoding
-over a fixed-shape key/value cache.
+persistent prefix, computed in query blocks (never an N x N matrix), and streaming (any number of
+new tokens, one token = decoding) over a fixed-shape key/value cache.
 
 Dimension letters: B batch, T queries, S keys, H heads, E head dim, P persistent prefix length,
 W window (a query at position p sees keys p - W + 1 .. p, plus the prefix 0 .. P - 1).
@@ -147,15 +147,16 @@ def fused_attention(q: Array, k: Array, v: Array, *, window: int | None, num_pre
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding: a fixed-shape cache
+# Streaming: any number of new tokens over a fixed-shape cache
 
 
 class KVCache(NamedTuple):
     """Keys/values (already rotated) of one attention layer.
 
     The persistent prefix (positions < P) lives in its own buffer and is never evicted. Later
-    positions go to a ring of `capacity` slots (slot = position mod capacity): capacity = window
-    for sliding-window attention, the maximum sequence length for full attention.
+    positions live in `capacity` slots: for sliding-window attention (capacity = window) the
+    last `capacity` positions in order, oldest first; for full attention (capacity = the
+    maximum number of tokens after the prefix) position p in slot p - P, never wrapped.
     """
 
     prefix_k: Array  # [B, P, H, E]
@@ -165,37 +166,65 @@ class KVCache(NamedTuple):
     slot_pos: Array  # int32 [capacity]: absolute position held by each slot, -1 if empty
 
 
-def cache_from_prefill(k: Array, v: Array, *, num_prefix: int, capacity: int) -> KVCache:
-    """The cache after a parallel pass over positions 0 .. T - 1 (static T)."""
-    length = k.shape[1]
-    if length < num_prefix:
-        raise ValueError(f"a prefill of {length} positions does not cover the {num_prefix}-token prefix")
-    first = max(num_prefix, length - capacity)
-    positions = list(range(first, length))
-    slots = [p % capacity for p in positions]
-    shape = (k.shape[0], capacity) + k.shape[2:]
-    ring_k = jnp.zeros(shape, k.dtype).at[:, slots].set(k[:, first:])
-    ring_v = jnp.zeros(shape[:3] + v.shape[3:], v.dtype).at[:, slots].set(v[:, first:])
-    slot_pos = jnp.full((capacity,), -1, jnp.int32).at[jnp.asarray(slots, jnp.int32)].set(
-        jnp.asarray(positions, jnp.int32))
-    return KVCache(k[:, :num_prefix], v[:, :num_prefix], ring_k, ring_v, slot_pos)
+def init_kv_cache(batch: int, num_prefix: int, capacity: int, heads: int, head_dim: int, dtype) -> KVCache:
+    """An empty cache (the prefix buffer is filled by the first call over the prefix)."""
+    prefix = jnp.zeros((batch, num_prefix, heads, head_dim), dtype)
+    ring = jnp.zeros((batch, capacity, heads, head_dim), dtype)
+    return KVCache(prefix, prefix, ring, ring, jnp.full((capacity,), -1, jnp.int32))
 
 
-def decode_attention(q: Array, k: Array, v: Array, cache: KVCache, position: Array, *,
-                     window: int | None) -> tuple[Array, KVCache]:
-    """One new token at `position` (int32 scalar, >= P): write its k/v into the ring, attend.
+def cached_attention(q: Array, k: Array, v: Array, position: Array, cache: KVCache, *, window: int | None,
+                     block_size: int = 256) -> tuple[Array, KVCache]:
+    """T new tokens at positions position .. position + T - 1 (>= P) attend to the prefix, the
+    cached keys and each other; returns the output [B, T, H, E] and the cache after them.
 
-    q, k, v: [B, 1, H, E]. Returns the output [B, 1, H, E] and the new cache. The caller must
-    keep position < capacity + P for full attention (see `overflows`).
+    q, k, v: [B, T, H, E]. Queries go in blocks of block_size; with a window each block reads a
+    static slice of (window - 1 + block) keys of [cache || new] besides the prefix, so a long
+    call costs O(T (window + block)). Full attention reads every cached key. The caller keeps
+    position - P + T <= capacity for full attention (models.py checks it, NaN under jit): past
+    that the write would be clipped.
     """
-    capacity = cache.k.shape[1]
-    slot = position % capacity
-    ring_k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=1)
-    ring_v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=1)
-    slot_pos = cache.slot_pos.at[slot].set(position.astype(jnp.int32))
-    mask = visible(position, slot_pos, window, 0)[None, :]
-    keys = jnp.concatenate([cache.prefix_k, ring_k], axis=1)
-    values = jnp.concatenate([cache.prefix_v, ring_v], axis=1)
-    mask = jnp.concatenate([jnp.ones((1, cache.prefix_k.shape[1]), bool), mask], axis=1)
-    out = _attend(q, keys, values, mask[None, None])
-    return out, cache._replace(k=ring_k, v=ring_v, slot_pos=slot_pos)
+    batch, length, heads, head_dim = q.shape
+    num_prefix, capacity = cache.prefix_k.shape[1], cache.k.shape[1]
+    positions = position + jnp.arange(length, dtype=jnp.int32)
+    block = min(block_size, length)
+    num_blocks = -(-length // block)
+    pad = num_blocks * block - length
+    keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype), jnp.zeros((batch, pad) + k.shape[2:], cache.k.dtype)], 1)
+    values = jnp.concatenate([cache.v, v.astype(cache.v.dtype), jnp.zeros((batch, pad) + v.shape[2:], cache.v.dtype)],
+                             1)
+    key_pos = jnp.concatenate([cache.slot_pos, positions, jnp.full((pad,), -1, jnp.int32)])
+    q_p = jnp.pad(q, [(0, 0), (0, pad), (0, 0), (0, 0)])
+    total = capacity + num_blocks * block
+    span = total if window is None else min(total, window - 1 + block)
+
+    def one_block(start):
+        q_blk = jax.lax.dynamic_slice_in_dim(q_p, start, block, axis=1)
+        q_pos = position + start + jnp.arange(block, dtype=jnp.int32)
+        key_start = jnp.clip(capacity + start + block - span, 0, total - span)
+        k_blk = jax.lax.dynamic_slice_in_dim(keys, key_start, span, axis=1)
+        v_blk = jax.lax.dynamic_slice_in_dim(values, key_start, span, axis=1)
+        k_pos = jax.lax.dynamic_slice_in_dim(key_pos, key_start, span)
+        mask = visible(q_pos[:, None], k_pos[None, :], window, 0) & (k_pos[None, :] >= num_prefix)
+        if num_prefix:
+            k_blk = jnp.concatenate([cache.prefix_k, k_blk], axis=1)
+            v_blk = jnp.concatenate([cache.prefix_v, v_blk], axis=1)
+            mask = jnp.concatenate([jnp.ones((block, num_prefix), bool), mask], axis=1)
+        return _attend(q_blk, k_blk, v_blk, mask[None, None])
+
+    if num_blocks == 1:
+        out = one_block(jnp.asarray(0, jnp.int32))
+    else:
+        out = jax.lax.map(jax.checkpoint(one_block), jnp.arange(num_blocks, dtype=jnp.int32) * block)
+        out = out.transpose(1, 0, 2, 3, 4).reshape(batch, num_blocks * block, heads, v.shape[-1])
+    out = out[:, :length]
+
+    if window is None:  # position p in slot p - P
+        slot = position - num_prefix
+        new_k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=1)
+        new_v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=1)
+        new_pos = jax.lax.dynamic_update_slice_in_dim(cache.slot_pos, positions, slot, axis=0)
+    else:  # the last `capacity` positions, in order
+        end = capacity + length
+        new_k, new_v, new_pos = keys[:, end - capacity:end], values[:, end - capacity:end], key_pos[end - capacity:end]
+    return out, cache._replace(k=new_k, v=new_v, slot_pos=new_pos)

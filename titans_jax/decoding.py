@@ -1,9 +1,10 @@
 """Token-by-token generation over the explicit caches of titans_jax.models (`generate` is
 re-exported as titans_jax.generate).
 
-`generate` runs one jitted prefill of the prompt and one `lax.scan` of jitted decode steps; the
-cache has the same shapes at every step. temperature == 0 is greedy decoding; otherwise logits
-are divided by the temperature and optionally restricted to the top_k before sampling.
+`generate` makes an empty cache, runs the prompt through it in one call (next-token logits
+only) and then one `lax.scan` of one-token calls, all under one jit; the cache has the same
+shapes at every step. temperature == 0 is greedy decoding; otherwise logits are divided by the
+temperature and optionally restricted to the top_k before sampling.
 """
 
 from __future__ import annotations
@@ -15,19 +16,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titans_jax.models import TitansLM, check_tokens
+from titans_jax.models import TitansLM, check_tokens, init_cache
 
 Array = jax.Array
 
 
-def prefill(model: TitansLM, params, tokens: Array, max_len: int):
-    """(logits [B, T, V], cache) for a prompt, with room for max_len tokens in all."""
-    return model.apply({"params": params}, tokens, mode="prefill", max_len=max_len)
+def prefill(model: TitansLM, params, tokens: Array, max_len: int | None = None, *, logits_at: str = "all"):
+    """(logits, cache) for a prompt [B, T] from an empty cache; max_len (tokens in all) is
+    needed only by full attention."""
+    cache = init_cache(model, params, tokens.shape[0], max_len)
+    return model.apply({"params": params}, tokens, cache, logits_at=logits_at)
 
 
 def decode_step(model: TitansLM, params, token: Array, cache: dict):
     """(logits [B, 1, V], cache) for the next token [B, 1]."""
-    return model.apply({"params": params}, token, cache, mode="decode")
+    return model.apply({"params": params}, token, cache)
 
 
 def sample_logits(rng: Array, logits: Array, temperature: float, top_k: int | None) -> Array:
@@ -43,7 +46,7 @@ def sample_logits(rng: Array, logits: Array, temperature: float, top_k: int | No
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
 def _generate(model, params, prompt, rng, max_new_tokens, temperature, top_k):
-    logits, cache = prefill(model, params, prompt, prompt.shape[1] + max_new_tokens)
+    logits, cache = prefill(model, params, prompt, prompt.shape[1] + max_new_tokens, logits_at="last")
     rng, first_rng = jax.random.split(rng)
     first = sample_logits(first_rng, logits[:, -1], temperature, top_k)
 

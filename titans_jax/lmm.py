@@ -140,11 +140,13 @@ class LMMState(NamedTuple):
     memory: memory_lib.MemoryState
 
 
-def causal_depthwise_conv(x: Array, kernel: Array, bias: Array, previous: Array) -> tuple[Array, Array]:
+def causal_depthwise_conv(x: Array, kernel: Array, bias: Array, previous: Array,
+                          num_valid: Array | None = None) -> tuple[Array, Array]:
     """y_t = bias + sum_i kernel[i] * x_{t - W + 1 + i}, with `previous` the W - 1 inputs before x.
 
     x: [B, T, F]; kernel: [W, F]; previous: [B, W - 1, F]. Returns y [B, T, F] and the new
-    `previous` (the last W - 1 inputs of previous ++ x).
+    `previous`: the last W - 1 inputs of previous ++ x, or of previous ++ x[:, :num_valid] when
+    only the first num_valid (a traced count) of the T inputs are real.
     """
     width = kernel.shape[0]
     length = x.shape[1]
@@ -152,7 +154,9 @@ def causal_depthwise_conv(x: Array, kernel: Array, bias: Array, previous: Array)
     out = bias.astype(x.dtype)
     for tap in range(width):
         out = out + extended[:, tap: tap + length] * kernel[tap].astype(x.dtype)
-    return out, extended[:, extended.shape[1] - (width - 1):]
+    if num_valid is None:
+        return out, extended[:, extended.shape[1] - (width - 1):]
+    return out, jax.lax.dynamic_slice_in_dim(extended, num_valid, width - 1, axis=1)
 
 
 def rms_norm(x: Array, scale: Array, eps: float) -> Array:
@@ -220,7 +224,10 @@ class LMMLayer(nn.Module):
         over_heads = jax.vmap(mlp, in_axes=(0, 0 if norm is not None else None, 0))
         return jax.vmap(over_heads, in_axes=(0, None, 0))(weights, norm, queries.astype(weights[0]["w"].dtype))
 
-    def __call__(self, x: Array, state: LMMState | None = None) -> tuple[Array, LMMState]:
+    def __call__(self, x: Array, state: LMMState | None = None,
+                 num_valid: Array | None = None) -> tuple[Array, LMMState]:
+        """x [B, T, D] -> (y [B, T, D], state). num_valid: None, or a traced count in [0, T]
+        of the leading tokens that are real (the state advances over those only)."""
         cfg = _resolved(self.config)
         if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"LMMLayer expects x of shape [batch, tokens, {cfg.d_model}], got {getattr(x, 'shape', None)}")
@@ -230,7 +237,7 @@ class LMMLayer(nn.Module):
             raise ValueError("LMMLayer input contains non-finite values (NaN or inf)")
         batch, length, _ = x.shape
         fresh = state is None
-        if fresh:  # the memory core then takes its static, buffer-free path
+        if fresh:  # the memory core then takes its static path from M_0
             state = self.initial_state(batch)._replace(memory=None)
         elif not isinstance(state, LMMState):
             raise TypeError(f"state must be an LMMState (or None), got {type(state).__name__}")
@@ -244,7 +251,7 @@ class LMMLayer(nn.Module):
             if conv_state is None or conv_state.shape != (batch, cfg.conv_width - 1, qkv.shape[-1]):
                 raise ValueError(f"conv state shape {getattr(conv_state, 'shape', None)} does not match "
                                  f"{(batch, cfg.conv_width - 1, qkv.shape[-1])}")
-            qkv, conv_state = causal_depthwise_conv(qkv, self.conv_kernel, self.conv_bias, conv_state)
+            qkv, conv_state = causal_depthwise_conv(qkv, self.conv_kernel, self.conv_bias, conv_state, num_valid)
         qkv = jax.nn.silu(qkv)
         split = qkv.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)  # [3, B, H, T, E]
         queries, keys, values = split[0], split[1], split[2]
@@ -261,7 +268,7 @@ class LMMLayer(nn.Module):
                                     for t in (theta, log_eta, log_keep))
 
         retrieved, memory_state = memory_lib.memory_apply(
-            self.memory, keys, values, queries, theta, log_eta, log_keep, cfg.memory_config, state.memory)
+            self.memory, keys, values, queries, theta, log_eta, log_keep, cfg.memory_config, state.memory, num_valid)
         retrieved = rms_norm(retrieved.transpose(0, 2, 1, 3), self.out_norm_scale, cfg.norm_eps)  # [B, T, H, E]
         gated = retrieved.reshape(batch, length, heads * head_dim).astype(x.dtype) * jax.nn.sigmoid(self.gate_out_proj(x))
         return self.out_proj(gated), LMMState(conv=conv_state, memory=memory_state)

@@ -11,7 +11,9 @@ The memory M is a small MLP whose weights are trained at test time. For every to
 Training is chunked (§3.2, eq. 16): inside a chunk of `chunk_size` tokens every gradient is taken
 at the chunk-start weights. This mini-batch approximation defines the model (chunk_size = 1 is
 plain online gradient descent), so streaming/decoding reproduces it exactly: the state carries
-the pending partial chunk.
+the running weights and momentum after the last token and the weights at the start of the
+unfinished chunk, where its gradients are taken. One more token is then one step of the
+recurrence (`token_step`), whatever the chunk size.
 
 Three implementations share one signature and are selected by `MemoryConfig.impl`:
 
@@ -22,6 +24,11 @@ Three implementations share one signature and are selected by `MemoryConfig.impl
                   per-token [C, I, O] weight tensor. The fast path and the default.
 * ``associative`` the paper's literal recipe: per-token gradients at chunk start materialised
                   as [C, I, O], momentum and decay by `lax.associative_scan`. A cross-check.
+
+Each call takes one of three paths (the same for every implementation where it applies): a
+fresh state runs whole chunks from M_0 and one shorter chunk for the rest (training); a carried
+state lays the new tokens out behind its pending ones in whole chunks and masks the rest (the
+chunk steps take a validity mask); one token with a carried state is `token_step`.
 
 Dimension letters used in shapes:
     B batch, H heads, T tokens in one call, L padded length, C chunk size, N number of chunks,
@@ -156,19 +163,19 @@ class MemoryConfig:
 
 
 class MemoryState(NamedTuple):
-    """Everything a memory needs to continue a sequence exactly.
+    """Everything a memory needs to continue a sequence exactly, in a fixed shape.
 
-    weights / momentum are the inner weights W and surprise S at the last chunk boundary. The
-    tokens since then (fewer than chunk_size) wait in the pending buffers: their gradients will
-    be taken at `weights`, as in one parallel call.
+    `weights` / `momentum` are the running inner weights M_t and surprise S_t after the last
+    token seen. The gradients of the tokens of the current, unfinished chunk are taken at the
+    weights of its start (eq. 16): `chunk_weights` (equal to `weights` when num_pending == 0).
+    The keys and values of those tokens are not kept: their gradients are already folded into
+    M_t and S_t, so one more token costs O(I O) per layer, whatever the chunk size.
     """
 
-    weights: tuple  # per layer {"w": [B, H, I, O], "b": [B, H, O]?}
-    momentum: tuple  # same structure as weights
-    pending_keys: Array  # [B, H, C, K]
-    pending_values: Array  # [B, H, C, V]
-    pending_gates: Array  # [B, H, C, 3]: theta, log_eta, log_keep
-    num_pending: Array  # int32 [], in [0, C)
+    weights: tuple  # per layer {"w": [B, H, I, O], "b": [B, H, O]?}: M_t
+    momentum: tuple  # same structure as weights: S_t
+    chunk_weights: tuple  # same structure: the weights at the last chunk boundary
+    num_pending: Array  # int32 [], tokens since that boundary, in [0, C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +202,6 @@ def init_memory_state(params: dict, batch_size: int, config: MemoryConfig, dtype
     """The state before the first token: weights M_0 (per head, broadcast over the batch)."""
     _check_params(params, config)
     dtype = dtype or params["layers"][0]["w"].dtype
-    num_heads = params["layers"][0]["w"].shape[0]
 
     def broadcast(leaf):
         return jnp.broadcast_to(leaf.astype(dtype), (batch_size,) + leaf.shape)
@@ -203,15 +209,8 @@ def init_memory_state(params: dict, batch_size: int, config: MemoryConfig, dtype
     # Plain dicts and tuples (Flax may hand in FrozenDicts), so the scan carry keeps one structure.
     weights = tuple({name: broadcast(leaf) for name, leaf in layer.items()} for layer in params["layers"])
     momentum = jax.tree.map(jnp.zeros_like, weights)
-    size = (batch_size, num_heads, config.chunk_size)
-    return MemoryState(
-        weights=weights,
-        momentum=momentum,
-        pending_keys=jnp.zeros(size + (config.key_dim,), dtype),
-        pending_values=jnp.zeros(size + (config.value_dim,), dtype),
-        pending_gates=jnp.zeros(size + (3,), dtype),
-        num_pending=jnp.zeros((), jnp.int32),
-    )
+    return MemoryState(weights=weights, momentum=momentum, chunk_weights=weights,
+                       num_pending=jnp.zeros((), jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,34 +250,46 @@ def _select(predicate: Array, on_true: PyTree, on_false: PyTree) -> PyTree:
 
 
 # ----------------------------------------------------------------------------------------------
+# One token: the recurrence itself (the reference's step and the O(1) decoding path)
+
+
+def token_step(chunk_weights, weights, momentum, norm, key, value, query, gate, config):
+    """One token of one slice: its gradient at the chunk-start weights (eq. 16), then momentum
+    (eq. 14), forgetting (eq. 13) and retrieval with the new weights (eq. 15).
+
+    chunk_weights / weights / momentum: W_0, W_{t-1}, S_{t-1} (per layer [I, O] / [O]);
+    key [K], value [V], query [K], gate [3] = (theta, log_eta, log_keep).
+    Returns (y_t [V], W_t, S_t). Constant work per token: O(I O) per layer.
+    """
+    theta, log_eta, log_keep = gate[0], gate[1], gate[2]
+    surprise = jax.grad(inner_loss)(chunk_weights, norm, key, value, config)
+    momentum = jax.tree.map(lambda s, g: jnp.exp(log_eta) * s - theta * g, momentum, surprise)
+    weights = jax.tree.map(lambda w, s: jnp.exp(log_keep) * w + s, weights, momentum)
+    return memory_mlp(weights, norm, query, config), weights, momentum
+
+
+# ----------------------------------------------------------------------------------------------
 # Implementation 1: token-by-token reference
 
 
-def _reference_slice(weights, momentum, norm, keys, values, queries, gates, num_valid, config):
-    """One (batch, head) slice over L tokens that start at a chunk boundary."""
+def _reference_slice(chunk_weights, weights, momentum, norm, keys, values, queries, gates, offset, num_valid,
+                     config):
+    """One (batch, head) slice over T tokens, the first of which is token `offset` of its chunk
+    (0 <= offset < C); only the first num_valid tokens are real (the state is the one after them)."""
     chunk = config.chunk_size
-    grad_fn = jax.grad(inner_loss)
 
     def step(carry, inputs):
-        w_start, s_start, w_cur, s_cur = carry
-        t, key, value, query, (theta, log_eta, log_keep) = inputs
-        at_chunk_start = t % chunk == 0
-        w_cur = _select(at_chunk_start, w_start, w_cur)
-        s_cur = _select(at_chunk_start, s_start, s_cur)
-        surprise = grad_fn(w_start, norm, key, value, config)  # gradient at chunk-start weights
-        s_cur = jax.tree.map(lambda s, g: jnp.exp(log_eta) * s - theta * g, s_cur, surprise)
-        w_cur = jax.tree.map(lambda w, s: jnp.exp(log_keep) * w + s, w_cur, s_cur)
-        out = memory_mlp(w_cur, norm, query, config)
-        commit = (t % chunk == chunk - 1) & (t < num_valid)
-        w_start = _select(commit, w_cur, w_start)
-        s_start = _select(commit, s_cur, s_start)
-        return (w_start, s_start, w_cur, s_cur), out
+        chunk_w, w, s = carry
+        index, key, value, query, gate = inputs
+        out, new_w, new_s = token_step(chunk_w, w, s, norm, key, value, query, gate, config)
+        real = index < num_valid
+        w, s = _select(real, new_w, w), _select(real, new_s, s)
+        commit = real & ((offset + index) % chunk == chunk - 1)  # the chunk is complete: new gradient point
+        return (_select(commit, w, chunk_w), w, s), out
 
-    positions = jnp.arange(keys.shape[0])
-    carry = (weights, momentum, weights, momentum)
-    (weights, momentum, _, _), outputs = jax.lax.scan(
-        step, carry, (positions, keys, values, queries, (gates[:, 0], gates[:, 1], gates[:, 2])))
-    return outputs, weights, momentum
+    (chunk_weights, weights, momentum), outputs = jax.lax.scan(
+        step, (chunk_weights, weights, momentum), (jnp.arange(keys.shape[0]), keys, values, queries, gates))
+    return outputs, chunk_weights, weights, momentum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +308,7 @@ def _segment_sum(log_a: Array) -> Array:
     return jnp.where(jnp.tril(jnp.ones((size, size), bool)), summed, -jnp.inf)
 
 
-def chunk_coefficients(theta: Array, log_eta: Array, log_keep: Array):
+def chunk_coefficients(theta: Array, log_eta: Array, log_keep: Array, valid: Array | None = None):
     """Coefficients of the unrolled recurrence inside one chunk (chunk-local positions i, j, l).
 
     A[i, j] = theta_j prod_{j<k<=i} eta_k            surprise of token j still in S_i
@@ -306,34 +317,50 @@ def chunk_coefficients(theta: Array, log_eta: Array, log_keep: Array):
     G = D A,  f = D m
 
     so that S_i = m_i S_0 - sum_j A[i, j] u_j and W_i = beta_i W_0 + f_i S_0 - sum_j G[i, j] u_j.
+
+    valid [C] (optional) marks the real tokens of a chunk that a call fills only in part (a
+    pending head, an unfinished tail). A token that is not real leaves the state alone: its
+    gates become theta = 0, eta = 1, 1 - alpha = 1 and it does not add S to W, i.e. the
+    recurrence is W_i = keep_i W_{i-1} + valid_i S_i, hence G = D diag(valid) A, f = D (valid m).
     """
+    if valid is not None:
+        theta = jnp.where(valid, theta, 0.0)
+        log_eta = jnp.where(valid, log_eta, 0.0)
+        log_keep = jnp.where(valid, log_keep, 0.0)
     surprise_decay = jnp.exp(_segment_sum(log_eta)) * theta[None, :]
     weight_decay = jnp.exp(_segment_sum(log_keep))
     momentum_carry = jnp.exp(jnp.cumsum(log_eta))
     weight_carry = jnp.exp(jnp.cumsum(log_keep))
-    combined = weight_decay @ surprise_decay
-    momentum_into_weights = weight_decay @ momentum_carry
+    if valid is None:
+        combined = weight_decay @ surprise_decay
+        momentum_into_weights = weight_decay @ momentum_carry
+    else:
+        combined = weight_decay @ (valid[:, None] * surprise_decay)
+        momentum_into_weights = weight_decay @ (valid * momentum_carry)
     return surprise_decay, combined, momentum_carry, weight_carry, momentum_into_weights
 
 
-def _chunk_step(weights, momentum, norm, keys, values, queries, gates, config):
+def _chunk_step(chunk_weights, weights, momentum, norm, keys, values, queries, gates, valid, config):
     """One chunk of one slice: outputs [C, V] and the state at the chunk end (titans.md §2).
 
-    Per layer Z = X W, with u_j = x_j^T delta_j the gradient of token j at the chunk-start W_0:
-        Zq  = diag(beta) Xq W_0 + diag(f) Xq S_0 - (G o (Xq X^T)) Delta
-        W_C = beta_C W_0 + f_C S_0 - X^T (G[C,:]^T o Delta)
-        S_C = m_C S_0 - X^T (A[C,:]^T o Delta)
+    The gradients u_j are taken at chunk_weights W_0 (the key path); the recurrence starts from
+    (weights, momentum) = (W_p, S_p), which is (W_0, S_0) for a chunk that starts at a boundary
+    and the running state after p pending tokens otherwise (then the first p rows are not valid).
+    Per layer Z = X W, with u_j = x_j^T delta_j:
+        Zq  = diag(beta) Xq W_p + diag(f) Xq S_p - (G o (Xq X^T)) Delta
+        W_C = beta_C W_p + f_C S_p - X^T (G[C,:]^T o Delta)
+        S_C = m_C S_p - X^T (A[C,:]^T o Delta)
     and the next layer's Xq is act(Zq). Only [C, C], [C, I], [C, O] and [I, O] arrays.
     """
     act = ACTIVATIONS[config.activation]
     num_layers = len(weights)
-    a_mat, g_mat, m_vec, beta, f_vec = chunk_coefficients(gates[:, 0], gates[:, 1], gates[:, 2])
+    a_mat, g_mat, m_vec, beta, f_vec = chunk_coefficients(gates[:, 0], gates[:, 1], gates[:, 2], valid)
 
     # Key path at chunk-start weights: layer inputs, activation slopes, and per-token output
     # gradients (deltas) of the inner loss, by hand (rows are independent tokens).
     layer_inputs, slopes = [], []
     hidden = keys
-    for index, layer in enumerate(weights):
+    for index, layer in enumerate(chunk_weights):
         layer_inputs.append(hidden)
         pre = hidden @ layer["w"]
         if "b" in layer:
@@ -351,7 +378,7 @@ def _chunk_step(weights, momentum, norm, keys, values, queries, gates, config):
         delta = 2.0 * config.loss_scale * (hidden - values)
     deltas = [delta]
     for index in range(num_layers - 2, -1, -1):
-        delta = (delta @ weights[index + 1]["w"].T) * slopes[index]
+        delta = (delta @ chunk_weights[index + 1]["w"].T) * slopes[index]
         deltas.append(delta)
     deltas = deltas[::-1]
 
@@ -387,10 +414,15 @@ def _chunk_step(weights, momentum, norm, keys, values, queries, gates, config):
     return hidden, tuple(new_weights), tuple(new_momentum)
 
 
-def _associative_chunk_step(weights, momentum, norm, keys, values, queries, gates, config):
-    """One chunk, the paper's literal recipe: per-token gradients [C, I, O] + associative scans."""
-    grads = jax.vmap(jax.grad(inner_loss), in_axes=(None, None, 0, 0, None))(weights, norm, keys, values, config)
+def _associative_chunk_step(chunk_weights, weights, momentum, norm, keys, values, queries, gates, valid, config):
+    """One chunk, the paper's literal recipe: per-token gradients at chunk start materialised
+    as [C, I, O], momentum and decay by associative scans (same arguments as _chunk_step)."""
+    grads = jax.vmap(jax.grad(inner_loss), in_axes=(None, None, 0, 0, None))(chunk_weights, norm, keys, values, config)
     theta, eta, keep = gates[:, 0], jnp.exp(gates[:, 1]), jnp.exp(gates[:, 2])
+    write = jnp.ones_like(theta)
+    if valid is not None:  # tokens that are not real leave (W, S) unchanged
+        theta, eta, keep = (jnp.where(valid, x, fill) for x, fill in ((theta, 0.0), (eta, 1.0), (keep, 1.0)))
+        write = valid.astype(theta.dtype)
 
     def linear_recurrence(decay, inputs, initial):
         # x_i = decay_i x_{i-1} + inputs_i with x_0 = initial, for every leaf of the pytree.
@@ -404,7 +436,7 @@ def _associative_chunk_step(weights, momentum, norm, keys, values, queries, gate
         return jax.lax.associative_scan(combine, (decay, inputs))[1]
 
     surprises = linear_recurrence(eta, jax.tree.map(lambda g: -expand_to(theta, g) * g, grads), momentum)
-    all_weights = linear_recurrence(keep, surprises, weights)
+    all_weights = linear_recurrence(keep, jax.tree.map(lambda s: expand_to(write, s) * s, surprises), weights)
     outputs = jax.vmap(memory_mlp, in_axes=(0, None, 0, None))(all_weights, norm, queries, config)
     last = lambda tree: jax.tree.map(lambda leaf: leaf[-1], tree)  # noqa: E731
     return outputs, last(all_weights), last(surprises)
@@ -415,48 +447,91 @@ def expand_to(vector: Array, leaf: Array) -> Array:
     return vector.reshape(vector.shape + (1,) * (leaf.ndim - 1))
 
 
-def _chunk_scan_slice(weights, momentum, norm, keys, values, queries, gates, num_valid, config, chunk_fn):
-    """Scan chunk_fn over the chunks of one slice; commits only chunks that are fully valid."""
-    chunk = config.chunk_size
-    length = keys.shape[0]
-    num_chunks = length // chunk
+def _group_scan(body, carry, inputs, num_chunks, config):
+    """lax.scan of body over num_chunks chunks (leading axis of every input), rematerialised
+    every config.remat_every chunks; padded chunks (to fill the last group) are not real."""
     group = config.remat_every or 1
     num_groups = -(-num_chunks // group)
-    pad = (num_groups * group - num_chunks) * chunk
+    pad = num_groups * group - num_chunks
 
     def split(x):
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape((num_groups, group, chunk) + x.shape[1:])
+        return x.reshape((num_groups, group) + x.shape[1:])
 
-    chunk_index = jnp.arange(num_groups * group).reshape(num_groups, group)
-    inputs = (chunk_index, split(keys), split(values), split(queries), split(gates))
+    index = jnp.arange(num_groups * group).reshape(num_groups, group)  # >= num_chunks: padding
+    inputs = (index,) + tuple(jax.tree.map(split, tuple(inputs)))
 
     def chunk_body(carry, chunk_inputs):
-        weights, momentum = carry
-        index, key, value, query, gate = chunk_inputs
-        out, new_weights, new_momentum = chunk_fn(weights, momentum, norm, key, value, query, gate, config)
-        commit = (index + 1) * chunk <= num_valid
-        return (_select(commit, new_weights, weights), _select(commit, new_momentum, momentum)), out
+        index, *rest = chunk_inputs
+        new_carry, out = body(carry, rest)
+        return _select(index < num_chunks, new_carry, carry), out
 
     def group_body(carry, group_inputs):
         return jax.lax.scan(chunk_body, carry, group_inputs)
 
     if config.remat_every:
         group_body = jax.checkpoint(group_body, prevent_cse=False)
-    (weights, momentum), outputs = jax.lax.scan(group_body, (weights, momentum), inputs)
-    outputs = outputs.reshape((num_groups * group * chunk,) + outputs.shape[3:])[:length]
-    return outputs, weights, momentum
+    carry, outputs = jax.lax.scan(group_body, carry, inputs)
+    return carry, outputs.reshape((num_groups * group,) + outputs.shape[2:])[:num_chunks]
 
 
-def _chunked_slice(*args, config):
-    return _chunk_scan_slice(*args, config=config, chunk_fn=_chunk_step)
+def _fresh_chunk_slice(weights, momentum, norm, keys, values, queries, gates, config, chunk_fn):
+    """A slice that starts at a chunk boundary with all T tokens real (static): scan the full
+    chunks, then one shorter chunk for the rest (a chunk of r < C tokens is a chunk: no padding)."""
+    chunk = config.chunk_size
+    length = keys.shape[0]
+    num_full, rest = divmod(length, chunk)
+    outputs = []
+    if num_full:
+        def body(carry, chunk_inputs):
+            w, s = carry
+            out, w, s = chunk_fn(w, w, s, norm, *chunk_inputs, None, config)
+            return (w, s), out
+
+        pieces = [x[:num_full * chunk].reshape((num_full, chunk) + x.shape[1:]) for x in (keys, values, queries, gates)]
+        (weights, momentum), out = _group_scan(body, (weights, momentum), pieces, num_full, config)
+        outputs.append(out.reshape((num_full * chunk,) + out.shape[2:]))
+    chunk_weights = weights
+    if rest:
+        tail = [x[num_full * chunk:] for x in (keys, values, queries, gates)]
+        out, weights, momentum = chunk_fn(weights, weights, momentum, norm, *tail, None, config)
+        outputs.append(out)
+    return jnp.concatenate(outputs, axis=0), chunk_weights, weights, momentum
 
 
-def _associative_slice(*args, config):
-    return _chunk_scan_slice(*args, config=config, chunk_fn=_associative_chunk_step)
+def _streaming_chunk_slice(chunk_weights, weights, momentum, norm, keys, values, queries, gates, offset,
+                           num_valid, config, chunk_fn):
+    """T tokens that start at chunk-local position `offset` (traced, in [0, C)), the first
+    num_valid of them real: laid out at `offset` in a buffer of whole chunks (static length
+    ceil((C - 1 + T) / C) C) and scanned with a validity mask; a chunk whose last position is
+    real is complete and moves the gradient point."""
+    chunk = config.chunk_size
+    length = keys.shape[0]
+    num_chunks = -(-(chunk - 1 + length) // chunk)
+    padded = num_chunks * chunk
+    position = jnp.arange(padded)
+    valid = (position >= offset) & (position < offset + num_valid)
+
+    def layout(x):
+        buffer = jnp.zeros((padded,) + x.shape[1:], x.dtype)
+        x = jax.lax.dynamic_update_slice_in_dim(buffer, x, offset, axis=0)
+        return x.reshape((num_chunks, chunk) + x.shape[1:])
+
+    pieces = [layout(x) for x in (keys, values, queries, gates)] + [valid.reshape(num_chunks, chunk)]
+
+    def body(carry, chunk_inputs):
+        chunk_w, w, s = carry
+        *inputs, chunk_valid = chunk_inputs
+        out, w, s = chunk_fn(chunk_w, w, s, norm, *inputs, chunk_valid, config)
+        return (_select(chunk_valid[-1], w, chunk_w), w, s), out
+
+    (chunk_weights, weights, momentum), outputs = _group_scan(
+        body, (chunk_weights, weights, momentum), pieces, num_chunks, config)
+    outputs = outputs.reshape((padded,) + outputs.shape[2:])
+    return jax.lax.dynamic_slice_in_dim(outputs, offset, length, axis=0), chunk_weights, weights, momentum
 
 
-_SLICE_FNS = {"reference": _reference_slice, "chunked": _chunked_slice, "associative": _associative_slice}
+_CHUNK_FNS = {"chunked": _chunk_step, "associative": _associative_chunk_step}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,6 +548,7 @@ def memory_apply(
     log_keep: Array | None,
     config: MemoryConfig,
     state: MemoryState | None = None,
+    num_valid: Array | int | None = None,
 ) -> tuple[Array, MemoryState]:
     """Run the memory over T new tokens: retrieve y_t = M_t(q_t) while writing (k_t, v_t).
 
@@ -483,15 +559,22 @@ def memory_apply(
         momentum (eta = 0). log_keep: [B, H, T] log(1 - alpha), or None for no forgetting.
       config: MemoryConfig.
       state: the state returned by a previous call, or None to start from M_0.
+      num_valid: None (all T tokens are real) or an int32 scalar in [0, T]: only the first
+        num_valid tokens are real, the state returned is the one after them and the outputs of
+        the others are not meaningful (callers with a static shape and a traced token count).
 
     Returns:
       outputs [B, H, T, V] (in the state's dtype) and the new MemoryState. Any split of a
       sequence into calls gives the same outputs as one call on the whole sequence.
+
+    Paths: a fresh state runs whole chunks from a boundary (the training path); a carried
+    state lays the tokens out behind its pending ones and masks the rest; one token (T = 1)
+    is one step of the recurrence at constant cost, whatever the chunk size.
     """
     _check_params(params, config)
     batch, heads, length = _check_inputs(keys, values, queries, theta, log_eta, log_keep, config)
-    fresh = state is None
-    if fresh:
+    fresh = state is None and num_valid is None
+    if state is None:
         state = init_memory_state(params, batch, config)
     else:
         _check_state(state, batch, heads, config)
@@ -506,52 +589,53 @@ def memory_apply(
         log_keep = jnp.zeros(theta.shape, dtype)
     gates = jnp.stack([theta, log_eta, log_keep], axis=-1).astype(dtype)
     keys, values, queries = (x.astype(dtype) for x in (keys, values, queries))
-
     chunk = config.chunk_size
-    # Sequence = pending buffer (at most C - 1 tokens, starting at a chunk boundary) ++ new tokens.
-    # Its padded length is static; the position where the new tokens start is a traced value,
-    # except for a fresh state, where it is 0 and no buffer is needed.
-    num_pending = 0 if fresh else state.num_pending
-    prefix = 0 if fresh else chunk - 1
-    padded = -(-(prefix + length) // chunk) * chunk
-    position = jnp.arange(padded + chunk)
+    norm = params.get("norm")
 
-    def assemble(pending, new):
-        pending = pending[:, :, :prefix]
-        total = padded + chunk
-        buffer = jnp.pad(pending, [(0, 0), (0, 0), (0, total - prefix)] + [(0, 0)] * (pending.ndim - 3))
-        shifted = jnp.zeros(new.shape[:2] + (total,) + new.shape[3:], dtype)
-        shifted = jax.lax.dynamic_update_slice_in_dim(shifted, new, num_pending, axis=2)
-        where = lambda mask, a, b: jnp.where(mask.reshape((1, 1, -1) + (1,) * (a.ndim - 3)), a, b)  # noqa: E731
-        return where(position < num_pending, buffer, where(position < num_pending + length, shifted, 0.0))
+    def over_slices(fn, num_state, *args):
+        """vmap fn over heads then batch: the first num_state args are per-slice states, then
+        norm (per head only), then per-slice inputs, then shared scalars."""
+        state_axes, input_axes = (0,) * num_state, (0,) * 4
+        scalars = (None,) * (len(args) - num_state - 4)
+        over_heads = jax.vmap(fn, in_axes=state_axes + (0 if norm is not None else None,) + input_axes + scalars)
+        over_batch = jax.vmap(over_heads, in_axes=state_axes + (None,) + input_axes + scalars)
+        return over_batch(*args[:num_state], norm, *args[num_state:])
 
-    seq_keys = assemble(state.pending_keys, keys)
-    seq_values = assemble(state.pending_values, values)
-    seq_gates = assemble(state.pending_gates, gates)
-    seq_queries = assemble(jnp.zeros_like(state.pending_keys), queries)
-    num_valid = num_pending + length
+    num_pending = state.num_pending
+    if fresh:
+        if config.impl == "reference":
+            fn = functools.partial(_reference_slice, config=config)
+            outputs, chunk_weights, weights, momentum = over_slices(
+                fn, 3, state.weights, state.weights, state.momentum, keys, values, queries, gates, 0, length)
+        else:
+            fn = functools.partial(_fresh_chunk_slice, config=config, chunk_fn=_CHUNK_FNS[config.impl])
+            outputs, chunk_weights, weights, momentum = over_slices(
+                fn, 2, state.weights, state.momentum, keys, values, queries, gates)
+        return outputs, MemoryState(weights, momentum, chunk_weights, jnp.asarray(length % chunk, jnp.int32))
 
-    slice_fn = functools.partial(_SLICE_FNS[config.impl], config=config)
-    over_heads = jax.vmap(slice_fn, in_axes=(0, 0, 0, 0, 0, 0, 0, None))
-    over_batch = jax.vmap(over_heads, in_axes=(0, 0, None, 0, 0, 0, 0, None))
-    outputs, weights, momentum = over_batch(
-        state.weights, state.momentum, params.get("norm"),
-        seq_keys[:, :, :padded], seq_values[:, :, :padded], seq_queries[:, :, :padded],
-        seq_gates[:, :, :padded], num_valid)
-    outputs = jax.lax.dynamic_slice_in_dim(outputs, num_pending, length, axis=2)
-    if not fresh:  # a traced state with num_pending out of range (checked eagerly): poison, never clip
-        outputs = jnp.where((num_pending >= 0) & (num_pending < chunk), outputs, jnp.nan)
+    count = length if num_valid is None else jnp.clip(jnp.asarray(num_valid, jnp.int32), 0, length)
+    if length == 1 and num_valid is None:  # decoding: one step of the recurrence, O(I O) per layer
+        def one_token(chunk_w, w, s, norm, key, value, query, gate):
+            out, w, s = token_step(chunk_w, w, s, norm, key[0], value[0], query[0], gate[0], config)
+            return out[None], w, s
 
-    boundary = (num_valid // chunk) * chunk
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x, boundary, chunk, axis=2)  # noqa: E731
-    new_state = MemoryState(
-        weights=weights,
-        momentum=momentum,
-        pending_keys=take(seq_keys),
-        pending_values=take(seq_values),
-        pending_gates=take(seq_gates),
-        num_pending=jnp.asarray(num_valid % chunk, jnp.int32),
-    )
+        outputs, weights, momentum = over_slices(
+            one_token, 3, state.chunk_weights, state.weights, state.momentum, keys, values, queries, gates)
+        complete = num_pending + 1 == chunk
+        chunk_weights = _select(complete, weights, state.chunk_weights)
+    elif config.impl == "reference":
+        fn = functools.partial(_reference_slice, config=config)
+        outputs, chunk_weights, weights, momentum = over_slices(
+            fn, 3, state.chunk_weights, state.weights, state.momentum, keys, values, queries, gates, num_pending,
+            count)
+    else:
+        fn = functools.partial(_streaming_chunk_slice, config=config, chunk_fn=_CHUNK_FNS[config.impl])
+        outputs, chunk_weights, weights, momentum = over_slices(
+            fn, 3, state.chunk_weights, state.weights, state.momentum, keys, values, queries, gates, num_pending,
+            count)
+    # a traced state with num_pending out of range (checked eagerly): poison, never clip
+    outputs = jnp.where((num_pending >= 0) & (num_pending < chunk), outputs, jnp.nan)
+    new_state = MemoryState(weights, momentum, chunk_weights, jnp.asarray((num_pending + count) % chunk, jnp.int32))
     return outputs, new_state
 
 
@@ -633,7 +717,8 @@ def _check_state(state: MemoryState, batch: int, heads: int, config: MemoryConfi
     concrete states) num_pending in [0, chunk_size)."""
     if not isinstance(state, MemoryState):
         raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
-    for name in ("weights", "momentum"):
+    fields = ("weights", "momentum", "chunk_weights")
+    for name in fields:
         layers = getattr(state, name)
         if not isinstance(layers, (tuple, list)) or len(layers) != config.depth:
             raise ValueError(f"state.{name} must hold {config.depth} memory layers (config.depth), got "
@@ -644,7 +729,7 @@ def _check_state(state: MemoryState, batch: int, heads: int, config: MemoryConfi
     names = ("w", "b") if config.use_bias else ("w",)
     for index, (fan_in, fan_out) in enumerate(config.layer_dims):
         expected = {"w": (batch, heads, fan_in, fan_out), "b": (batch, heads, fan_out)}
-        for field in ("weights", "momentum"):
+        for field in fields:
             layer = getattr(state, field)[index]
             if not isinstance(layer, Mapping) or set(layer) != set(names):
                 raise ValueError(f"state.{field}[{index}] must have entries {names} (use_bias={config.use_bias}), "
@@ -658,15 +743,6 @@ def _check_state(state: MemoryState, batch: int, heads: int, config: MemoryConfi
                 if leaf.dtype != dtype:
                     raise TypeError(f"state.{field}[{index}][{leaf_name!r}] has dtype {leaf.dtype}, the state's "
                                     f"weights {dtype}: one state has one dtype")
-    pending = {"pending_keys": config.key_dim, "pending_values": config.value_dim, "pending_gates": 3}
-    for name, width in pending.items():
-        leaf = getattr(state, name)
-        expected = (batch, heads, config.chunk_size, width)
-        if tuple(getattr(leaf, "shape", ())) != expected:
-            raise ValueError(f"state.{name} has shape {tuple(getattr(leaf, 'shape', ()))}, expected {expected} "
-                             "(was the state made with another batch, heads, chunk_size or memory width?)")
-        if leaf.dtype != dtype:
-            raise TypeError(f"state.{name} has dtype {leaf.dtype}, the state's weights {dtype}")
     count = state.num_pending
     if getattr(count, "shape", None) != () or not jnp.issubdtype(count.dtype, jnp.integer):
         raise TypeError(f"state.num_pending must be an integer scalar, got "

@@ -1,14 +1,21 @@
 """Titans language models (MAC, MAG, MAL, LMM) and the paper's baselines (Transformer++,
-sliding-window Transformer; TTT and linear memory are LMM configurations), with exact decoding.
+sliding-window Transformer; TTT and linear memory are LMM configurations), with exact streaming.
 
-One wrapper, `TitansLM`, runs in three modes over the same parameters:
+One wrapper, `TitansLM`, and one call shape over the same parameters:
 
-  mode="train"    logits for a whole sequence (parallel; MAC scans over segments)
-  mode="prefill"  the same logits and a cache sized for `max_len` tokens
-  mode="decode"   one token per call with that cache; its logits equal the parallel pass
+  logits = model.apply(v, tokens)                     training: a parallel pass, [B, T, V]
+  cache = init_cache(model, params, batch, max_len)   the state before the first token
+  logits, cache = model.apply(v, tokens, cache)       any T >= 1 tokens that continue the cache
 
-Caches are explicit values (a dict of per-layer NamedTuples and the next position) with shapes
-that never change from step to step, so one jitted decode step serves a whole generation.
+T = 1 is decoding, T = a prompt is prefill, T = a window of a long text is streaming; any split
+of a sequence into calls gives the logits of one parallel pass. `logits_at` ("all" | "last" |
+"none") keeps a long call from materialising [B, T, V].
+
+Caches are explicit values (a dict of per-layer mixer caches and the next position) with shapes
+that never change from call to call: the memory state (running weights, momentum, chunk-start
+weights), conv states, a sliding-window buffer of `window` keys, MAC's segment buffers. Only
+full attention (transformer) grows with the context: its cache is sized by max_len up front and
+refuses more (an error, or NaN logits under jit).
 
 Block structure (pre-norm residual; every block ends with a SwiGLU MLP):
 
@@ -71,7 +78,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-MODES = ("train", "prefill", "decode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,23 +236,33 @@ class Attention(nn.Module):
         q, k, v = jnp.split(_split_heads(self.qkv(x), 3 * cfg.num_heads), 3, axis=2)
         return attn_lib.rope(q, positions, cfg.rope_base), attn_lib.rope(k, positions, cfg.rope_base), v
 
-    def __call__(self, x: Array, cache, position, mode: str, max_len: int | None):
+    def init_cache(self, batch: int, max_len: int | None) -> attn_lib.KVCache:
+        cfg = self.config
+        capacity = self.window if self.window is not None else max_len
+        return attn_lib.init_kv_cache(batch, self.num_prefix, capacity, cfg.num_heads, cfg.head_dim, cfg.dtype)
+
+    def __call__(self, x: Array, cache: attn_lib.KVCache | None = None, position: Array | None = None,
+                 prefix: bool = False):
+        """cache None: the parallel pass over positions 0 .. T - 1 (prefix included). Otherwise
+        T tokens at positions position .. position + T - 1 over the cache; prefix=True is the
+        call over the persistent prefix itself (positions 0 .. P - 1), which fills its buffer."""
         cfg = self.config
         batch, length, _ = x.shape
-        if mode == "decode":
-            q, k, v = self._project(x, position[None])
-            out, cache = attn_lib.decode_attention(q, k, v, cache, position, window=self.window)
-        else:
+        if cache is None:
             q, k, v = self._project(x, jnp.arange(length))
             if cfg.attention_impl == "jax":
                 out = attn_lib.fused_attention(q, k, v, window=self.window, num_prefix=self.num_prefix)
             else:
                 out = attn_lib.blocked_attention(q, k, v, window=self.window, num_prefix=self.num_prefix,
                                                  block_size=cfg.attention_block)
-            cache = None
-            if mode == "prefill":
-                capacity = self.window if self.window is not None else max_len
-                cache = attn_lib.cache_from_prefill(k, v, num_prefix=self.num_prefix, capacity=capacity)
+        elif prefix:  # the prefix sees itself causally (every prefix key is visible to later queries)
+            q, k, v = self._project(x, jnp.arange(length))
+            out = attn_lib.blocked_attention(q, k, v, window=None, block_size=cfg.attention_block)
+            cache = cache._replace(prefix_k=k.astype(cache.prefix_k.dtype), prefix_v=v.astype(cache.prefix_v.dtype))
+        else:
+            q, k, v = self._project(x, position + jnp.arange(length))
+            out, cache = attn_lib.cached_attention(q, k, v, position, cache, window=self.window,
+                                                   block_size=cfg.attention_block)
         return self.out(out.reshape(batch, length, -1)), cache
 
 
@@ -322,7 +338,7 @@ class MemoryAsContext(nn.Module):
         return MACCache(conv, lmm_state.memory.weights, buffer, buffer, buffer, buffer,
                         jnp.zeros((), jnp.int32), lmm_state)
 
-    def _retrieved_tokens(self, x: Array, cache: MACCache):
+    def _retrieved_tokens(self, x: Array, cache: MACCache, num_valid: Array | None):
         """h = M*_{t-1}(q): the pre-segment memory read with the segment's own queries (causal)
         or with learned queries. Returns h in model space [B, L or N_l, D] and the conv state."""
         cfg = self.config
@@ -331,7 +347,8 @@ class MemoryAsContext(nn.Module):
         if cfg.mac_retrieval == "causal":
             queries = self.retrieval_query(x)
             if cfg.lmm.conv_width:
-                queries, conv = causal_depthwise_conv(queries, self.retrieval_conv_kernel, self.retrieval_conv_bias, conv)
+                queries, conv = causal_depthwise_conv(queries, self.retrieval_conv_kernel, self.retrieval_conv_bias,
+                                                      conv, num_valid)
             queries = l2_normalize(jax.nn.silu(_split_heads(queries, cfg.num_heads)))
             queries = queries.transpose(0, 2, 1, 3)  # [B, H, L, E]
         else:
@@ -340,32 +357,40 @@ class MemoryAsContext(nn.Module):
         retrieved = rms_norm(retrieved, self.retrieval_norm_scale, cfg.norm_eps)
         return self.retrieval_out(retrieved.reshape(retrieved.shape[:2] + (-1,)).astype(x.dtype)), conv
 
-    def segment(self, x: Array, cache: MACCache, position: Array) -> tuple[Array, MACCache]:
+    def segment(self, x: Array, cache: MACCache, position: Array,
+                num_valid: Array | None = None) -> tuple[Array, MACCache]:
         """x: [B, L, D] (normed block input) at absolute positions position .. position + L - 1,
-        all inside one segment, which already holds `cache.fill` tokens."""
+        all inside one segment, which already holds `cache.fill` tokens. num_valid: None (all L
+        tokens are real) or a traced count n: only x[:, :n] is real (fill + n <= C), the cache
+        advances over those only and the other outputs are not meaningful."""
         cfg = self.config
         batch, length, _ = x.shape
         heads, seg = cfg.num_heads, cfg.segment_size
         fill = cache.fill
+        count = length if num_valid is None else num_valid
         positions = position + jnp.arange(length)
 
         # 1. retrieval from the memory before this segment (eq. 21)
-        retrieved, conv = self._retrieved_tokens(x, cache)
+        retrieved, conv = self._retrieved_tokens(x, cache, num_valid)
 
         # 2. attention over [persistent || retrieved || segment] (eq. 22-23)
         q, k, v = jnp.split(_split_heads(self.qkv(x), 3 * heads), 3, axis=2)
         q = attn_lib.rope(q, positions, cfg.rope_base)
         k = attn_lib.rope(k, positions, cfg.rope_base)
         _, k_h, v_h = jnp.split(_split_heads(self.qkv(retrieved), 3 * heads), 3, axis=2)
-        seg_k = jax.lax.dynamic_update_slice_in_dim(cache.segment_k, k.astype(cache.segment_k.dtype), fill, axis=1)
-        seg_v = jax.lax.dynamic_update_slice_in_dim(cache.segment_v, v.astype(cache.segment_v.dtype), fill, axis=1)
+        # slots fill .. fill + count - 1 of the segment buffers take the real new tokens
+        slots = jnp.where(jnp.arange(length) < count, fill + jnp.arange(length), seg)  # seg: dropped
+
+        def put(buffer, new):
+            return buffer.at[:, slots].set(new.astype(buffer.dtype), mode="drop")
+
+        seg_k, seg_v = put(cache.segment_k, k), put(cache.segment_v, v)
         query_idx = fill + jnp.arange(length)
         key_idx = jnp.arange(seg)
         causal = key_idx[None, :] <= query_idx[:, None]  # [L, C]
         if cfg.mac_retrieval == "causal":
             k_h = attn_lib.rope(k_h, positions, cfg.rope_base)
-            ret_k = jax.lax.dynamic_update_slice_in_dim(cache.retrieved_k, k_h.astype(cache.retrieved_k.dtype), fill, axis=1)
-            ret_v = jax.lax.dynamic_update_slice_in_dim(cache.retrieved_v, v_h.astype(cache.retrieved_v.dtype), fill, axis=1)
+            ret_k, ret_v = put(cache.retrieved_k, k_h), put(cache.retrieved_v, v_h)
             keys, values, masks = [ret_k, seg_k], [ret_v, seg_v], [causal, causal]
         else:  # learned queries: h is input-independent within the segment, all of it visible
             ret_k, ret_v = cache.retrieved_k, cache.retrieved_v
@@ -381,11 +406,11 @@ class MemoryAsContext(nn.Module):
         y = self.out(y.reshape(batch, length, -1))
 
         # 3. write y into the memory and read it back with the updated memory (eq. 24-25)
-        read, lmm_state = self.memory(y, cache.lmm)
+        read, lmm_state = self.memory(y, cache.lmm, num_valid)
         out = self.gate(y, read)
 
         # 4. at the end of a segment its memory becomes the next segment's M_{t-1}
-        fill = fill + length
+        fill = fill + count
         done = fill == seg
         segment_weights = jax.tree.map(lambda new, old: jnp.where(done, new, old),
                                        lmm_state.memory.weights, cache.segment_weights)
@@ -393,11 +418,20 @@ class MemoryAsContext(nn.Module):
                              jnp.where(done, 0, fill).astype(jnp.int32), lmm_state)
         return out, new_cache
 
-    def __call__(self, x: Array, cache: MACCache | None, position, mode: str, max_len):
+    def __call__(self, x: Array, cache: MACCache | None = None, position: Array | None = None):
+        """cache None: the parallel pass (a scan over whole segments from a fresh cache), returns
+        (outputs, None). Otherwise T tokens from position on, continuing the cache."""
         cfg = self.config
         batch, length, _ = x.shape
-        if mode == "decode":
+        if cache is None:
+            return self._parallel(x), None
+        if length == 1:  # decoding: one token of the current segment
             return self.segment(x, cache, position)
+        return self._stream(x, cache, position)
+
+    def _parallel(self, x: Array) -> Array:
+        cfg = self.config
+        batch, length, _ = x.shape
         cache = self.initial_cache(batch)
         seg = cfg.segment_size
         num_full, rest = divmod(length, seg)
@@ -408,7 +442,7 @@ class MemoryAsContext(nn.Module):
                 out, cache = module.segment(inputs, cache, start)
                 return (cache, start + seg), out
 
-            if cfg.mac_remat_segments and mode == "train":
+            if cfg.mac_remat_segments:
                 # keep only the carry per segment; recompute a segment's insides in the backward pass
                 body = nn.remat(body, prevent_cse=False)
             scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
@@ -419,7 +453,34 @@ class MemoryAsContext(nn.Module):
         if rest:
             out, cache = self.segment(x[:, num_full * seg:], cache, jnp.asarray(num_full * seg, jnp.int32))
             outputs.append(out)
-        return jnp.concatenate(outputs, axis=1), cache
+        return jnp.concatenate(outputs, axis=1)
+
+    def _stream(self, x: Array, cache: MACCache, position: Array) -> tuple[Array, MACCache]:
+        """T > 1 tokens that start at slot `cache.fill` (traced) of a segment: a scan over frames
+        of F = min(T, C) tokens, each inside one segment (the first fills the current segment,
+        or takes all T), with a traced count of real tokens per frame. 1 + ceil((T - 1) / F)
+        frames always suffice: a frame either ends a segment or takes the rest, and when F < C
+        (T < C) the second frame starts a segment and takes everything left."""
+        cfg = self.config
+        batch, length, width = x.shape
+        seg = cfg.segment_size
+        frame = min(length, seg)
+        num_frames = 1 + -(-(length - 1) // frame)
+        padded = jnp.concatenate([x, jnp.zeros((batch, frame, width), x.dtype)], axis=1)
+
+        def body(module, carry, _):
+            cache, start, out_buffer = carry
+            count = jnp.clip(jnp.minimum(length - start, seg - cache.fill), 0, frame).astype(jnp.int32)
+            x_frame = jax.lax.dynamic_slice_in_dim(padded, start, frame, axis=1)
+            out, new_cache = module.segment(x_frame, cache, position + start, count)
+            cache = jax.tree.map(lambda new, old: jnp.where(count > 0, new, old), new_cache, cache)
+            out_buffer = jax.lax.dynamic_update_slice_in_dim(out_buffer, out.astype(out_buffer.dtype), start, axis=1)
+            return (cache, start + count, out_buffer), None
+
+        scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False}, length=num_frames)
+        out_buffer = jnp.zeros((batch, length + frame, width), x.dtype)
+        (cache, _, out_buffer), _ = scan(self, (cache, jnp.zeros((), jnp.int32), out_buffer), None)
+        return out_buffer[:, :length], cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,8 +488,9 @@ class MemoryAsContext(nn.Module):
 
 
 class Block(nn.Module):
-    """One residual block of `config.arch`. __call__(x, cache, position, mode, max_len) ->
-    (x, cache); the cache is a dict of the mixers' caches (None in train mode)."""
+    """One residual block of `config.arch`. __call__(x, cache, position, prefix) -> (x, cache):
+    cache None is the parallel pass (returns cache None); otherwise the cache is a dict of the
+    mixers' caches ("attention", "memory", "mac"), continued over the T tokens of x."""
 
     config: ModelConfig
 
@@ -449,18 +511,29 @@ class Block(nn.Module):
         self.mlp_norm = norm("mlp_norm")
         self.mlp = SwiGLU(cfg, name="mlp")
 
-    def __call__(self, x, cache, position, mode: str, max_len: int | None):
+    def init_cache(self, batch: int, max_len: int | None) -> dict:
         cfg = self.config
-        cache = dict(cache or {})
+        cache = {}
+        if cfg.arch in ("transformer", "swa", "mag", "mal"):
+            cache["attention"] = self.attention.init_cache(batch, max_len)
+        if cfg.arch in ("lmm", "mag", "mal"):
+            cache["memory"] = self.memory.initial_state(batch)
+        if cfg.arch == "mac":
+            cache["mac"] = self.mac.initial_cache(batch)
+        return cache
+
+    def __call__(self, x, cache=None, position=None, prefix: bool = False):
+        cfg = self.config
+        streaming = cache is not None
         new = {}
 
         def memory(h):
-            y, state = self.memory(h, cache.get("memory") if mode == "decode" else None)
+            y, state = self.memory(h, cache["memory"] if streaming else None)
             new["memory"] = state
             return y
 
         def attention(h):
-            y, kv = self.attention(h, cache.get("attention"), position, mode, max_len)
+            y, kv = self.attention(h, cache["attention"] if streaming else None, position, prefix)
             new["attention"] = kv
             return y
 
@@ -475,74 +548,134 @@ class Block(nn.Module):
             x = x + memory(self.mix_norm(x))
             x = x + attention(self.attention_norm(x))
         else:
-            y, new["mac"] = self.mac(self.mix_norm(x), cache.get("mac"), position, mode, max_len)
+            y, new["mac"] = self.mac(self.mix_norm(x), cache["mac"] if streaming else None, position)
             x = x + y
         x = x + self.mlp(self.mlp_norm(x))
-        return x, (new if mode != "train" else None)
+        return x, (new if streaming else None)
+
+
+LOGITS_AT = ("all", "last", "none")
 
 
 class TitansLM(nn.Module):
-    """Token ids [B, T] -> logits [B, T, V]; see the module docstring for the three modes."""
+    """The language model: one call shape for training, prefill, streaming and decoding.
+
+      logits = model.apply({"params": p}, tokens)                  # training: [B, T, V]
+      cache = model.apply({"params": p}, batch, max_len, method="init_cache")   # or init_cache(...)
+      logits, cache = model.apply({"params": p}, tokens, cache)    # any T >= 1, continues the cache
+
+    A call with a cache continues the sequence the cache has seen: T = 1 is decoding, T = a
+    prompt is prefill, T = a window of a book is streaming; any split of a sequence into calls
+    gives the logits of one parallel pass. `logits_at` = "all" ([B, T, V]), "last" ([B, 1, V]:
+    the next-token logits only) or "none" (None: only the cache advances), so a long context
+    never materialises [B, T, V].
+    """
 
     config: ModelConfig
 
-    @nn.compact
-    def __call__(self, tokens: Array, cache: dict | None = None, *, mode: str = "train",
-                 max_len: int | None = None):
+    def setup(self):
         cfg = self.config
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              embedding_init=nn.initializers.normal(0.02), name="embed")
+        if cfg.prefix_length:
+            self.persistent = self.param("persistent", nn.initializers.normal(0.02), (cfg.prefix_length, cfg.d_model),
+                                         cfg.param_dtype)
+        block_cls = Block
+        if cfg.remat != "none":  # only changes what the backward pass stores
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4,))
+        self.blocks = [block_cls(cfg, name=f"block_{index}") for index in range(cfg.num_layers)]
+        self.final_norm = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")
+        if not cfg.tie_embeddings:
+            self.lm_head = _dense(cfg, cfg.vocab_size, "lm_head")
+
+    def _persistent(self, batch: int, dtype) -> Array:
+        cfg = self.config
+        return jnp.broadcast_to(self.persistent.astype(dtype), (batch, cfg.prefix_length, cfg.d_model))
+
+    def _logits(self, x: Array, logits_at: str):
+        if logits_at == "none":
+            return None
+        if logits_at == "last":
+            x = x[:, -1:]
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+    def __call__(self, tokens: Array, cache: dict | None = None, *, logits_at: str = "all"):
+        cfg = self.config
+        if logits_at not in LOGITS_AT:
+            raise ValueError(f"unknown logits_at {logits_at!r}; choose one of {LOGITS_AT}")
         tokens = check_tokens(tokens, cfg.vocab_size)
         batch, length = tokens.shape
-        prefix = cfg.prefix_length
-        if mode == "decode":
-            if cache is None:
-                raise ValueError("mode='decode' needs the cache returned by mode='prefill'")
-            if length != 1:
-                raise ValueError(f"mode='decode' takes one token per call, got {length}")
-            check_cache(cfg, cache, batch)
-            position = cache["position"]
-        else:
-            if cache is not None:
-                raise ValueError(f"mode={mode!r} starts a new sequence and takes no cache")
-            if mode == "prefill" and (max_len is None or max_len < length):
-                raise ValueError(f"mode='prefill' needs max_len >= the prompt length {length}, got {max_len}")
-            position = None
-
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                         embedding_init=nn.initializers.normal(0.02), name="embed")
-        x = embed(tokens)
+        x = self.embed(tokens)
         x = jnp.where((tokens >= 0) & (tokens < cfg.vocab_size), 1.0, jnp.nan)[..., None].astype(x.dtype) * x
-        if prefix and mode != "decode":
-            persistent = self.param("persistent", nn.initializers.normal(0.02), (prefix, cfg.d_model), cfg.param_dtype)
-            x = jnp.concatenate([jnp.broadcast_to(persistent.astype(x.dtype), (batch, prefix, cfg.d_model)), x], axis=1)
+        if cache is None:  # training: one parallel pass from the start of a sequence
+            prefix = cfg.prefix_length
+            if prefix:
+                x = jnp.concatenate([self._persistent(batch, x.dtype), x], axis=1)
+            for block in self.blocks:
+                x, _ = block(x, None, None, False)
+            return self._logits(x[:, prefix:], logits_at)
 
-        block_cls = Block
-        if cfg.remat != "none" and mode == "train":
-            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4, 5))
-        layer_caches = []
-        for index in range(cfg.num_layers):
-            layer_cache = cache["layers"][index] if mode == "decode" else None
-            x, layer_cache = block_cls(cfg, name=f"block_{index}")(x, layer_cache, position, mode, max_len)
-            layer_caches.append(layer_cache)
-        x = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x[:, x.shape[1] - length:])
-        if cfg.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = _dense(cfg, cfg.vocab_size, "lm_head")(x)
-        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-        if mode == "train":
-            return logits
-        if mode == "prefill":
-            new_position = jnp.asarray(prefix + length, jnp.int32)
-            limit = jnp.asarray(prefix + max_len, jnp.int32)
-        else:
-            new_position = position + 1
-            limit = cache["limit"]
-            if cfg.attention_window is None:
-                # Full attention holds at most max_len tokens: past that, poison instead of wrapping.
-                logits = jnp.where(position < limit, logits, jnp.nan)
-        return logits, {"layers": tuple(layer_caches), "position": new_position, "limit": limit}
+        check_cache(cfg, cache, batch)
+        position = cache["position"]
+        capacity = full_attention_capacity(cfg, cache)
+        if capacity is not None and not isinstance(position, jax.core.Tracer):
+            with jax.ensure_compile_time_eval():
+                seen = int(position) - cfg.prefix_length
+            if seen + length > capacity:
+                raise ValueError(f"this full-attention cache holds {capacity} tokens and has seen {seen}: "
+                                 f"{length} more do not fit (make the cache with a larger max_len)")
+        layers = []
+        for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
+            x, layer_cache = block(x, layer_cache, position, False)
+            layers.append(layer_cache)
+        logits = self._logits(x, logits_at)
+        if capacity is not None and logits is not None:
+            # Under jit the check above cannot run: past its capacity the cache would be written
+            # at a clipped slot, so the logits become NaN instead (never a wrapped context).
+            logits = jnp.where(position - cfg.prefix_length + length <= capacity, logits, jnp.nan)
+        return logits, {"layers": tuple(layers), "position": position + length}
+
+    def init_cache(self, batch: int, max_len: int | None = None) -> dict:
+        """The cache before the first token of `batch` sequences. Fixed shapes: MAC / MAG / MAL /
+        LMM / SWA keep bounded state whatever the context (max_len is not needed and ignored);
+        full attention (transformer) keeps every key and needs max_len, the most tokens the
+        cache will hold. The persistent prefix (when the architecture prepends one) is run
+        through the model here, so the cache starts at position N_p."""
+        cfg = self.config
+        if not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch <= 0:
+            raise ValueError(f"init_cache needs a positive integer batch size, got {batch!r}")
+        if cfg.attention_window is None:
+            if max_len is None:
+                raise ValueError("a full-attention (transformer) cache keeps every key: give max_len, the most tokens "
+                                 "it will hold")
+        if max_len is not None and (not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool)
+                                    or max_len <= 0):
+            raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
+        layers = tuple(block.init_cache(batch, max_len) for block in self.blocks)
+        position = jnp.zeros((), jnp.int32)
+        if cfg.prefix_length:
+            x = self._persistent(batch, jnp.dtype(cfg.dtype))
+            new_layers = []
+            for block, layer_cache in zip(self.blocks, layers, strict=True):
+                x, layer_cache = block(x, layer_cache, position, True)
+                new_layers.append(layer_cache)
+            layers, position = tuple(new_layers), jnp.asarray(cfg.prefix_length, jnp.int32)
+        return {"layers": layers, "position": position}
+
+
+def init_cache(model: TitansLM, params, batch: int, max_len: int | None = None) -> dict:
+    """model.init_cache through apply: the empty cache (persistent prefix already seen) for
+    `batch` sequences; max_len only for full attention (see TitansLM.init_cache)."""
+    return model.apply({"params": params}, batch, max_len, method=TitansLM.init_cache)
+
+
+def full_attention_capacity(config: ModelConfig, cache: dict) -> int | None:
+    """Tokens (after the prefix) a full-attention cache holds; None for bounded caches."""
+    if config.attention_window is not None:
+        return None
+    return int(cache["layers"][0]["attention"].k.shape[1])
 
 
 def check_tokens(tokens: Array, vocab_size: int) -> Array:
@@ -566,22 +699,23 @@ def check_tokens(tokens: Array, vocab_size: int) -> Array:
 
 
 def check_cache(config: ModelConfig, cache, batch: int) -> None:
-    """A decode cache against the one this model's prefill makes for `batch` sequences: the
-    same structure (architecture, layers, mixers), and every leaf of the same shape and dtype.
+    """A cache against the one init_cache makes for this model and `batch` sequences: the same
+    structure (architecture, layers, mixers), and every leaf of the same shape and dtype.
     Runs on shapes only, so it also checks caches under jit; a mismatch names the first
     differing entry instead of failing deep inside a layer."""
-    if not isinstance(cache, dict) or set(cache) != {"layers", "position", "limit"}:
-        raise TypeError("the decode cache must be the dict returned by mode='prefill' (keys layers, position, "
-                        f"limit), got {type(cache).__name__}" + (f" with keys {sorted(cache)}" if isinstance(cache, dict) else ""))
+    if not isinstance(cache, dict) or set(cache) != {"layers", "position"}:
+        raise TypeError("the cache must be the dict made by init_cache / returned by a call with a cache (keys "
+                        f"layers, position), got {type(cache).__name__}"
+                        + (f" with keys {sorted(cache)}" if isinstance(cache, dict) else ""))
     layers = cache["layers"]
     if not isinstance(layers, (tuple, list)) or len(layers) != config.num_layers:
-        raise ValueError(f"the decode cache holds {len(layers) if isinstance(layers, (tuple, list)) else '?'} layers, "
+        raise ValueError(f"the cache holds {len(layers) if isinstance(layers, (tuple, list)) else '?'} layers, "
                          f"this {config.arch} model has {config.num_layers}")
-    capacity = 1
-    if config.attention_window is None:  # full attention: the ring holds max_len positions
+    capacity = None
+    if config.attention_window is None:  # full attention: the cache holds max_len positions
         attention = layers[0].get("attention") if isinstance(layers[0], dict) else None
         if not isinstance(attention, attn_lib.KVCache):
-            raise ValueError(f"the decode cache has no attention cache in layer 0, which a {config.arch} model needs "
+            raise ValueError(f"the cache has no attention cache in layer 0, which a {config.arch} model needs "
                              "(a cache of another architecture?)")
         capacity = int(attention.k.shape[1])
     expected = _expected_cache(config, int(batch), capacity)
@@ -592,26 +726,26 @@ def check_cache(config: ModelConfig, cache, batch: int) -> None:
         want_paths = [jax.tree_util.keystr(path) for path, _ in want_leaves]
         missing = [p for p in want_paths if p not in got_paths]
         extra = [p for p in got_paths if p not in want_paths]
-        raise ValueError(f"the decode cache does not fit this {config.arch} model (another architecture or "
+        raise ValueError(f"the cache does not fit this {config.arch} model (another architecture or "
                          f"config?): missing {missing[:3]}, unexpected {extra[:3]}")
     for (path, leaf), (_, want) in zip(got_leaves, want_leaves, strict=True):
         shape, dtype = tuple(getattr(leaf, "shape", ())), getattr(leaf, "dtype", type(leaf))
         if shape != tuple(want.shape) or dtype != want.dtype:
             raise ValueError(
-                f"decode cache entry {jax.tree_util.keystr(path)} has shape {shape} and dtype {dtype}, this model "
+                f"cache entry {jax.tree_util.keystr(path)} has shape {shape} and dtype {dtype}, this model "
                 f"expects {tuple(want.shape)} {want.dtype} for {batch} sequences (a cache of another batch size or "
                 "config?)")
 
 
 @functools.lru_cache(maxsize=32)
-def _expected_cache(config: ModelConfig, batch: int, max_len: int):
+def _expected_cache(config: ModelConfig, batch: int, max_len: int | None):
     model = TitansLM(config, parent=None)
 
-    def prefill(tokens):
+    def make(tokens):
         variables = model.init(jax.random.PRNGKey(0), tokens)
-        return model.apply(variables, tokens, mode="prefill", max_len=max_len)[1]
+        return model.apply(variables, batch, max_len, method=TitansLM.init_cache)
 
-    return jax.eval_shape(prefill, jax.ShapeDtypeStruct((batch, 1), jnp.int32))
+    return jax.eval_shape(make, jax.ShapeDtypeStruct((1, 1), jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------
