@@ -650,3 +650,30 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
             writer.close()
     _write_atomically(summary_path, json.dumps(summary, indent=2))
     return summary
+
+
+def load_trained(run_dir: str | pathlib.Path) -> tuple[ModelConfig, Any, dict]:
+    """(model config, parameters, checkpoint metadata) of the newest good checkpoint of a run
+    written by `train` (its config.json names the model and optimiser; damaged steps fall back
+    as on resume). Raises FileNotFoundError naming what is missing."""
+    run_dir = pathlib.Path(run_dir)
+    record_path = run_dir / "config.json"
+    if not record_path.exists():
+        raise FileNotFoundError(f"{record_path} not found: not a training run directory (train one with "
+                                f"`python -m experiments.train --config quick --out {run_dir}`)")
+    record = json.loads(record_path.read_text())
+    model_config = config_tree.from_dict(ModelConfig, record["model_config"])
+    optim_config = config_tree.from_dict(OptimConfig, record["config"]["optim"])
+    optimizer = make_optimizer(optim_config, int(record["config"]["run"]["steps"]))
+    abstract = jax.eval_shape(lambda: init_train_state(model_config, optimizer, 0))
+    if not (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'} not found: the run has no checkpoint yet")
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    try:
+        restored = checkpointer.restore_latest(abstract, {})
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"no usable checkpoint in {run_dir / 'checkpoints'}")
+    state, meta, _ = restored
+    return model_config, state["params"], meta
