@@ -85,8 +85,10 @@ def run_profile(args, runner, tokenizer, out: pathlib.Path) -> dict:
     print("|---|---|---|---|---|---|---|---|---|")
     for length in sorted(args.lengths):
         example = make_example("niah_single_1", length, depth=0.5, seed=args.seed, tokenizer=tokenizer)
-        result = harness.evaluate_rows(runner, [harness.example_row(example)], tokenizer, progress=False)[0]
-        result["rss_before_bytes"] = harness.rss_bytes()
+        row = harness.example_row(example)
+        rss_before = harness.rss_bytes()  # with this example's prompt text built
+        result = harness.evaluate_rows(runner, [row], tokenizer, progress=False)[0]
+        result["rss_before_bytes"] = rss_before
         rows.append(result)
         print(f"| {length:,} | {result['stream_seconds']:.2f} | {result['tokens_per_second']:,.0f} | "
               f"{result['decode_seconds']:.2f} | {result['peak_rss_bytes'] / 2**20:,.0f} | "

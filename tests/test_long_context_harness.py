@@ -17,7 +17,7 @@ TINY = dict(vocab_size=256, d_model=32, num_layers=1, num_heads=2, head_dim=16, 
             segment_size=8, num_persistent=2, attention_block=8, **{"lmm.memory.chunk_size": 4})
 
 
-@pytest.fixture(scope="module", params=["mac", "transformer"])
+@pytest.fixture(scope="module", params=["mac", pytest.param("transformer", marks=pytest.mark.slow)])
 def tiny(request):
     config = ModelConfig().replace(dict(TINY, arch=request.param))
     model, params = TitansLM(config), init_params(config, jax.random.PRNGKey(0))
