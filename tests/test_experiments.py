@@ -5,6 +5,7 @@ import pytest
 from experiments import memory_bench
 
 
+@pytest.mark.slow  # a benchmark's smoke run (48 s); the memory it times is tested in test_memory / test_lmm
 def test_memory_bench_quick_mode_prints_its_tables(capsys, tmp_path):
     out_file = tmp_path / "bench.json"
     memory_bench.main(["--quick", "--no-peer", "--json", str(out_file)])
