@@ -11,52 +11,22 @@ import pytest
 
 from titans_jax import decoding as gen
 from titans_jax.models import ModelConfig, TitansLM, abstract_params, param_count
-from titans_jax.presets import MLP_MULTIPLE, PRESETS, VARIANTS, preset
+from titans_jax.presets import MLP_MULTIPLE, PRESETS, preset
 
-LENGTH = 21  # > two MAC segments of 8, not a multiple of the segment (8) or the chunk (4)
-TINY = dict(vocab_size=50, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_hidden=48, window=6,
-            segment_size=8, num_persistent=2, attention_block=8, num_learned_queries=3, **{"lmm.memory.chunk_size": 4})
-ARCHS = {
-    "transformer": {}, "swa": {}, "lmm": {}, "mac": {}, "mag": {}, "mal": {},
-    "mac_learned": dict(arch="mac", mac_retrieval="learned"),
-    "ttt": VARIANTS["ttt"], "linear": VARIANTS["linear"],
-}
+from tiny_lm import ARCHS, model_getter, tiny_config
+from tiny_lm import arch_params as _arch_params
+
 SLOW = {"mac_learned", "ttt", "linear", "mal"}  # code paths of mac / lmm / mag with other settings
 
 
-def tiny_config(name: str, **overrides) -> ModelConfig:
-    fields = dict(TINY, arch=name, dtype="float64", param_dtype="float64")
-    fields.update(ARCHS[name])
-    fields.update(overrides)
-    return ModelConfig().replace(fields)
-
-
 def arch_params(names):
-    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
-
-
-class Tiny:
-    """A float64 tiny model, its parameters and jitted entry points."""
-
-    def __init__(self, name: str):
-        self.config = tiny_config(name)
-        self.model = TitansLM(self.config)
-        self.tokens = jax.random.randint(jax.random.PRNGKey(1), (2, LENGTH), 0, self.config.vocab_size)
-        self.params = jax.jit(self.model.init)(jax.random.PRNGKey(0), self.tokens)["params"]
-        self.forward = jax.jit(lambda p, t: self.model.apply({"params": p}, t))
+    return _arch_params(names, SLOW)
 
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = Tiny(name)
-        return built[name]
-
     with jax.enable_x64(True):
-        yield get
+        yield model_getter()
 
 
 @pytest.mark.parametrize("name", arch_params(ARCHS))

@@ -11,18 +11,12 @@ import numpy as np
 import pytest
 
 from titans_jax import memory as mem
-from titans_jax.models import ModelConfig, TitansLM, full_attention_capacity, init_cache
-from titans_jax.presets import VARIANTS
+from titans_jax.models import TitansLM, full_attention_capacity, init_cache
 from titans_jax.testing import max_absolute_difference, random_memory_inputs, random_memory_params
 
-LENGTH = 21  # > two MAC segments of 8, not a multiple of the segment (8) or the chunk (4)
-TINY = dict(vocab_size=50, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_hidden=48, window=6,
-            segment_size=8, num_persistent=2, attention_block=8, num_learned_queries=3, **{"lmm.memory.chunk_size": 4})
-ARCHS = {
-    "transformer": {}, "swa": {}, "lmm": {}, "mac": {}, "mag": {}, "mal": {},
-    "mac_learned": dict(arch="mac", mac_retrieval="learned"),
-    "ttt": VARIANTS["ttt"], "linear": VARIANTS["linear"],
-}
+from tiny_lm import ARCHS, LENGTH, Tiny, model_getter
+from tiny_lm import arch_params as _arch_params
+
 # code paths of mac / lmm / mag with other settings (swa's attention cache runs inside mag)
 SLOW = {"mac_learned", "ttt", "linear", "mal", "swa"}
 # Calls of 5, 1, 1, 5, 1, 5, 1, 1, 1 tokens: T = 1 steps mixed in, calls that cross chunk (4)
@@ -30,55 +24,14 @@ SLOW = {"mac_learned", "ttt", "linear", "mal", "swa"}
 SPLITS = [5, 1, 1, 5, 1, 5, 1, 1, 1]
 
 
-def tiny_config(name: str, **overrides) -> ModelConfig:
-    fields = dict(TINY, arch=name, dtype="float64", param_dtype="float64")
-    fields.update(ARCHS[name])
-    fields.update(overrides)
-    return ModelConfig().replace(fields)
-
-
 def arch_params(names):
-    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
-
-
-class Tiny:
-    """A float64 tiny model, its parameters and jitted entry points shared by the tests."""
-
-    def __init__(self, name: str, **overrides):
-        self.config = tiny_config(name, **overrides)
-        self.model = TitansLM(self.config)
-        self.tokens = jax.random.randint(jax.random.PRNGKey(1), (2, LENGTH), 0, self.config.vocab_size)
-        self.params = jax.jit(self.model.init)(jax.random.PRNGKey(0), self.tokens)["params"]
-        self.forward = jax.jit(lambda p, t: self.model.apply({"params": p}, t))
-        self.call = jax.jit(lambda p, t, c: self.model.apply({"params": p}, t, c))
-        self.call_last = jax.jit(lambda p, t, c: self.model.apply({"params": p}, t, c, logits_at="last"))
-        self.call_none = jax.jit(lambda p, t, c: self.model.apply({"params": p}, t, c, logits_at="none"))
-
-    def empty_cache(self, batch=2, max_len=LENGTH):
-        return init_cache(self.model, self.params, batch, max_len)
-
-    def stream(self, splits, tokens=None):
-        tokens = self.tokens if tokens is None else tokens
-        cache, outputs, start = self.empty_cache(tokens.shape[0]), [], 0
-        for size in splits:
-            logits, cache = self.call(self.params, tokens[:, start:start + size], cache)
-            outputs.append(logits)
-            start += size
-        assert start == tokens.shape[1]
-        return jnp.concatenate(outputs, axis=1), cache
+    return _arch_params(names, SLOW)
 
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = Tiny(name)
-        return built[name]
-
     with jax.enable_x64(True):
-        yield get
+        yield model_getter()
 
 
 @pytest.mark.parametrize("name", arch_params(ARCHS))
