@@ -8,8 +8,8 @@
 Prints, in one run:
   * this machine's float32 matmul rate (jit of a 2048^3 matmul, best of N);
   * our LMM layer: forward and forward+backward tokens/s, FLOP/s as a fraction of that rate;
-    with --devices N > 1 also the same layer with its heads split over N devices (flax logical
-    axis "heads" -> a mesh axis; on a CPU, N host devices, so the chunk scans of different heads
+    with --devices N > 1 also the same layer with its heads split over N devices (the logical
+    axis "heads" -> the mesh's tensor axis, titans_jax.sharding; on a CPU, N host devices, so the chunk scans of different heads
     run on different cores: XLA:CPU runs the scan's small batched matmuls on one thread);
   * titans-pytorch NeuralMemory on the same shapes (when the `peer` extra is installed), in two
     configurations: its default (every chunk's gradient taken at the weights of the sequence
@@ -37,12 +37,11 @@ import os
 import platform
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titans_jax import LMMConfig, LMMLayer, MemoryConfig
+from titans_jax import LMMConfig, LMMLayer, MemoryConfig, sharding
 
 
 def best_time(fn, *args, repeats: int) -> float:
@@ -71,17 +70,15 @@ def chunk_matmul_rate(batch: int, heads: int, chunk: int, head_dim: int, hidden:
     return 2 * batch * heads * chunk * head_dim * hidden / seconds
 
 
-def layer_functions(config: LMMConfig, rules=()):
-    """Jitted forward and forward+backward; `rules` map the layer's logical axes to mesh axes."""
+def layer_functions(config: LMMConfig):
+    """Jitted forward and forward+backward (split by heads when traced under a tensor mesh)."""
     layer = LMMLayer(config)
 
     def forward(variables, x):
-        with nn.logical_axis_rules(rules):
-            return layer.apply(variables, x)[0]
+        return layer.apply(variables, x)[0]
 
     def loss(variables, x):
-        with nn.logical_axis_rules(rules):
-            return jnp.mean(layer.apply(variables, x)[0] ** 2)
+        return jnp.mean(layer.apply(variables, x)[0] ** 2)
 
     return layer, jax.jit(forward), jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
@@ -97,13 +94,12 @@ def compiled_stats(fn, *args) -> tuple[float, int]:
 
 def measure_ours(config: LMMConfig, batch: int, length: int, repeats: int, with_flops: bool = True,
                  devices: int = 1) -> dict:
-    """devices > 1: the heads are split over a 1-D mesh of that many devices (peak = per device)."""
-    rules = (("heads", "model"),) if devices > 1 else ()
-    layer, forward, forward_backward = layer_functions(config, rules)
+    """devices > 1: the heads are split over the mesh's tensor axis of that many devices (peak =
+    per device)."""
+    layer, forward, forward_backward = layer_functions(config)
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, length, config.d_model), jnp.float32)
     variables = layer.init(jax.random.PRNGKey(1), x[:, : config.memory.chunk_size])
-    mesh = jax.make_mesh((devices,), ("model",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:devices])
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, tensor=devices), jax.devices()[:devices])
     result = {}
     for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
         with jax.set_mesh(mesh):

@@ -4,6 +4,16 @@
     python -m experiments.train --config table_mac --set run.steps=600 --set run.seed=1 --out runs/mac-s1
     python -m experiments.train --list
 
+Several processes (one per host, or several on one machine): start the same command once per
+process with --coordinator (process 0's host:port), --num-processes and each its own
+--process-id; every process trains on the same global batches, only process 0 writes to --out
+(which all processes must share). On one CPU machine, e.g. 2 processes x 4 fake devices (the
+run's mesh, RunConfig.mesh, spans all 8):
+
+    export XLA_FLAGS=--xla_force_host_platform_device_count=4
+    python -m experiments.train --config quick --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 0 &
+    python -m experiments.train --config quick --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 1
+
 The run fetches nothing: the corpora come from the local cache (`python -m titans_jax.data.fetch
 all` fills it). It resumes from the newest good checkpoint in --out, trains to run.steps,
 evaluates bits per byte on the held-out (test-split) books and code, prints a sample and writes
@@ -15,8 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +85,30 @@ def make_sampler(tokenizer, prompt: str, num_tokens: int, seed: int):
     return sample
 
 
+def init_distributed(coordinator: str, num_processes: int, process_id: int, timeout_s: int = 300) -> None:
+    """Join a run of `num_processes` processes (jax.distributed.initialize); call it before anything
+    touches the devices. When not every process has joined within timeout_s, this process prints
+    one line naming the coordinator and exits with status 1 (XLA would abort the process with a
+    stack trace a little later)."""
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+
+    def give_up():
+        print(f"error: process {process_id}: not all {num_processes} processes joined the coordinator at "
+              f"{coordinator} within {timeout_s} s; start every process with the same --coordinator and "
+              "--num-processes and its own --process-id", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(timeout_s, give_up)
+    timer.daemon = True
+    timer.start()
+    try:  # XLA's own deadline comes later: the message above, not an abort, is what a user sees
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=timeout_s + 30)
+    finally:
+        timer.cancel()
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="quick", help="a named experiment config (see --list)")
@@ -84,7 +120,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--allow-changes", action="store_true",
                         help="resume a run whose checkpoint has other optimiser settings, total steps or batch "
                              "size; each change is recorded with its step in config.json and summary.json")
+    group = parser.add_argument_group("several processes (jax.distributed; all three or none)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, where the processes meet")
+    group.add_argument("--num-processes", type=int, metavar="N", help="how many processes the run has")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
+    group.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
+                       help="how long to wait for every process to join before exiting with an error (default 300)")
     args = parser.parse_args(argv)
+    distributed = [args.coordinator, args.num_processes, args.process_id]
+    if any(value is not None for value in distributed):
+        if any(value is None for value in distributed):
+            parser.error("--coordinator, --num-processes and --process-id go together")
+        init_distributed(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
     if args.list:
         for name in sorted(CONFIGS):
             config = CONFIGS[name]
@@ -101,9 +148,11 @@ def main(argv=None) -> dict:
               "model_config": dataclasses.asdict(model_config)}  # config.json, written once resume is checked
     from titans_jax.models import abstract_params, param_count
 
-    print(f"{args.config}: {model_config.arch}, {param_count(abstract_params(model_config)) / 1e6:.2f}M parameters, "
-          f"{model_config.num_layers} layers x d {model_config.d_model}; {config.run.steps} steps of "
-          f"{config.run.batch_size} x {config.run.seq_len} tokens; out {out}", flush=True)
+    primary = jax.process_index() == 0  # several processes: one of them reports and plots
+    say = print if primary else (lambda *a, **k: None)
+    say(f"{args.config}: {model_config.arch}, {param_count(abstract_params(model_config)) / 1e6:.2f}M parameters, "
+        f"{model_config.num_layers} layers x d {model_config.d_model}; {config.run.steps} steps of "
+        f"{config.run.batch_size} x {config.run.seq_len} tokens; out {out}", flush=True)
     try:
         summary = train(model_config, config.optim, config.run, out, train_batch, eval_sets, meta=meta,
                         sample_fn=make_sampler(tokenizer, prompt, config.run.sample_tokens, config.run.seed),
@@ -112,20 +161,21 @@ def main(argv=None) -> dict:
     except CheckpointSaveError as error:  # one clear line, not orbax's asyncio traceback
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    plot_curves({config.arch: out / "metrics.jsonl"}, out / "loss.png")
+    if primary:
+        plot_curves({config.arch: out / "metrics.jsonl"}, out / "loss.png")
     for change in summary.get("changes", []):
-        print(f"setting changed at step {change['step']}: {change['field']} {change['from']!r} -> {change['to']!r}")
+        say(f"setting changed at step {change['step']}: {change['field']} {change['from']!r} -> {change['to']!r}")
     if summary.get("stopped_by_signal"):
-        print(f"stopped by signal {summary['stopped_by_signal']} at step {summary['step']}; "
-              f"run the same command again to {'evaluate' if summary['step'] == config.run.steps else 'resume'}",
-              flush=True)
+        say(f"stopped by signal {summary['stopped_by_signal']} at step {summary['step']}; "
+            f"run the same command again to {'evaluate' if summary['step'] == config.run.steps else 'resume'}",
+            flush=True)
         return summary
     if summary.get("already_finished"):
-        print(f"{out} already holds the finished run (step {summary['step']}); its recorded results:")
+        say(f"{out} already holds the finished run (step {summary['step']}); its recorded results:")
     for name, result in summary.get("eval", {}).items():
-        print(f"held-out {name} (test split, {result['bytes']} bytes): {result['bits_per_byte']:.4f} bits per byte")
+        say(f"held-out {name} (test split, {result['bytes']} bytes): {result['bits_per_byte']:.4f} bits per byte")
     if "sample" in summary:
-        print("sample:", json.dumps(prompt[-80:]), "->", json.dumps(summary["sample"]))
+        say("sample:", json.dumps(prompt[-80:]), "->", json.dumps(summary["sample"]))
     return summary
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from titans_jax import memory as memory_lib
+from titans_jax import sequence_parallel, sharding, tnt
 from titans_jax.projection import dense_dot_general
 
 Array = jax.Array
@@ -72,6 +73,12 @@ class LMMConfig:
     # None: the model's (float32 standalone).
     dtype: str | None = None
     param_dtype: str | None = None
+    # TNT (arXiv 2511.07343, titans_jax.tnt), opt-in: local_period > 0 adds a local memory (own
+    # M_0, the same projections and gates, chunks of local_chunk_size) that restarts every
+    # local_period tokens; its retrieval adds to the main memory's, which then usually gets large
+    # chunks (memory.chunk_size). Periods are independent, so they run in parallel.
+    local_period: int = 0
+    local_chunk_size: int = 16
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "head_dim"):
@@ -89,6 +96,13 @@ class LMMConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in (None,) + FLOAT_DTYPES:
                 raise ValueError(f"LMMConfig.{name} must be one of {FLOAT_DTYPES}, got {getattr(self, name)!r}")
+        for name in ("local_period", "local_chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"LMMConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.local_period and (not self.local_chunk_size or self.local_period % self.local_chunk_size):
+            raise ValueError(f"LMMConfig.local_period ({self.local_period}) must be a multiple of local_chunk_size "
+                             f"({self.local_chunk_size}): a TNT local period restarts at a chunk boundary")
         if self.head_dim is not None:
             self.memory_config  # validates the memory part
 
@@ -119,6 +133,11 @@ class LMMConfig:
                                    norm_eps=_STANDALONE["norm_eps"] if self.norm_eps is None else self.norm_eps)
 
     @property
+    def local_memory_config(self) -> memory_lib.MemoryConfig:
+        """TNT's local memory: the main memory's config with chunks of local_chunk_size."""
+        return dataclasses.replace(self.memory_config, chunk_size=self.local_chunk_size)
+
+    @property
     def num_gates(self) -> int:
         return 1 + int(self.use_momentum) + int(self.use_forgetting)
 
@@ -129,15 +148,17 @@ _STANDALONE = {"norm_eps": memory_lib.NORM_EPS, "dtype": "float32", "param_dtype
 
 
 # Logical names of the memory's independent slices. The memory runs separately per (batch, head),
-# so mapping "batch" and/or "heads" to mesh axes (flax.linen.logical_axis_rules, under
-# jax.set_mesh) splits the chunk scan across devices with no communication inside it; without
-# rules the constraints do nothing. See experiments/memory_bench.py --devices.
+# so the mesh axes that titans_jax.sharding.LOGICAL_RULES maps "batch" and "heads" to (data /
+# fsdp, tensor) split the chunk scan across devices with no communication inside it; without a
+# mesh (jax.set_mesh) the constraints do nothing. See experiments/memory_bench.py --devices.
 SLICE_AXES = ("batch", "heads")
 
 
 class LMMState(NamedTuple):
     conv: Array | None  # [B, W - 1, 3 H E]: the last pre-conv q/k/v projections
     memory: memory_lib.MemoryState
+    local: memory_lib.MemoryState | None = None  # TNT's local memory (local_period > 0)
+    local_position: Array | None = None  # int32 []: tokens of the current local period seen, in [0, period)
 
 
 def causal_depthwise_conv(x: Array, kernel: Array, bias: Array, previous: Array,
@@ -206,6 +227,9 @@ class LMMLayer(nn.Module):
             (cfg.num_gates, cfg.num_heads), param_dtype)
         self.memory = self.param(
             "memory", lambda rng: memory_lib.init_memory_params(rng, cfg.memory_config, cfg.num_heads, param_dtype))
+        if cfg.local_period:
+            self.local_memory = self.param("local_memory", lambda rng: memory_lib.init_memory_params(
+                rng, cfg.local_memory_config, cfg.num_heads, param_dtype))
         self.out_norm_scale = self.param("out_norm_scale", nn.initializers.ones, (cfg.num_heads, cfg.head_dim), param_dtype)
 
     def initial_state(self, batch_size: int) -> LMMState:
@@ -213,7 +237,12 @@ class LMMLayer(nn.Module):
         conv = None
         if cfg.conv_width:
             conv = jnp.zeros((batch_size, cfg.conv_width - 1, 3 * cfg.num_heads * cfg.head_dim), jnp.dtype(cfg.dtype))
-        return LMMState(conv=conv, memory=memory_lib.init_memory_state(self.memory, batch_size, cfg.memory_config))
+        state = LMMState(conv=conv, memory=memory_lib.init_memory_state(self.memory, batch_size, cfg.memory_config))
+        if cfg.local_period:
+            state = state._replace(
+                local=memory_lib.init_memory_state(self.local_memory, batch_size, cfg.local_memory_config),
+                local_position=jnp.zeros((), jnp.int32))
+        return state
 
     def retrieve(self, weights: tuple, queries: Array) -> Array:
         """M*(q) with given inner weights and no update (eq. 15): weights per layer [B, H, I, O]
@@ -225,9 +254,13 @@ class LMMLayer(nn.Module):
         return jax.vmap(over_heads, in_axes=(0, None, 0))(weights, norm, queries.astype(weights[0]["w"].dtype))
 
     def __call__(self, x: Array, state: LMMState | None = None,
-                 num_valid: Array | None = None) -> tuple[Array, LMMState]:
+                 num_valid: Array | None = None, sharded: bool = False) -> tuple[Array, LMMState | None]:
         """x [B, T, D] -> (y [B, T, D], state). num_valid: None, or a traced count in [0, T]
-        of the leading tokens that are real (the state advances over those only)."""
+        of the leading tokens that are real (the state advances over those only).
+
+        sharded=True: x is split over the mesh's `sequence` axis and `state` is the state
+        before its first token; conv and memory run per shard (titans_jax.sequence_parallel)
+        and the returned state is None (the parallel pass of training and evaluation)."""
         cfg = _resolved(self.config)
         if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"LMMLayer expects x of shape [batch, tokens, {cfg.d_model}], got {getattr(x, 'shape', None)}")
@@ -247,7 +280,12 @@ class LMMLayer(nn.Module):
 
         qkv = self.qkv_proj(x)
         conv_state = state.conv
-        if cfg.conv_width:
+        if sharded:
+            if fresh or num_valid is not None:
+                raise ValueError("a sequence-sharded LMM call needs the state before its first token and no num_valid")
+            if cfg.conv_width:
+                qkv = sequence_parallel.causal_conv(qkv, self.conv_kernel, self.conv_bias, conv_state)
+        elif cfg.conv_width:
             if conv_state is None or conv_state.shape != (batch, cfg.conv_width - 1, qkv.shape[-1]):
                 raise ValueError(f"conv state shape {getattr(conv_state, 'shape', None)} does not match "
                                  f"{(batch, cfg.conv_width - 1, qkv.shape[-1])}")
@@ -257,18 +295,40 @@ class LMMLayer(nn.Module):
         queries, keys, values = split[0], split[1], split[2]
         if cfg.qk_l2_norm:
             queries, keys = l2_normalize(queries), l2_normalize(keys)
-        queries, keys, values = (nn.with_logical_constraint(t, SLICE_AXES + (None, None)) for t in (queries, keys, values))
+        token_axes = SLICE_AXES + ("sequence" if sharded else None, None)
+        queries, keys, values = (sharding.constrain(t, token_axes) for t in (queries, keys, values))
 
         gate_dtype = jnp.dtype(cfg.param_dtype)
         logits = jnp.einsum("btd,dgh->gbht", x.astype(gate_dtype), self.gate_kernel) + self.gate_bias[:, None, :, None]
         theta = cfg.theta_max * jax.nn.sigmoid(logits[0])
         log_eta = jax.nn.log_sigmoid(logits[1]) if cfg.use_momentum else None
         log_keep = jax.nn.log_sigmoid(-logits[-1]) if cfg.use_forgetting else None  # log(1 - alpha)
-        theta, log_eta, log_keep = (None if t is None else nn.with_logical_constraint(t, SLICE_AXES + (None,))
+        theta, log_eta, log_keep = (None if t is None else sharding.constrain(t, token_axes[:3])
                                     for t in (theta, log_eta, log_keep))
 
-        retrieved, memory_state = memory_lib.memory_apply(
-            self.memory, keys, values, queries, theta, log_eta, log_keep, cfg.memory_config, state.memory, num_valid)
+        if sharded:
+            retrieved, memory_state = sequence_parallel.memory(
+                self.memory, keys, values, queries, theta, log_eta, log_keep, cfg.memory_config, state.memory), None
+        else:
+            retrieved, memory_state = memory_lib.memory_apply(
+                self.memory, keys, values, queries, theta, log_eta, log_keep, cfg.memory_config, state.memory,
+                num_valid)
+        new_state = None if sharded else LMMState(conv=conv_state, memory=memory_state)
+        if cfg.local_period:  # TNT: the local memory's retrieval adds to the main memory's
+            inputs = (keys, values, queries, theta, log_eta, log_keep)
+            local_config, period = cfg.local_memory_config, cfg.local_period
+            if sharded:
+                local = sequence_parallel.local_memory(self.local_memory, inputs, local_config, period, state.local,
+                                                       state.local_position)
+            else:
+                if fresh:
+                    local, local_state, position = tnt.fresh_local_memory(self.local_memory, inputs, local_config,
+                                                                          period)
+                else:
+                    local, local_state, position = tnt.stream_local_memory(
+                        self.local_memory, inputs, local_config, period, state.local, state.local_position, num_valid)
+                new_state = new_state._replace(local=local_state, local_position=position)
+            retrieved = retrieved + local.astype(retrieved.dtype)
         retrieved = rms_norm(retrieved.transpose(0, 2, 1, 3), self.out_norm_scale, cfg.norm_eps)  # [B, T, H, E]
         gated = retrieved.reshape(batch, length, heads * head_dim).astype(x.dtype) * jax.nn.sigmoid(self.gate_out_proj(x))
-        return self.out_proj(gated), LMMState(conv=conv_state, memory=memory_state)
+        return self.out_proj(gated), new_state

@@ -65,6 +65,7 @@ import numpy as np
 from titans_jax import attention as attn_lib
 from titans_jax import config_tree
 from titans_jax import memory as memory_lib
+from titans_jax import sequence_parallel, sharding
 from titans_jax.lmm import FLOAT_DTYPES, LMMConfig, LMMLayer, LMMState, causal_depthwise_conv, l2_normalize, rms_norm
 from titans_jax.projection import dense_dot_general
 
@@ -242,12 +243,19 @@ class Attention(nn.Module):
         return attn_lib.init_kv_cache(batch, self.num_prefix, capacity, cfg.num_heads, cfg.head_dim, cfg.dtype)
 
     def __call__(self, x: Array, cache: attn_lib.KVCache | None = None, position: Array | None = None,
-                 prefix: bool = False):
+                 prefix: bool = False, sharded: bool = False):
         """cache None: the parallel pass over positions 0 .. T - 1 (prefix included). Otherwise
         T tokens at positions position .. position + T - 1 over the cache; prefix=True is the
-        call over the persistent prefix itself (positions 0 .. P - 1), which fills its buffer."""
+        call over the persistent prefix itself (positions 0 .. P - 1), which fills its buffer.
+        sharded=True: T is split over the mesh's `sequence` axis, the cache holds only the
+        prefix (a fresh cache), and each shard gets its halo from its neighbour."""
         cfg = self.config
         batch, length, _ = x.shape
+        if sharded:
+            q, k, v = self._project(x, position + jnp.arange(length))
+            out = sequence_parallel.attention(q, k, v, cache.prefix_k, cache.prefix_v, position, window=self.window,
+                                              block_size=cfg.attention_block)
+            return self.out(out.reshape(batch, length, -1)), None
         if cache is None:
             q, k, v = self._project(x, jnp.arange(length))
             if cfg.attention_impl == "jax":
@@ -418,11 +426,23 @@ class MemoryAsContext(nn.Module):
                              jnp.where(done, 0, fill).astype(jnp.int32), lmm_state)
         return out, new_cache
 
-    def __call__(self, x: Array, cache: MACCache | None = None, position: Array | None = None):
+    def __call__(self, x: Array, cache: MACCache | None = None, position: Array | None = None,
+                 sharded: bool = False):
         """cache None: the parallel pass (a scan over whole segments from a fresh cache), returns
-        (outputs, None). Otherwise T tokens from position on, continuing the cache."""
+        (outputs, None). Otherwise T tokens from position on, continuing the cache. sharded=True:
+        T is split over the mesh's `sequence` axis (whole segments per shard) and the shards
+        form a pipeline that hands the cache on (titans_jax.sequence_parallel.pipeline)."""
         cfg = self.config
         batch, length, _ = x.shape
+        if sharded:
+            sequence_parallel.local_length(length, "MAC", multiple_of=cfg.segment_size)
+            module = MemoryAsContext(cfg, parent=None)
+
+            def stream(params, x, cache, position):
+                return module.apply({"params": params}, x, cache, position, method=MemoryAsContext._stream)
+
+            cache = self.initial_cache(batch) if cache is None else cache
+            return sequence_parallel.pipeline(stream, self.variables["params"], x, cache, position), None
         if cache is None:
             return self._parallel(x), None
         if length == 1:  # decoding: one token of the current segment
@@ -522,18 +542,22 @@ class Block(nn.Module):
             cache["mac"] = self.mac.initial_cache(batch)
         return cache
 
-    def __call__(self, x, cache=None, position=None, prefix: bool = False):
+    def __call__(self, x, cache=None, position=None, prefix: bool = False, sharded: bool = False):
+        """sharded=True: x is split over the mesh's `sequence` axis, `cache` is the fresh cache
+        (the persistent prefix seen) and the mixers run per shard; returns (x, None)."""
         cfg = self.config
-        streaming = cache is not None
+        streaming = cache is not None and not sharded
         new = {}
+        if sharded:
+            x = sharding.constrain(x, ("batch", "sequence", None))
 
         def memory(h):
-            y, state = self.memory(h, cache["memory"] if streaming else None)
+            y, state = self.memory(h, cache["memory"] if cache is not None else None, sharded=sharded)
             new["memory"] = state
             return y
 
         def attention(h):
-            y, kv = self.attention(h, cache["attention"] if streaming else None, position, prefix)
+            y, kv = self.attention(h, cache["attention"] if cache is not None else None, position, prefix, sharded)
             new["attention"] = kv
             return y
 
@@ -548,7 +572,7 @@ class Block(nn.Module):
             x = x + memory(self.mix_norm(x))
             x = x + attention(self.attention_norm(x))
         else:
-            y, new["mac"] = self.mac(self.mix_norm(x), cache["mac"] if streaming else None, position)
+            y, new["mac"] = self.mac(self.mix_norm(x), cache["mac"] if cache is not None else None, position, sharded)
             x = x + y
         x = x + self.mlp(self.mlp_norm(x))
         return x, (new if streaming else None)
@@ -582,7 +606,7 @@ class TitansLM(nn.Module):
                                          cfg.param_dtype)
         block_cls = Block
         if cfg.remat != "none":  # only changes what the backward pass stores
-            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4,))
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4, 5))
         self.blocks = [block_cls(cfg, name=f"block_{index}") for index in range(cfg.num_layers)]
         self.final_norm = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")
         if not cfg.tie_embeddings:
@@ -609,6 +633,8 @@ class TitansLM(nn.Module):
         batch, length = tokens.shape
         x = self.embed(tokens)
         x = jnp.where((tokens >= 0) & (tokens < cfg.vocab_size), 1.0, jnp.nan)[..., None].astype(x.dtype) * x
+        if cache is None and sequence_parallel.shards() > 1 and not self.is_initializing():
+            return self._sharded(x, logits_at)
         if cache is None:  # training: one parallel pass from the start of a sequence
             prefix = cfg.prefix_length
             if prefix:
@@ -636,6 +662,17 @@ class TitansLM(nn.Module):
             # at a clipped slot, so the logits become NaN instead (never a wrapped context).
             logits = jnp.where(position - cfg.prefix_length + length <= capacity, logits, jnp.nan)
         return logits, {"layers": tuple(layers), "position": position + length}
+
+    def _sharded(self, x: Array, logits_at: str):
+        """The parallel pass with the tokens split over the mesh's `sequence` axis: the
+        persistent prefix goes through the model first (replicated, as init_cache does), then
+        every block continues from its prefix cache with its mixers per shard."""
+        cfg = self.config
+        start = self.init_cache(x.shape[0], 1 if cfg.attention_window is None else None)
+        x = sharding.constrain(x, ("batch", "sequence", None))
+        for block, layer_cache in zip(self.blocks, start["layers"], strict=True):
+            x, _ = block(x, layer_cache, start["position"], False, True)
+        return self._logits(x, logits_at)
 
     def init_cache(self, batch: int, max_len: int | None = None) -> dict:
         """The cache before the first token of `batch` sequences. Fixed shapes: MAC / MAG / MAL /

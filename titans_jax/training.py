@@ -45,14 +45,14 @@ import pathlib
 import signal
 import time
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from titans_jax import config_tree
+from titans_jax import config_tree, sharding
 from titans_jax.models import ModelConfig, TitansLM, init_params
 
 Array = jax.Array
@@ -119,14 +119,17 @@ def next_token_nll(model: TitansLM, params, tokens: Array, mask: Array | None = 
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def make_train_step(model: TitansLM, optimizer: optax.GradientTransformation):
-    """One jitted step: loss, gradients, clipping, AdamW; returns (state, metrics)."""
+def make_train_step(model: TitansLM, optimizer: optax.GradientTransformation, state_shardings: dict | None = None,
+                    mesh=None):
+    """One jitted step: loss, gradients, clipping, AdamW; returns (state, metrics). With
+    `state_shardings` (titans_jax.sharding.state_shardings) and its `mesh`, the state keeps
+    its shardings, batches are split over the batch axes and the step is traced under the mesh
+    (so the models' sequence-parallel mixers see it)."""
 
     def loss_fn(params, tokens):
         total, count = next_token_nll(model, params, tokens)
         return total / count
 
-    @jax.jit
     def step(state: dict, tokens: Array):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -134,21 +137,50 @@ def make_train_step(model: TitansLM, optimizer: optax.GradientTransformation):
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
-    return step
+    if state_shardings is None:
+        return jax.jit(step)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return _under_mesh(mesh, jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                                     out_shardings=(state_shardings, replicated)))
 
 
-def make_eval_fn(model: TitansLM):
-    return jax.jit(lambda params, tokens, mask: next_token_nll(model, params, tokens, mask))
+def make_eval_fn(model: TitansLM, mesh=None):
+    fn = jax.jit(lambda params, tokens, mask: next_token_nll(model, params, tokens, mask))
+    return fn if mesh is None else _under_mesh(mesh, fn)
 
 
-def evaluate(eval_fn, params, batches: Iterable, byte_lengths: np.ndarray | None = None) -> dict:
+def _under_mesh(mesh, fn):
+    """fn called (and so traced) with `mesh` as the current mesh."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    def lower(*args, **kwargs):  # jit's .lower(...).compile() for memory and cost analysis
+        with jax.set_mesh(mesh):
+            return fn.lower(*args, **kwargs)
+
+    wrapped.lower = lower
+    return wrapped
+
+
+def evaluate(eval_fn, params, batches: Iterable, byte_lengths: np.ndarray | None = None, mesh=None) -> dict:
     """NLL (nats per token), bits per token and, given the UTF-8 byte length of every token id,
     bits per byte over evaluation batches: (tokens [B, T + 1], mask [B, T]) pairs or plain
-    token arrays (all targets real)."""
+    token arrays (all targets real). With a mesh, batches go onto it split over the batch axes
+    (replicated when their size does not divide)."""
     total, count, num_bytes = 0.0, 0.0, 0
     for item in batches:
         tokens, mask = (item, np.ones((item.shape[0], item.shape[1] - 1), bool)) if isinstance(item, np.ndarray) else item
-        nll, n = eval_fn(params, jnp.asarray(tokens), jnp.asarray(mask))
+        if mesh is None:
+            tokens_in, mask_in = jnp.asarray(tokens), jnp.asarray(mask)
+        else:
+            ways = dict(mesh.shape)["data"] * dict(mesh.shape)["fsdp"]
+            where = (sharding.batch_sharding(mesh) if np.shape(tokens)[0] % ways == 0
+                     else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            tokens_in, mask_in = sharding.put_batch(tokens, where), sharding.put_batch(mask, where)
+        nll, n = eval_fn(params, tokens_in, mask_in)
         total += float(nll)
         count += float(n)
         if byte_lengths is not None:
@@ -161,13 +193,31 @@ def evaluate(eval_fn, params, batches: Iterable, byte_lengths: np.ndarray | None
     return result
 
 
+class Programs(NamedTuple):
+    model: TitansLM
+    optimizer: optax.GradientTransformation
+    mesh: Any
+    abstract_state: dict  # shapes, dtypes and shardings of the training state
+    init: Callable[[], dict]  # the initial state, created sharded
+    step: Callable
+    eval: Callable
+
+
 @functools.lru_cache(maxsize=8)
-def _programs(model_config: ModelConfig, optim_config: OptimConfig, total_steps: int):
-    """(model, optimizer, jitted step, jitted eval) — cached, so that several runs of one
-    configuration in a process (a resumed run, tests) reuse the compiled programs."""
+def _programs(model_config: ModelConfig, optim_config: OptimConfig, total_steps: int, seed: int,
+              mesh_config: sharding.MeshConfig = sharding.MeshConfig(), devices: tuple = ()) -> Programs:
+    """The model, optimizer, mesh and jitted programs of one configuration — cached, so that
+    several runs of it in a process (a resumed run, tests) reuse the compiled programs."""
     model = TitansLM(model_config)
     optimizer = make_optimizer(optim_config, total_steps)
-    return model, optimizer, make_train_step(model, optimizer), make_eval_fn(model)
+    mesh = sharding.make_mesh(mesh_config, list(devices) or None)
+    abstract = jax.eval_shape(lambda: init_train_state(model_config, optimizer, seed))
+    shardings = sharding.state_shardings(abstract, mesh)
+    abstract = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+                            abstract, shardings)
+    init = jax.jit(lambda: init_train_state(model_config, optimizer, seed), out_shardings=shardings)
+    return Programs(model, optimizer, mesh, abstract, init, make_train_step(model, optimizer, shardings, mesh),
+                    make_eval_fn(model, mesh))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,11 +228,64 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions, ...); earlier ones are intact."""
 
 
+def _to_host(leaf) -> np.ndarray:
+    """The whole value of a (possibly sharded, possibly multi-process) array on this host."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
+# Several processes (jax.process_count() > 1): every process runs the same loop on the same global
+# batches and takes part in every collective (steps, orbax saves / restores, digests, the
+# agreements below); only process 0 writes the run's files.
+
+
+def _is_primary() -> bool:
+    """Whether this process writes metrics, summary.json, config.json, TensorBoard events and the
+    progress bar (process 0; always true in a single process)."""
+    return jax.process_index() == 0
+
+
+def _gather_flags(value: int) -> np.ndarray:
+    """Every process's `value` (an int32 per process, in process order). A collective: every
+    process must call it at the same point."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)
+
+
+def _all_agree(flag: bool) -> bool:
+    """True when `flag` holds on every process (so that all take the same branch)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(_gather_flags(int(flag))))
+
+
+def _agreed_signal(signum: int | None) -> int | None:
+    """The stop signal any process received (the first, in process order), so that every process
+    saves and stops after the same step (a scheduler may signal only some processes, or all of
+    them a step apart)."""
+    if jax.process_count() == 1:
+        return signum
+    received = [int(value) for value in _gather_flags(signum or 0) if value]
+    return received[0] if received else None
+
+
+def _barrier(name: str) -> None:
+    """All processes wait here (the barrier orbax's CheckpointManager uses by default)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def tree_digest(tree) -> str:
-    """sha256 over every leaf's path, dtype, shape and bytes."""
+    """sha256 over every leaf's path, dtype, shape and bytes (the same on every mesh)."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        array = np.ascontiguousarray(jax.device_get(leaf))
+        array = np.ascontiguousarray(_to_host(leaf))
         digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
@@ -193,7 +296,7 @@ def params_digest(params) -> str:
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+        digest.update(np.ascontiguousarray(_to_host(leaf)).tobytes())
     return digest.hexdigest()
 
 
@@ -264,7 +367,12 @@ class Checkpointer:
         try:
             self.manager.check_for_errors()
         except Exception as error:  # noqa: BLE001 - orbax raises whatever the writer raised
+            if jax.process_count() > 1:
+                _all_agree(False)  # the other processes raise too (below), not wait at the next step
             self._raise_save_error(self._in_flight, error)
+        if not _all_agree(True):
+            raise CheckpointSaveError(f"saving checkpoint step {self._in_flight} to {self.directory} failed on "
+                                      "another process (its error names the cause)")
 
     def _raise_save_error(self, step, error: BaseException):
         # the committed steps on disk (orbax's own list is not reliable after a failed save)
@@ -298,15 +406,26 @@ class Checkpointer:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             except Exception as error:  # noqa: BLE001 - unreadable metadata: damaged
                 meta, damage = None, error
+            if not _all_agree(meta is not None) and meta is not None:
+                meta, damage = None, RuntimeError("another process could not read the checkpoint's metadata")
             if meta is not None:
                 changes = self._compare(step, meta, identity, settings, allow_changes)
                 try:
                     state = self.manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state)))["state"]
-                    _verify_digest(state, meta)
-                    return state, meta, changes
                 except Exception as error:  # noqa: BLE001 - any damage: warn, set aside, fall back
-                    damage = error
+                    state, damage = None, error
+                # several processes: each restored its own shards; all must succeed to go on (damage
+                # seen by some only is set aside too -- unless orbax's own closing barrier, which
+                # a process that raised inside orbax skips, keeps the others waiting)
+                if _all_agree(state is not None):
+                    try:  # the digest gathers the whole state: the same verdict on every process
+                        _verify_digest(state, meta)
+                        return state, meta, changes
+                    except Exception as error:  # noqa: BLE001
+                        damage = error
+                elif state is not None:
+                    damage = RuntimeError("another process could not restore its part of the state")
             aside = self._set_aside(step)
             warnings.warn(f"checkpoint step {step} in {self.directory} is damaged ({type(damage).__name__}: "
                           f"{str(damage)[:200]}); moved to {aside}, falling back to the previous one",
@@ -340,10 +459,19 @@ class Checkpointer:
     def _set_aside(self, step: int) -> pathlib.Path:
         """Move a damaged step out of the manager's view (kept for inspection, never deleted)."""
         source = self.directory / str(step)
-        target = self.directory.parent / f"damaged-checkpoints/{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.exists():
-            source.rename(target)
+        if jax.process_count() == 1:
+            stamp = time.strftime('%Y%m%d-%H%M%S')
+        else:  # process 0 moves it (its clock names it); the others wait, then see it gone
+            from jax.experimental import multihost_utils
+
+            now = multihost_utils.broadcast_one_to_all(np.int32(int(time.time())))
+            stamp = time.strftime('%Y%m%d-%H%M%S', time.localtime(int(now)))
+        target = self.directory.parent / f"damaged-checkpoints/{step}-{stamp}"
+        if _is_primary():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.exists():
+                source.rename(target)
+        _barrier(f"titans_jax:set-aside-checkpoint-{step}")
         self.manager.reload()
         self.set_aside.append(target)
         return target
@@ -432,6 +560,16 @@ class MetricsWriter:
         self._tb.close()
 
 
+class _NoMetrics:
+    """The metrics writer of processes other than 0 in a multi-process run: writes nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: str | pathlib.Path) -> list[dict]:
     """All records of a metrics.jsonl (a torn last line is skipped with a warning)."""
     return _parse_metrics(pathlib.Path(path))
@@ -474,11 +612,27 @@ class RunConfig:
     keep_checkpoints: int = 3
     sample_tokens: int = 200
     progress: bool = True
+    # The device mesh (titans_jax.sharding): data / fsdp / tensor / sequence axes. The default
+    # puts every device on `data`. Not part of a run's identity: a run may resume on another mesh.
+    mesh: sharding.MeshConfig = sharding.MeshConfig()
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "log_every", "save_every", "keep_checkpoints", "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RunConfig.{name} must be positive, got {getattr(self, name)}")
+        if not isinstance(self.mesh, sharding.MeshConfig):
+            raise TypeError(f"RunConfig.mesh must be a MeshConfig, got {type(self.mesh).__name__}")
+
+    def check_mesh(self, mesh) -> None:
+        """The batch and sequence split evenly over the mesh (clear errors, before any work)."""
+        sizes = dict(mesh.shape)
+        ways = sizes["data"] * sizes["fsdp"]
+        if self.batch_size % ways:
+            raise ValueError(f"batch_size {self.batch_size} does not split over the mesh's data x fsdp = {ways} "
+                             "devices; use a multiple of it")
+        if self.seq_len % sizes["sequence"]:
+            raise ValueError(f"seq_len {self.seq_len} does not split into the mesh's {sizes['sequence']} sequence "
+                             "shards; use a multiple of it")
 
 
 class _StopFlag:
@@ -530,29 +684,41 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
     checkpoints have been checked, with the list of recorded setting changes. allow_changes:
     accept a checkpoint written with other optimiser settings / total steps / batch size (see the
     module docstring).
+
+    Several processes (jax.distributed initialised; jax.process_count() > 1): every process calls
+    train with the same arguments and the same train_batch / eval_sets (each puts only its own
+    shards of the global batch on its devices). Checkpoints are saved and restored collectively
+    (out_dir must be a filesystem all processes share); a stop signal to any process stops all
+    after the same step; only process 0 writes metrics.jsonl, TensorBoard events, config.json,
+    summary.json and the progress bar, and only process 0 calls sample_fn (with the parameters
+    gathered to host memory by all processes); every process returns the summary (the sample
+    only on process 0).
     """
     out_dir = pathlib.Path(out_dir)
+    primary = _is_primary()
     if optim_config.compute_dtype == "bfloat16":
         model_config = dataclasses.replace(model_config, dtype="bfloat16")
-    model, optimizer, step_fn, eval_fn = _programs(model_config, optim_config, run_config.steps)
+    programs = _programs(model_config, optim_config, run_config.steps, run_config.seed, run_config.mesh,
+                         tuple(jax.devices()))
+    model, step_fn, eval_fn, mesh = programs.model, programs.step, programs.eval, programs.mesh
+    run_config.check_mesh(mesh)
     identity = {"model_config": json.loads(json.dumps(dataclasses.asdict(model_config))),
                 "seq_len": run_config.seq_len, "seed": run_config.seed, **(meta or {})}
     settings = {"optim": dataclasses.asdict(optim_config), "total_steps": run_config.steps,
                 "batch_size": run_config.batch_size}
     checkpointer = Checkpointer(out_dir / "checkpoints", keep=run_config.keep_checkpoints)
-    abstract = jax.eval_shape(lambda: init_train_state(model_config, optimizer, run_config.seed))
-    try:
-        restored = checkpointer.restore_latest(abstract, identity, settings, allow_changes)
+    try:  # restored onto this run's mesh, whatever mesh wrote the checkpoint
+        restored = checkpointer.restore_latest(programs.abstract_state, identity, settings, allow_changes)
     except BaseException:
         checkpointer.close()
         raise
     changes: list[dict] = []
     previous_metrics = out_dir / "metrics.jsonl"
     if restored is None:
-        state, start = init_train_state(model_config, optimizer, run_config.seed), 0
+        state, start = programs.init(), 0
         if checkpointer.set_aside:
             kept = None
-            if previous_metrics.exists():
+            if primary and previous_metrics.exists():
                 kept = previous_metrics.with_name(f"metrics.before-restart-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
                 os.replace(previous_metrics, kept)
             warnings.warn(f"every checkpoint in {checkpointer.directory} was damaged (moved to "
@@ -569,22 +735,23 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
                 and set(previous.get("eval", {})) == set(eval_sets or {})):
             checkpointer.close()
             return dict(previous, resumed_from=start, already_finished=True)
-    if run_record is not None:
+    if run_record is not None and primary:
         _write_atomically(out_dir / "config.json", json.dumps(dict(run_record, changes=changes), indent=2,
                                                                 default=str))
     # at the final step, a rerun re-evaluates: drop evaluation rows of an evaluation cut short
     writer = MetricsWriter(out_dir, resume_step=start, drop=(
         (lambda record: record.get("step") == start and _is_eval_record(record)) if start == run_config.steps
-        else None))
+        else None)) if primary else _NoMetrics()
     saved_meta = dict(identity, **settings, changes=changes)
     schedule_lr = learning_rate_schedule(optim_config, run_config.steps)
     tokens_per_step = run_config.batch_size * run_config.seq_len
+    batch_on_mesh = sharding.batch_sharding(mesh)
     summary: dict[str, Any] = {"resumed_from": start, "stopped_by_signal": None, "changes": changes}
 
     def run_eval(step):
         results = {}
         for name, batches in (eval_sets or {}).items():
-            results[name] = evaluate(eval_fn, state["params"], batches(), byte_lengths)
+            results[name] = evaluate(eval_fn, state["params"], batches(), byte_lengths, mesh)
             record = {"step": step, f"eval/{name}/nll": results[name]["nll"],
                       f"eval/{name}/bits_per_token": results[name]["bits_per_token"]}
             if "bits_per_byte" in results[name]:
@@ -593,7 +760,7 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
         return results
 
     progress = None
-    if run_config.progress:
+    if run_config.progress and primary:
         from tqdm import tqdm
 
         progress = tqdm(total=run_config.steps, initial=start, unit="step", dynamic_ncols=True)
@@ -605,7 +772,7 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
                 if batch.shape != (run_config.batch_size, run_config.seq_len + 1):
                     raise ValueError(f"train_batch({step}) gave shape {batch.shape}, expected "
                                      f"{(run_config.batch_size, run_config.seq_len + 1)}")
-                state, metrics = step_fn(state, jnp.asarray(batch))
+                state, metrics = step_fn(state, sharding.put_batch(batch, batch_on_mesh))
                 done = step + 1
                 loss = float(metrics["loss"])
                 checkpointer.check()  # a background save that failed surfaces here, one step later
@@ -625,10 +792,11 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
                     progress.update(1)
                 if run_config.eval_every and done % run_config.eval_every == 0 and done != run_config.steps:
                     run_eval(done)
-                if done % run_config.save_every == 0 or done == run_config.steps or stop.signal is not None:
+                signum = _agreed_signal(stop.signal)  # read once: the save and the stop agree
+                if done % run_config.save_every == 0 or done == run_config.steps or signum is not None:
                     checkpointer.save(done, state, saved_meta)  # once per step, whatever asked for it
-                if stop.signal is not None:
-                    summary["stopped_by_signal"] = int(stop.signal)
+                if signum is not None:
+                    summary["stopped_by_signal"] = int(signum)
                     break
         if progress is not None:
             progress.close()
@@ -638,8 +806,12 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
         summary["step"] = final_step
         if final_step == run_config.steps and summary["stopped_by_signal"] is None:
             summary["eval"] = run_eval(final_step)
-            if sample_fn is not None:
+            if sample_fn is not None and jax.process_count() == 1:
                 summary["sample"] = sample_fn(model, state["params"])
+            elif sample_fn is not None:  # a plain host copy, gathered by every process, sampled on one
+                host_params = jax.tree.map(_to_host, state["params"])
+                if primary:
+                    summary["sample"] = sample_fn(model, host_params)
             summary["completed"] = True
     finally:
         if progress is not None:
@@ -648,7 +820,8 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
             checkpointer.close()
         finally:
             writer.close()
-    _write_atomically(summary_path, json.dumps(summary, indent=2))
+    if primary:
+        _write_atomically(summary_path, json.dumps(summary, indent=2))
     return summary
 
 
@@ -665,7 +838,9 @@ def load_trained(run_dir: str | pathlib.Path) -> tuple[ModelConfig, Any, dict]:
     model_config = config_tree.from_dict(ModelConfig, record["model_config"])
     optim_config = config_tree.from_dict(OptimConfig, record["config"]["optim"])
     optimizer = make_optimizer(optim_config, int(record["config"]["run"]["steps"]))
-    abstract = jax.eval_shape(lambda: init_train_state(model_config, optimizer, 0))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever mesh wrote it
+    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                            jax.eval_shape(lambda: init_train_state(model_config, optimizer, 0)))
     if not (run_dir / "checkpoints").is_dir():
         raise FileNotFoundError(f"{run_dir / 'checkpoints'} not found: the run has no checkpoint yet")
     checkpointer = Checkpointer(run_dir / "checkpoints")
