@@ -82,6 +82,10 @@ TABLE_VARIANTS: dict[str, tuple[str, dict]] = {
     "lmm_no_forgetting": ("lmm", {"lmm.use_forgetting": False}),
     "lmm_no_conv": ("lmm", {"lmm.conv_width": 0}),
     "mag_no_persistent": ("mag", {"num_persistent": 0}),
+    # TNT (titans_jax.tnt) against the exact memory: the main memory at 4x the chunk (faster,
+    # coarser) alone, and with TNT's local memory at the original chunk restarting every 64 bytes
+    "lmm_chunk64": ("lmm", {"lmm.memory.chunk_size": 64}),
+    "lmm_tnt": ("lmm", {"lmm.memory.chunk_size": 64, "lmm.local_period": 64, "lmm.local_chunk_size": 16}),
 }
 # CPU budget: 80 steps x 8 x 256 = 164K training bytes per run at ~1M parameters (see README).
 _TABLE_BASE = ExperimentConfig(
@@ -135,7 +139,7 @@ def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> Experimen
             elif section in ("optim", "run", "data"):
                 sub = getattr(config, section)
                 value = config_tree.parse_value(text, config_tree.annotation_at(type(sub), name), key)
-                config = dataclasses.replace(config, **{section: dataclasses.replace(sub, **{name: value})})
+                config = dataclasses.replace(config, **{section: config_tree.replace(sub, {name: value})})
             else:
                 raise ValueError(f"unknown override section {section!r}; use model, optim, run or data")
         except (ValueError, TypeError) as error:
