@@ -25,18 +25,19 @@ LINEAR = {"lmm.memory.depth": 1, "lmm.memory.residual_norm": False}  # the affin
 ONE_LAYER = {"num_layers": 1}
 TNT = {"lmm.memory.chunk_size": 8, "lmm.local_period": 8, "lmm.local_chunk_size": 4}  # periods cross shard starts
 # (id, arch, model overrides, mesh, tokens): the default tier covers every mixer's sequence-parallel
-# path (halo attention, halo conv, affine memory, pipelined deep memory, pipelined MAC) and each
-# mesh axis at least once, with one layer to keep compilation short; the slow tier adds two-layer
-# models (a prefix handed through layers) and the other architecture x layout combinations.
+# path -- MAG has the SWA halo, the conv halo and the pipelined deep memory, on fsdp x tensor x
+# sequence with two layers (the persistent prefix handed through both); then the affine linear
+# memory, MAC's pipeline with the data axis, and TNT's local memory -- with one layer where one
+# suffices, to keep compilation short; the slow tier adds the other architecture x layout pairs.
 EQUAL_CASES = [
-    ("lmm-deep-data-seq4", "lmm", ONE_LAYER, "data=2,sequence=4", 32),
-    ("lmm-linear-seq8", "lmm", {**LINEAR, **ONE_LAYER}, "sequence=8", 32),
-    ("swa-data-tensor-seq", "swa", ONE_LAYER, "data=2,tensor=2,sequence=2", 32),
-    ("mac-data-seq4", "mac", ONE_LAYER, "data=2,sequence=4", 64),
     ("mag-fsdp-tensor-seq", "mag", None, "fsdp=2,tensor=2,sequence=2", 32),
+    ("lmm-linear-seq8", "lmm", {**LINEAR, **ONE_LAYER}, "sequence=8", 32),
+    ("mac-data-seq4", "mac", ONE_LAYER, "data=2,sequence=4", 64),
     ("lmm-tnt-data-seq4", "lmm", {**TNT, **ONE_LAYER}, "data=2,sequence=4", 64),
 ]
 SLOW_EQUAL_CASES = [
+    ("lmm-deep-data-seq4", "lmm", None, "data=2,sequence=4", 32),
+    ("swa-data-tensor-seq", "swa", None, "data=2,tensor=2,sequence=2", 32),
     ("lmm-deep-seq8", "lmm", None, "sequence=8", 32),
     ("lmm-fsdp-tensor-data", "lmm", None, "data=2,fsdp=2,tensor=2", 32),
     ("mal-tensor-seq4", "mal", None, "tensor=2,sequence=4", 32),
@@ -46,6 +47,7 @@ SLOW_EQUAL_CASES = [
     ("swa-seq8", "swa", None, "sequence=8", 64),
     ("mag-seq8", "mag", None, "sequence=8", 64),
     ("mal-fsdp-data", "mal", None, "data=4,fsdp=2", 32),
+    ("mag-remat-seq2", "mag", {"remat": "full"}, "data=4,sequence=2", 32),
 ]
 # (id, case, expected message fragment)
 ERROR_CASES = [

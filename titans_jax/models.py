@@ -640,7 +640,7 @@ class TitansLM(nn.Module):
             if prefix:
                 x = jnp.concatenate([self._persistent(batch, x.dtype), x], axis=1)
             for block in self.blocks:
-                x, _ = block(x, None, None, False)
+                x, _ = block(x, None, None, False, False)
             return self._logits(x[:, prefix:], logits_at)
 
         check_cache(cfg, cache, batch)
@@ -654,7 +654,7 @@ class TitansLM(nn.Module):
                                  f"{length} more do not fit (make the cache with a larger max_len)")
         layers = []
         for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
-            x, layer_cache = block(x, layer_cache, position, False)
+            x, layer_cache = block(x, layer_cache, position, False, False)
             layers.append(layer_cache)
         logits = self._logits(x, logits_at)
         if capacity is not None and logits is not None:
@@ -696,7 +696,7 @@ class TitansLM(nn.Module):
             x = self._persistent(batch, jnp.dtype(cfg.dtype))
             new_layers = []
             for block, layer_cache in zip(self.blocks, layers, strict=True):
-                x, layer_cache = block(x, layer_cache, position, True)
+                x, layer_cache = block(x, layer_cache, position, True, False)
                 new_layers.append(layer_cache)
             layers, position = tuple(new_layers), jnp.asarray(cfg.prefix_length, jnp.int32)
         return {"layers": layers, "position": position}
