@@ -4,7 +4,9 @@ stack_layer_params / unstack_layer_params): the parallel logits and the gradient
 calls over the stacked cache give the parallel logits, and the lowered program does not grow
 with depth."""
 
+import dataclasses
 import functools
+import json
 import re
 
 import jax
@@ -225,15 +227,15 @@ def test_presets_optimiser_and_checkpoints_know_the_stacked_layout():
     matches scan_layers=False and is refused for scan_layers=True."""
     unrolled, scanned = preset("small", "mag"), preset("small", "mag", scan_layers=True)
     assert (scanned.num_layers, scanned.mlp_hidden) == (unrolled.num_layers, unrolled.mlp_hidden)
-    params = abstract_params(scanned)
-    assert param_count(params) == param_count(abstract_params(unrolled))
-    mask = decay_mask(params)
-    assert mask["blocks"]["mlp"]["up"]["kernel"] and mask["embed"]["embedding"]
-    assert not mask["blocks"]["mlp_norm"]["scale"] and not mask["final_norm"]["scale"]
-    recorded = model_identity(unrolled)
-    assert "scan_layers" not in recorded  # the identity older checkpoints recorded
-    assert mismatches({"model_config": recorded}, {"model_config": model_identity(unrolled)}, ["model_config"]) == []
-    assert mismatches({"model_config": recorded}, {"model_config": model_identity(scanned)}, ["model_config"]) == [
+    stacked_params, unrolled_params = abstract_params(scanned), abstract_params(unrolled)
+    assert param_count(stacked_params) == param_count(unrolled_params)
+    stacked_mask, unrolled_mask = decay_mask(stacked_params), decay_mask(unrolled_params)
+    assert stacked_mask["blocks"] == unrolled_mask["block_0"] == unrolled_mask["block_1"]
+    assert stacked_mask["blocks"]["mlp"]["up"]["kernel"] and not stacked_mask["blocks"]["mlp_norm"]["scale"]
+    older = json.loads(json.dumps(dataclasses.asdict(unrolled)))  # what checkpoints recorded before the field
+    del older["scan_layers"]
+    assert mismatches({"model_config": older}, {"model_config": model_identity(unrolled)}, ["model_config"]) == []
+    assert mismatches({"model_config": older}, {"model_config": model_identity(scanned)}, ["model_config"]) == [
         "model_config.scan_layers: (absent) -> True"]
     with pytest.raises(ValueError, match="scan_layers must be a bool"):
         tiny_config("mag", scan_layers=1)
