@@ -840,8 +840,9 @@ def _is_stacked(params) -> bool:
     stacked = STACKED_BLOCKS in params
     unrolled = any(isinstance(key, str) and key.startswith("block_") for key in params)
     if stacked == unrolled:
-        raise ValueError(f"not the parameters of a TitansLM: {'both' if stacked else 'neither'} a {STACKED_BLOCKS!r} "
-                         f"entry (scan_layers=True) {'and' if stacked else 'nor'} block_<i> entries (scan_layers=False)")
+        raise ValueError(f"not the parameters of a TitansLM: {'both' if stacked else 'neither'} a "
+                         f"{STACKED_BLOCKS!r} entry (scan_layers=True) {'and' if stacked else 'nor'} block_<i> "
+                         "entries (scan_layers=False)")
     return stacked
 
 
