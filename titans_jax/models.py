@@ -674,7 +674,7 @@ class TitansLM(nn.Module):
             prefix = cfg.prefix_length
             if prefix:
                 x = jnp.concatenate([self._persistent(batch, x.dtype), x], axis=1)
-            x, _ = self._over_layers(lambda block, x, _: block(x, None, None, False), x, None)
+            x, _ = self._over_layers(lambda block, x, _: block(x, None, None, False, False), x, None)
             return self._logits(x[:, prefix:], logits_at)
 
         check_cache(cfg, cache, batch)
@@ -686,8 +686,8 @@ class TitansLM(nn.Module):
             if seen + length > capacity:
                 raise ValueError(f"this full-attention cache holds {capacity} tokens and has seen {seen}: "
                                  f"{length} more do not fit (make the cache with a larger max_len)")
-        x, layers = self._over_layers(lambda block, x, layer_cache: block(x, layer_cache, position, False), x,
-                                      cache["layers"])
+        x, layers = self._over_layers(lambda block, x, layer_cache: block(x, layer_cache, position, False, False),
+                                      x, cache["layers"])
         logits = self._logits(x, logits_at)
         if capacity is not None and logits is not None:
             # Under jit the check above cannot run: past its capacity the cache would be written
@@ -726,8 +726,8 @@ class TitansLM(nn.Module):
         position = jnp.zeros((), jnp.int32)
         if cfg.prefix_length:
             x = self._persistent(batch, jnp.dtype(cfg.dtype))
-            _, layers = self._over_layers(lambda block, x, layer_cache: block(x, layer_cache, position, True), x,
-                                          layers)
+            _, layers = self._over_layers(lambda block, x, layer_cache: block(x, layer_cache, position, True, False),
+                                          x, layers)
             position = jnp.asarray(cfg.prefix_length, jnp.int32)
         return {"layers": layers, "position": position}
 
