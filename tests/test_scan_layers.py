@@ -7,13 +7,18 @@ with depth."""
 import dataclasses
 import functools
 import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from titans_jax import sharding
 from titans_jax.decoding import generate
 from titans_jax.models import (TitansLM, abstract_params, check_cache, full_attention_capacity, init_cache,
                                param_count, stack_layer_params, unstack_layer_params)
@@ -239,3 +244,54 @@ def test_presets_optimiser_and_checkpoints_know_the_stacked_layout():
         "model_config.scan_layers: (absent) -> True"]
     with pytest.raises(ValueError, match="scan_layers must be a bool"):
         tiny_config("mag", scan_layers=1)
+
+
+def test_the_stacked_parameters_shard_like_the_unrolled_ones_with_a_layers_axis():
+    """The sharding table gives every stacked leaf the unrolled block's logical axes behind a
+    leading "layers" axis, which stays whole by default."""
+    scanned = tiny_config("mag", scan_layers=True, dtype="float32", param_dtype="float32")
+    stacked_params = abstract_params(scanned)
+    stacked = sharding.param_logical_axes(stacked_params)["blocks"]
+    unrolled = sharding.param_logical_axes(abstract_params(scanned.replace(scan_layers=False)))["block_0"]
+    is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)  # noqa: E731
+    assert {axes[0] for axes in jax.tree.leaves(stacked, is_leaf=is_axes)} == {"layers"}
+    assert jax.tree.map(lambda axes: axes[1:], stacked, is_leaf=is_axes) == unrolled
+    mesh = jax.sharding.AbstractMesh((2, 2, 2, 1), sharding.MESH_AXES)
+    rows = [row for row in sharding.describe_shardings(stacked_params, mesh) if row["path"].startswith("blocks/")]
+    assert rows and all(len(row["spec"]) == 0 or row["spec"][0] is None for row in rows)
+    assert any(row["spec"] != jax.sharding.PartitionSpec() for row in rows)
+
+
+SHARDING_CHILD = pathlib.Path(__file__).with_name("sharding_child.py")
+
+
+@pytest.mark.slow
+def test_scanned_layers_on_a_mesh_match_one_device(tmp_path):
+    """On 8 fake devices (tests/sharding_child.py, a fresh process): loss and gradients of the
+    scanned model under FSDP / tensor / sequence parallelism (the sequence-parallel mixers run
+    inside the layer scan, remat too) equal one device's, and a scanned training state restores
+    onto other meshes."""
+    scan = {"scan_layers": True}
+    cases = [{"kind": "equal", "arch": "mag", "overrides": scan, "mesh": "fsdp=2,tensor=2,sequence=2", "length": 32},
+             {"kind": "equal", "arch": "mac", "overrides": scan, "mesh": "data=2,sequence=4", "length": 64},
+             {"kind": "equal", "arch": "lmm", "overrides": {**scan, "remat": "full"}, "mesh": "data=2,sequence=4",
+              "length": 32},
+             {"kind": "restore", "arch": "mag", "overrides": scan,
+              "meshes": [(8, "data=2,fsdp=2,tensor=2"), (4, "fsdp=2,sequence=2"), (1, "data=1")]}]
+    out = tmp_path / "results.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SHARDING_CHILD.parent.parent),
+                                                                    os.environ.get("PYTHONPATH")])))
+    process = subprocess.run([sys.executable, str(SHARDING_CHILD), "8", json.dumps(cases), str(out)], env=env,
+                             capture_output=True, text=True, timeout=3000)
+    assert out.exists(), process.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert len(results) == len(cases), process.stderr[-3000:]
+    for case, result in zip(cases[:3], results[:3], strict=True):
+        assert "error" not in result, result.get("traceback", result)
+        assert result["loss_diff"] <= 1e-12, (case, result)
+        assert result["grad_diff"] <= 1e-12 * max(1.0, result["grad_scale"]), (case, result)
+    assert "P(None, 'fsdp', 'tensor')" in results[0]["param_specs"]  # a stacked matrix: layers whole, then split
+    restored = results[3]
+    assert "error" not in restored, restored.get("traceback", restored)
+    for where, result in restored.items():
+        assert result["step"] == 2 and result["loss_diff"] <= 1e-5 and result["param_diff"] <= 1e-5, (where, result)
