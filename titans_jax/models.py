@@ -11,11 +11,12 @@ T = 1 is decoding, T = a prompt is prefill, T = a window of a long text is strea
 of a sequence into calls gives the logits of one parallel pass. `logits_at` ("all" | "last" |
 "none") keeps a long call from materialising [B, T, V].
 
-Caches are explicit values (a dict of per-layer mixer caches and the next position) with shapes
-that never change from call to call: the memory state (running weights, momentum, chunk-start
-weights), conv states, a sliding-window buffer of `window` keys, MAC's segment buffers. Only
-full attention (transformer) grows with the context: its cache is sized by max_len up front and
-refuses more (an error, or NaN logits under jit).
+Caches are explicit values (the per-layer mixer caches, a tuple or with scan_layers one pytree
+stacked over the layers, and the next position) with shapes that never change from call to
+call: the memory state (running weights, momentum, chunk-start weights), conv states, a
+sliding-window buffer of `window` keys, MAC's segment buffers. Only full attention
+(transformer) grows with the context: its cache is sized by max_len up front and refuses more
+(an error, or NaN logits under jit).
 
 Block structure (pre-norm residual; every block ends with a SwiGLU MLP):
 
@@ -55,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -109,6 +111,12 @@ class ModelConfig:
     # everything else
     tie_embeddings: bool = False
     remat: str = "none"  # per-block rematerialisation policy, a key of REMAT_POLICIES
+    # False: the blocks are separate modules block_0 .. block_{L-1}, run by a Python loop (compile time
+    # grows with depth). True: one `nn.scan` over the stacked blocks: every block parameter sits under
+    # "blocks" with a leading axis of num_layers (a `layers` axis to shard), and a cache's "layers" is one
+    # pytree of per-layer caches stacked on a leading axis instead of a tuple. The same model either way:
+    # stack_layer_params / unstack_layer_params convert parameters between the two layouts.
+    scan_layers: bool = False
     norm_eps: float = memory_lib.NORM_EPS
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -150,6 +158,8 @@ class ModelConfig:
                              "use attention_impl='blocked' or num_persistent=0")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {tuple(REMAT_POLICIES)}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"ModelConfig.scan_layers must be a bool, got {self.scan_layers!r}")
         if self.uses_memory:
             self.memory_layer  # validates the memory part (its dims against the model's)
 
@@ -579,6 +589,7 @@ class Block(nn.Module):
 
 
 LOGITS_AT = ("all", "last", "none")
+STACKED_BLOCKS = "blocks"  # the parameters of the scanned blocks (ModelConfig.scan_layers)
 
 
 class TitansLM(nn.Module):
@@ -593,6 +604,9 @@ class TitansLM(nn.Module):
     gives the logits of one parallel pass. `logits_at` = "all" ([B, T, V]), "last" ([B, 1, V]:
     the next-token logits only) or "none" (None: only the cache advances), so a long context
     never materialises [B, T, V].
+
+    The blocks are block_0 .. block_{L-1} run in turn, or with config.scan_layers one scanned
+    module "blocks" whose parameters and cache entries have a leading axis of L layers.
     """
 
     config: ModelConfig
@@ -606,8 +620,14 @@ class TitansLM(nn.Module):
                                          cfg.param_dtype)
         block_cls = Block
         if cfg.remat != "none":  # only changes what the backward pass stores
-            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4, 5))
-        self.blocks = [block_cls(cfg, name=f"block_{index}") for index in range(cfg.num_layers)]
+            # static_argnums: `prefix` and `sharded` (self is 0); inside a scan the loop already keeps XLA
+            # from merging the recomputation with the forward pass, so CSE prevention is not needed there
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4, 5),
+                                 prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.blocks = block_cls(cfg, name=STACKED_BLOCKS)
+        else:
+            self.blocks = [block_cls(cfg, name=f"block_{index}") for index in range(cfg.num_layers)]
         self.final_norm = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")
         if not cfg.tie_embeddings:
             self.lm_head = _dense(cfg, cfg.vocab_size, "lm_head")
@@ -615,6 +635,21 @@ class TitansLM(nn.Module):
     def _persistent(self, batch: int, dtype) -> Array:
         cfg = self.config
         return jnp.broadcast_to(self.persistent.astype(dtype), (batch, cfg.prefix_length, cfg.d_model))
+
+    def _over_layers(self, step, x: Array | None, layer_caches):
+        """Run `step(block, x, layer_cache) -> (x, layer_cache)` through the blocks in order;
+        returns (x, the new layer caches). Unrolled: layer_caches is a tuple of per-layer
+        caches (or None: every block gets None). Scanned: an `nn.scan` over the stacked blocks,
+        x the carry and layer_caches one pytree stacked on a leading layers axis (or None)."""
+        cfg = self.config
+        if cfg.scan_layers:
+            scan = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.num_layers)
+            return scan(self.blocks, x, layer_caches)
+        new_caches = []
+        for index, block in enumerate(self.blocks):
+            x, layer_cache = step(block, x, None if layer_caches is None else layer_caches[index])
+            new_caches.append(layer_cache)
+        return x, tuple(new_caches)
 
     def _logits(self, x: Array, logits_at: str):
         if logits_at == "none":
@@ -639,8 +674,7 @@ class TitansLM(nn.Module):
             prefix = cfg.prefix_length
             if prefix:
                 x = jnp.concatenate([self._persistent(batch, x.dtype), x], axis=1)
-            for block in self.blocks:
-                x, _ = block(x, None, None, False, False)
+            x, _ = self._over_layers(lambda block, x, _: block(x, None, None, False, False), x, None)
             return self._logits(x[:, prefix:], logits_at)
 
         check_cache(cfg, cache, batch)
@@ -652,16 +686,14 @@ class TitansLM(nn.Module):
             if seen + length > capacity:
                 raise ValueError(f"this full-attention cache holds {capacity} tokens and has seen {seen}: "
                                  f"{length} more do not fit (make the cache with a larger max_len)")
-        layers = []
-        for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
-            x, layer_cache = block(x, layer_cache, position, False, False)
-            layers.append(layer_cache)
+        x, layers = self._over_layers(lambda block, x, layer_cache: block(x, layer_cache, position, False, False),
+                                      x, cache["layers"])
         logits = self._logits(x, logits_at)
         if capacity is not None and logits is not None:
             # Under jit the check above cannot run: past its capacity the cache would be written
             # at a clipped slot, so the logits become NaN instead (never a wrapped context).
             logits = jnp.where(position - cfg.prefix_length + length <= capacity, logits, jnp.nan)
-        return logits, {"layers": tuple(layers), "position": position + length}
+        return logits, {"layers": layers, "position": position + length}
 
     def _sharded(self, x: Array, logits_at: str):
         """The parallel pass with the tokens split over the mesh's `sequence` axis: the
@@ -670,8 +702,8 @@ class TitansLM(nn.Module):
         cfg = self.config
         start = self.init_cache(x.shape[0], 1 if cfg.attention_window is None else None)
         x = sharding.constrain(x, ("batch", "sequence", None))
-        for block, layer_cache in zip(self.blocks, start["layers"], strict=True):
-            x, _ = block(x, layer_cache, start["position"], False, True)
+        x, _ = self._over_layers(lambda block, x, layer_cache: block(x, layer_cache, start["position"], False, True),
+                                 x, start["layers"])
         return self._logits(x, logits_at)
 
     def init_cache(self, batch: int, max_len: int | None = None) -> dict:
@@ -690,15 +722,13 @@ class TitansLM(nn.Module):
         if max_len is not None and (not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool)
                                     or max_len <= 0):
             raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
-        layers = tuple(block.init_cache(batch, max_len) for block in self.blocks)
+        _, layers = self._over_layers(lambda block, x, _: (x, block.init_cache(batch, max_len)), None, None)
         position = jnp.zeros((), jnp.int32)
         if cfg.prefix_length:
             x = self._persistent(batch, jnp.dtype(cfg.dtype))
-            new_layers = []
-            for block, layer_cache in zip(self.blocks, layers, strict=True):
-                x, layer_cache = block(x, layer_cache, position, True, False)
-                new_layers.append(layer_cache)
-            layers, position = tuple(new_layers), jnp.asarray(cfg.prefix_length, jnp.int32)
+            _, layers = self._over_layers(lambda block, x, layer_cache: block(x, layer_cache, position, True, False),
+                                          x, layers)
+            position = jnp.asarray(cfg.prefix_length, jnp.int32)
         return {"layers": layers, "position": position}
 
 
@@ -712,6 +742,8 @@ def full_attention_capacity(config: ModelConfig, cache: dict) -> int | None:
     """Tokens (after the prefix) a full-attention cache holds; None for bounded caches."""
     if config.attention_window is not None:
         return None
+    if config.scan_layers:  # keys [L, B, capacity, H, E]
+        return int(cache["layers"]["attention"].k.shape[2])
     return int(cache["layers"][0]["attention"].k.shape[1])
 
 
@@ -745,16 +777,25 @@ def check_cache(config: ModelConfig, cache, batch: int) -> None:
                         f"layers, position), got {type(cache).__name__}"
                         + (f" with keys {sorted(cache)}" if isinstance(cache, dict) else ""))
     layers = cache["layers"]
-    if not isinstance(layers, (tuple, list)) or len(layers) != config.num_layers:
-        raise ValueError(f"the cache holds {len(layers) if isinstance(layers, (tuple, list)) else '?'} layers, "
-                         f"this {config.arch} model has {config.num_layers}")
+    if config.scan_layers:
+        if not isinstance(layers, dict):
+            raise ValueError(f"this model scans its layers (scan_layers=True): the cache's layers must be one dict "
+                             f"of caches stacked over the {config.num_layers} layers, got {type(layers).__name__} "
+                             "(a cache of a model with scan_layers=False?)")
+        first_layer = layers
+    else:
+        if not isinstance(layers, (tuple, list)) or len(layers) != config.num_layers:
+            raise ValueError(f"the cache holds {len(layers) if isinstance(layers, (tuple, list)) else '?'} layers, "
+                             f"this {config.arch} model has {config.num_layers}"
+                             + (" (a cache of a model with scan_layers=True?)" if isinstance(layers, dict) else ""))
+        first_layer = layers[0]
     capacity = None
     if config.attention_window is None:  # full attention: the cache holds max_len positions
-        attention = layers[0].get("attention") if isinstance(layers[0], dict) else None
+        attention = first_layer.get("attention") if isinstance(first_layer, dict) else None
         if not isinstance(attention, attn_lib.KVCache):
             raise ValueError(f"the cache has no attention cache in layer 0, which a {config.arch} model needs "
                              "(a cache of another architecture?)")
-        capacity = int(attention.k.shape[1])
+        capacity = int(attention.k.shape[2 if config.scan_layers else 1])
     expected = _expected_cache(config, int(batch), capacity)
     got_leaves, got_tree = jax.tree_util.tree_flatten_with_path(cache)
     want_leaves, want_tree = jax.tree_util.tree_flatten_with_path(expected)
@@ -783,6 +824,72 @@ def _expected_cache(config: ModelConfig, batch: int, max_len: int | None):
         return model.apply(variables, batch, max_len, method=TitansLM.init_cache)
 
     return jax.eval_shape(make, jax.ShapeDtypeStruct((1, 1), jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The two parameter layouts (ModelConfig.scan_layers)
+
+
+def _is_stacked(params) -> bool:
+    """Whether a TitansLM parameter tree (or a tree of its structure: gradients, optimiser
+    moments) has the scan_layers=True layout; a clear ValueError for any other tree."""
+    if not isinstance(params, Mapping) or "embed" not in params:
+        raise ValueError(f"not the parameters of a TitansLM (a mapping with embed, the blocks, ...): got "
+                         f"{type(params).__name__}" + (f" with keys {sorted(map(str, params))}"
+                                                       if isinstance(params, Mapping) else ""))
+    stacked = STACKED_BLOCKS in params
+    unrolled = any(isinstance(key, str) and key.startswith("block_") for key in params)
+    if stacked == unrolled:
+        raise ValueError(f"not the parameters of a TitansLM: {'both' if stacked else 'neither'} a "
+                         f"{STACKED_BLOCKS!r} entry (scan_layers=True) {'and' if stacked else 'nor'} block_<i> "
+                         "entries (scan_layers=False)")
+    return stacked
+
+
+def stack_layer_params(params) -> dict:
+    """The parameters of a TitansLM with scan_layers=False (block_0 .. block_{L-1}) in the layout
+    of scan_layers=True: the blocks' leaves stacked on a new leading axis of L under "blocks",
+    everything else as it is. Also for trees of the same structure (gradients, optimiser moments)."""
+    if _is_stacked(params):
+        raise ValueError(f"the parameters are already stacked (a {STACKED_BLOCKS!r} entry, scan_layers=True)")
+    names = sorted((key for key in params if isinstance(key, str) and key.startswith("block_")),
+                   key=lambda name: (len(name), name))  # block_2 before block_10
+    if names != [f"block_{index}" for index in range(len(names))]:
+        raise ValueError(f"the blocks must be block_0 .. block_{len(names) - 1}, got {names}")
+    blocks = [params[name] for name in names]
+    for name, block in zip(names[1:], blocks[1:]):
+        if jax.tree.structure(block) != jax.tree.structure(blocks[0]) or any(
+                leaf.shape != first.shape for leaf, first in zip(jax.tree.leaves(block), jax.tree.leaves(blocks[0]))):
+            raise ValueError(f"{name} has another structure or shapes than block_0; the blocks of a TitansLM are alike")
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
+    result = {}
+    for key, value in params.items():
+        if key == "block_0":
+            result[STACKED_BLOCKS] = stacked
+        elif key not in names:
+            result[key] = value
+    return result
+
+
+def unstack_layer_params(params) -> dict:
+    """The inverse of stack_layer_params: the "blocks" entry of a scan_layers=True tree split
+    along its leading layers axis into block_0 .. block_{L-1}, everything else as it is."""
+    if not _is_stacked(params):
+        raise ValueError("the parameters are not stacked (block_<i> entries, scan_layers=False)")
+    leaves, structure = jax.tree.flatten(params[STACKED_BLOCKS])
+    layers = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+    if len(layers) != 1 or None in layers:
+        raise ValueError(f"every leaf under {STACKED_BLOCKS!r} needs the same leading layers axis, got leading sizes "
+                         f"{sorted(layers, key=str)}")
+    (num_layers,) = layers
+    result = {}
+    for key, value in params.items():
+        if key == STACKED_BLOCKS:
+            for index in range(num_layers):
+                result[f"block_{index}"] = jax.tree.unflatten(structure, [leaf[index] for leaf in leaves])
+        else:
+            result[key] = value
+    return result
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from titans_jax import config_tree
-from titans_jax.models import ARCHITECTURES, ModelConfig, abstract_params, param_count
+from titans_jax.models import ARCHITECTURES, STACKED_BLOCKS, ModelConfig, abstract_params, param_count
 
 # Shapes as ModelConfig changes (nested fields by dotted path, see titans_jax.config_tree).
 _TINY = {"vocab_size": 256, "d_model": 32, "num_layers": 2, "num_heads": 2, "head_dim": 16, "mlp_hidden": 64,
@@ -91,8 +91,9 @@ def _size_model(config: ModelConfig) -> tuple[int, int, int]:
     """(parameters outside the blocks, parameters of one block, parameters per MLP unit): the
     count is rest + L * (block + per_unit * (h - config.mlp_hidden)); one shape-only trace."""
     params = abstract_params(config)
-    block = param_count(params["block_0"])
-    return param_count(params) - block, block, 3 * config.d_model
+    blocks = (params[STACKED_BLOCKS] if config.scan_layers  # one tree of all blocks, stacked on a layers axis
+              else [params[f"block_{index}"] for index in range(config.num_layers)])
+    return param_count(params) - param_count(blocks), param_count(blocks) // config.num_layers, 3 * config.d_model
 
 
 def preset_param_count(name: str, arch: str, changes: Mapping[str, Any] | None = None, /, **fields) -> int:

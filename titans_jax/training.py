@@ -53,7 +53,7 @@ import numpy as np
 import optax
 
 from titans_jax import config_tree, sharding
-from titans_jax.models import ModelConfig, TitansLM, init_params
+from titans_jax.models import STACKED_BLOCKS, ModelConfig, TitansLM, init_params
 
 Array = jax.Array
 LN2 = math.log(2.0)
@@ -91,15 +91,40 @@ def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Sched
         decay_steps=total_steps, end_value=config.learning_rate * config.min_lr_ratio)
 
 
+def decay_mask(params):
+    """True for the leaves that weight decay applies to: matrices and embeddings, not vectors
+    (norm scales, biases, gates' biases). A leaf of the stacked blocks (scan_layers=True) has
+    one more axis, its layers, which does not count."""
+    def decays(path, leaf) -> bool:
+        layers_axis = bool(path) and getattr(path[0], "key", None) == STACKED_BLOCKS
+        return leaf.ndim - layers_axis >= 2
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay; global-norm clipping; no decay on vectors
-    (norm scales, biases, gates' biases) — only matrices and embeddings are decayed."""
+    """AdamW with linear warmup then cosine decay; global-norm clipping; weight decay on the
+    leaves of `decay_mask` only."""
     schedule = learning_rate_schedule(config, total_steps)
-    decay_mask = lambda params: jax.tree.map(lambda leaf: leaf.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
         optax.adamw(schedule, b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay, mask=decay_mask),
     )
+
+
+# ModelConfig fields added after checkpoints were written, with the value those checkpoints had:
+# at that value a field is left out of a checkpoint's identity, so the older checkpoints resume.
+_ADDED_MODEL_FIELDS = {"scan_layers": False}
+
+
+def model_identity(config: ModelConfig) -> dict:
+    """The model config as recorded in a checkpoint and compared on resume (JSON values),
+    without the fields of _ADDED_MODEL_FIELDS that have the value older checkpoints imply."""
+    record = json.loads(json.dumps(dataclasses.asdict(config)))
+    for name, implied in _ADDED_MODEL_FIELDS.items():
+        if record[name] == implied:
+            del record[name]
+    return record
 
 
 def init_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> dict:
@@ -702,7 +727,7 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
                          tuple(jax.devices()))
     model, step_fn, eval_fn, mesh = programs.model, programs.step, programs.eval, programs.mesh
     run_config.check_mesh(mesh)
-    identity = {"model_config": json.loads(json.dumps(dataclasses.asdict(model_config))),
+    identity = {"model_config": model_identity(model_config),
                 "seq_len": run_config.seq_len, "seed": run_config.seed, **(meta or {})}
     settings = {"optim": dataclasses.asdict(optim_config), "total_steps": run_config.steps,
                 "batch_size": run_config.batch_size}
