@@ -253,9 +253,12 @@ def _affine_starts(params, keys, values, queries, theta, log_eta, log_keep, conf
     # end state is [T | c] of the map X -> T X + c over this shard.
     augmented = dataclasses.replace(config, value_dim=3 * width_in + width_out)
     batch, heads = keys.shape[:2]
-    identity = jnp.broadcast_to(jnp.eye(3 * width_in, 3 * width_in + width_out, dtype=keys.dtype),
+    state_dtype = start.weights[0]["w"].dtype  # the memory computes in its state's dtype
+    identity = jnp.broadcast_to(jnp.eye(3 * width_in, 3 * width_in + width_out, dtype=state_dtype),
                                 (batch, heads, 3 * width_in, 3 * width_in + width_out))
     zeros = jnp.zeros(values.shape[:-1] + (3 * width_in,), values.dtype)
+    # M_0 is not read when a state is given (and this memory has no LayerNorm or bias): the
+    # parameters passed only carry the augmented shapes that memory_apply checks.
     _, end = memory_lib.memory_apply({"layers": ({"w": identity[0, :, :width_in]},)}, keys,
                                      jnp.concatenate([zeros, values], axis=-1), queries, theta, log_eta, log_keep,
                                      augmented, _unstack(identity, pending))
