@@ -264,6 +264,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow  # tests/test_sharding.py covers heads on the tensor axis inside whole models by default
 def test_heads_sharded_over_two_devices_equals_one_device():
     """The layer's logical axis "heads" on a 2-device tensor axis (host CPU devices, in a fresh
     process) gives the single-device value and gradients, float64."""
