@@ -13,6 +13,11 @@ call. The fake devices share this machine's cores and memory, so time does not f
 shards (a real mesh runs the shards at once) and only the per-device memory is the point.
 `--longest` then trains with the sequence axis at 8 at doubling lengths while a step fits the
 time budget and the machine's memory.
+
+XLA_FLAGS gets experiments.plan's planning flags (unless --xla-cpu-as-is): without them XLA:CPU
+merges the recomputation that remat asks for back into the forward pass and starts every
+layer's loop buffers early, so its memory (and what actually runs here) is that of a model
+without remat -- not what a TPU or GPU compiler does with the same program.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import argparse
 import os
 import sys
 
+from experiments.plan import planning_flags  # noqa: E402 - imports no jax
+
 DEVICES = 8
-if "jax" not in sys.modules:  # fake devices must be requested before jax starts
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}"
+CPU_AS_IS = "--xla-cpu-as-is" in sys.argv
+if "jax" not in sys.modules:  # fake devices and flags must be set before jax starts
+    os.environ["XLA_FLAGS"] = planning_flags(os.environ.get("XLA_FLAGS", ""), DEVICES, CPU_AS_IS)
 
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -87,10 +95,13 @@ def main(argv=None) -> None:
     parser.add_argument("--longest-arch", default="lmm")
     parser.add_argument("--budget-s", type=float, default=600, help="stop doubling once a step takes longer")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--xla-cpu-as-is", action="store_true",
+                        help="leave XLA:CPU's remat-defeating passes on (see the module docstring)")
     args = parser.parse_args(argv)
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {len(jax.devices())} fake "
-          f"{jax.devices()[0].platform} devices, jax {jax.__version__}; preset mini, batch 1, remat {args.remat}")
+          f"{jax.devices()[0].platform} devices, jax {jax.__version__}; preset mini, batch 1, remat {args.remat}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     rows = []
     header = "| arch | tokens | shards | tokens/shard | peak/device GiB | temp/device GiB | step s | compile s |"
     print(header)

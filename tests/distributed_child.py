@@ -24,7 +24,10 @@ import traceback
 import warnings
 
 SPEC = json.loads(sys.argv[1])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(SPEC['devices'])}"
+# the device count must be set before jax starts; other inherited flags (the tests' conftest) stay
+os.environ["XLA_FLAGS"] = " ".join([flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                                    if not flag.startswith("--xla_force_host_platform_device_count=")]
+                                   + [f"--xla_force_host_platform_device_count={int(SPEC['devices'])}"])
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

@@ -14,9 +14,13 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(sys.argv[1])}"
+# the device count must be set before jax starts; other inherited flags (the tests' conftest) stay
+os.environ["XLA_FLAGS"] = " ".join([flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                                    if not flag.startswith("--xla_force_host_platform_device_count=")]
+                                   + [f"--xla_force_host_platform_device_count={int(sys.argv[1])}"])
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -112,7 +116,7 @@ def restore_case(case: dict) -> dict:
                 "loss_diff": abs(float(new_metrics["loss"]) - float(metrics["loss"])), "param_diff": diff,
                 "step": int(after["step"]), "devices_used": len(jax.tree.leaves(restored["params"])[0].devices()),
                 "num_shardings": len(placed)}
-    return results
+    return {"meshes": results}
 
 
 KINDS = {"equal": equal_case, "error": error_case, "restore": restore_case}
@@ -122,11 +126,13 @@ def main() -> None:
     cases = json.loads(sys.argv[2])
     results = []
     for case in cases:
+        started = time.perf_counter()
         try:
-            results.append(KINDS[case["kind"]](case))
+            result = KINDS[case["kind"]](case)
         except Exception as error:  # noqa: BLE001 - recorded for the test to judge
-            results.append({"error": type(error).__name__, "message": str(error),
-                            "traceback": traceback.format_exc()[-3000:]})
+            result = {"error": type(error).__name__, "message": str(error), "traceback": traceback.format_exc()[-3000:]}
+        result["seconds"] = round(time.perf_counter() - started, 1)  # what each case costs the suite
+        results.append(result)
         with open(sys.argv[3], "w") as handle:  # after each case: a crash keeps what finished
             json.dump(results, handle)
 

@@ -48,7 +48,7 @@ def free_port() -> int:
 
 def child_env() -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # the child sets its own device count
+    # the child sets its own device count and keeps the other flags (conftest's)
     return env
 
 
@@ -161,7 +161,8 @@ def test_a_missing_peer_ends_with_a_clear_error_in_bounded_time(tmp_path):
         args = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", str(process_id),
                 "--init-timeout", "10", "--out", str(tmp_path / f"run-{process_id}"), "--no-progress"]
         children.append(subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=ROOT,
-                                         env=dict(child_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                                         env=dict(child_env(), XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                                                                           "--xla_force_host_platform_device_count=4"),
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outputs = [child.communicate(timeout=120) for child in children]

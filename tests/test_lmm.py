@@ -19,7 +19,7 @@ TINY = LMMConfig(d_model=12, num_heads=2, head_dim=4, memory=MemoryConfig(chunk_
 def build(config, length=11, batch=2, seed=0):
     layer = LMMLayer(config)
     x = jax.random.normal(jax.random.PRNGKey(seed), (batch, length, config.d_model), jnp.dtype(config.dtype))
-    variables = layer.init(jax.random.PRNGKey(seed + 1), x)
+    variables = jax.jit(layer.init)(jax.random.PRNGKey(seed + 1), x)
     return layer, variables, x
 
 
@@ -138,8 +138,8 @@ def test_ablation_switches(switch):
     assert ("conv_kernel" in params) == bool(config.conv_width)
     assert params["gate_kernel"].shape[1] == config.num_gates
     assert len(params["memory"]["layers"]) == config.memory.depth
-    y, state = layer.apply(variables, x)
-    grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x)[0] ** 2))(params)
+    y, state = jax.jit(layer.apply)(variables, x)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x)[0] ** 2)))(params)
     assert np.all(np.isfinite(np.asarray(y)))
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
 
@@ -147,11 +147,11 @@ def test_ablation_switches(switch):
 def test_bf16_projections_keep_float32_memory_state():
     config = replace(TINY, dict(dtype="bfloat16", param_dtype="float32"))
     layer, variables, x = build(config)
-    y, state = layer.apply(variables, x.astype(jnp.bfloat16))
+    y, state = jax.jit(layer.apply)(variables, x.astype(jnp.bfloat16))
     assert y.dtype == jnp.bfloat16
     assert state.memory.weights[0]["w"].dtype == jnp.float32
     reference = dataclasses.replace(config, dtype="float32")
-    y32, _ = LMMLayer(reference).apply(variables, x.astype(jnp.float32))
+    y32, _ = jax.jit(LMMLayer(reference).apply)(variables, x.astype(jnp.float32))
     scale = float(jnp.max(jnp.abs(y32)))
     assert float(jnp.max(jnp.abs(y.astype(jnp.float32) - y32))) < 0.05 * scale
 
@@ -208,7 +208,7 @@ def test_default_layer_stays_finite_on_long_hard_inputs(depth):
     length = 1024
     random_x = jax.random.normal(jax.random.PRNGKey(0), (1, length, config.d_model))
     constant_x = jnp.broadcast_to(random_x[:, :1], random_x.shape)
-    variables = layer.init(jax.random.PRNGKey(1), random_x[:, :8])
+    variables = jax.jit(layer.init)(jax.random.PRNGKey(1), random_x[:, :8])
     saturated = jax.tree_util.tree_map_with_path(
         lambda path, leaf: leaf + 20.0 if "gate_bias" in jax.tree_util.keystr(path) else leaf, variables)
     apply = jax.jit(lambda v, x: layer.apply(v, x)[0])
@@ -227,7 +227,7 @@ def test_gradients_stay_bounded_over_long_sequences():
     config = LMMConfig(d_model=64, num_heads=4, head_dim=16, memory=MemoryConfig(chunk_size=16))
     layer = LMMLayer(config)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 1024, config.d_model))
-    variables = layer.init(jax.random.PRNGKey(1), x[:, :16])
+    variables = jax.jit(layer.init)(jax.random.PRNGKey(1), x[:, :16])
     grad = jax.jit(jax.grad(lambda x: jnp.mean(layer.apply(variables, x)[0] ** 2)))(x)
     per_token = jnp.max(jnp.abs(grad[0]), axis=-1)
     assert bool(jnp.all(jnp.isfinite(per_token)))
@@ -244,7 +244,7 @@ config = LMMConfig(d_model=16, num_heads=4, head_dim=4, memory=MemoryConfig(chun
                    param_dtype="float64")
 layer = LMMLayer(config)
 x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 16), jnp.float64)
-variables = layer.init(jax.random.PRNGKey(1), x)
+variables = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
 from titans_jax import sharding
 def loss(v, x):
     return jnp.sum(jnp.sin(layer.apply(v, x)[0]))

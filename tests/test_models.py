@@ -92,7 +92,7 @@ def test_generate_greedy_agrees_with_parallel_pass_and_sampling_is_reproducible(
                                             for a in ("transformer", "swa", "lmm", "mag", "mal", "ttt", "linear")])
 def test_tiny_and_small_presets_build_and_small_matches_its_size(arch):
     config = preset("tiny", arch)
-    params = TitansLM(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.jit(TitansLM(config).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     assert param_count(params) == param_count(abstract_params(config))
     assert_matches_target("small", arch)
 
@@ -161,7 +161,7 @@ def test_remat_policies_give_the_same_gradients(name):
     with jax.enable_x64(True):
         base = tiny_config(name, num_layers=1, mac_remat_segments=False)
         tokens = jax.random.randint(jax.random.PRNGKey(4), (1, 12), 0, base.vocab_size)
-        params = TitansLM(base).init(jax.random.PRNGKey(0), tokens)["params"]
+        params = jax.jit(TitansLM(base).init)(jax.random.PRNGKey(0), tokens)["params"]
         grads = {}
         policies = ("none", "full") if name == "mac" else ("none", "full", "dots_no_batch")
         for policy in policies:
@@ -190,13 +190,13 @@ def test_memory_configs_of_the_model_reach_its_layers():
     with jax.enable_x64(True):
         base = tiny_config("lmm", num_layers=1)
         tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 9), 0, base.vocab_size)
-        params = TitansLM(base).init(jax.random.PRNGKey(0), tokens)["params"]
+        params = jax.jit(TitansLM(base).init)(jax.random.PRNGKey(0), tokens)["params"]
         reference = TitansLM(base.replace({"lmm.memory.impl": "reference"}))
         assert reference.config.memory_layer.memory_config.impl == "reference"
         np.testing.assert_allclose(reference.apply({"params": params}, tokens),
                                    TitansLM(base).apply({"params": params}, tokens), rtol=1e-10, atol=1e-12)
         with_bias = base.replace({"lmm.memory.use_bias": True})
-        bias_params = TitansLM(with_bias).init(jax.random.PRNGKey(0), tokens)["params"]
+        bias_params = jax.jit(TitansLM(with_bias).init)(jax.random.PRNGKey(0), tokens)["params"]
         assert "b" in bias_params["block_0"]["memory"]["memory"]["layers"][0]
         outputs = {}
         for name, change in {"base": {}, "norm_eps": {"norm_eps": 0.5}, "loss_scale": {"lmm.memory.loss_scale": 2.0},
