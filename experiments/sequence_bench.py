@@ -52,8 +52,15 @@ def model_config(arch: str, remat: str):
     return preset("mini", arch, {"remat": remat})
 
 
+def machine_memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
 def step_figures(arch: str, length: int, shards: int, remat: str, run: bool = True) -> dict:
-    """Per-device compiled memory (and, with run, the wall time) of one training step."""
+    """Per-device compiled memory (and, with run, the wall time) of one training step. A step
+    whose devices together would need more than this machine's memory is compiled, not run
+    (row["not_run"] says why): the fake devices share the host's RAM, and the kernel's OOM
+    killer, not an exception, is what would end the attempt."""
     config = model_config(arch, remat)
     mesh_config = sharding.MeshConfig(data=1, sequence=shards)
     programs = _programs(config, OptimConfig(warmup_steps=1), 10, 0, mesh_config, tuple(jax.devices()[:shards]))
@@ -69,6 +76,11 @@ def step_figures(arch: str, length: int, shards: int, remat: str, run: bool = Tr
            "peak_per_device_gib": (memory.argument_size_in_bytes + memory.output_size_in_bytes
                                    + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / GIB,
            "temp_per_device_gib": memory.temp_size_in_bytes / GIB}
+    needed = row["peak_per_device_gib"] * shards
+    if run and needed > 0.9 * machine_memory_gib():
+        row["not_run"] = (f"{shards} devices x {row['peak_per_device_gib']:.2f} GiB = {needed:.1f} GiB > 90% of this "
+                          f"machine's {machine_memory_gib():.1f} GiB")
+        run = False
     if run:
         state, metrics = programs.step(state, batch)  # warm-up (the compiled program is cached)
         jax.block_until_ready(metrics)
@@ -109,6 +121,9 @@ def main(argv=None) -> None:
 
     def show(row):
         rows.append(row)
+        if args.json:  # after every row: a long search that is stopped keeps what it measured
+            with open(args.json, "w") as handle:
+                json.dump(rows, handle, indent=1)
         print(f"| {row['arch']} | {row['length']:,} | {row['shards']} | {row['tokens_per_shard']:,} | "
               f"{row['peak_per_device_gib']:.3f} | {row['temp_per_device_gib']:.3f} | {row.get('step_s', '-')} | "
               f"{row['compile_s']} |", flush=True)
@@ -128,13 +143,13 @@ def main(argv=None) -> None:
                 print(f"# {length:,} tokens failed: {type(error).__name__}: {str(error)[:200]}")
                 break
             show(row)
+            if "not_run" in row:
+                print(f"# {length:,} tokens: compiled, not run: {row['not_run']}")
+                break
             if row["step_s"] * 2.2 > args.budget_s:
                 print(f"# stopped doubling: the next step would take about {row['step_s'] * 2:.0f} s")
                 break
             length *= 2
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=1)
 
 
 if __name__ == "__main__":
