@@ -137,6 +137,48 @@ def test_a_batch_of_the_wrong_shape_is_refused(tmp_path):
         train(MODEL, OPTIM, RUN, tmp_path, lambda step: np.zeros((2, 16), np.int64))
 
 
+@pytest.mark.parametrize("bad, message", [
+    ((batch(0), np.ones((2, 17), bool)), r"mask of shape \(2, 17\).*expected bool \(2, 16\)"),
+    ((batch(0), np.ones((2, 16), np.float32)), "dtype float32"),
+    ((batch(0), np.ones((2, 16), bool), None), "tuple of 3"),
+    ((batch(0).astype(np.float32), np.ones((2, 16), bool)), "float32 ids"),
+])
+def test_a_bad_masked_batch_is_refused(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        train(MODEL, OPTIM, RUN, tmp_path, lambda step: bad)
+
+
+def test_a_masked_batch_trains_on_the_marked_targets_only():
+    """(ids, mask) batches: an all-true mask is the plain step; otherwise the loss is the mean
+    NLL of the marked targets and the gradient that of that mean."""
+    from titans_jax.models import TitansLM
+    from titans_jax.training import init_train_state, make_train_step, next_token_nll
+
+    model, optimizer = TitansLM(MODEL), make_optimizer(OPTIM, RUN.steps)
+    state = init_train_state(MODEL, optimizer, 0)
+    step = make_train_step(model, optimizer)
+    tokens = jnp.asarray(batch(0))
+    plain_state, plain = step(state, tokens)
+    ones_state, ones = step(state, (tokens, jnp.ones((2, 16), bool)))
+    np.testing.assert_allclose(float(ones["loss"]), float(plain["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(ones_state["params"]), jax.tree.leaves(plain_state["params"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    mask = np.zeros((2, 16), bool)
+    mask[0, 10:13] = mask[1, 15] = True  # an "answer" in each row
+    _, masked = step(state, (tokens, jnp.asarray(mask)))
+    total, count = next_token_nll(model, state["params"], tokens, jnp.asarray(mask))
+    assert float(count) == 4
+    np.testing.assert_allclose(float(masked["loss"]), float(total / count), rtol=1e-6)
+    grads = jax.grad(lambda p: next_token_nll(model, p, tokens, jnp.asarray(mask))[0] / 4)(state["params"])
+    np.testing.assert_allclose(float(masked["grad_norm"]), float(optax_norm(grads)), rtol=1e-5)
+    _, nothing = step(state, (tokens, jnp.zeros((2, 16), bool)))  # no target: loss 0, no update signal
+    assert float(nothing["loss"]) == 0 and float(nothing["grad_norm"]) == 0
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
+
+
 @pytest.mark.slow
 def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
     run = RunConfig(steps=3, batch_size=2, seq_len=16, log_every=1, eval_every=0, save_every=3, progress=False)

@@ -151,12 +151,15 @@ def make_train_step(model: TitansLM, optimizer: optax.GradientTransformation, st
     its shardings, batches are split over the batch axes and the step is traced under the mesh
     (so the models' sequence-parallel mixers see it)."""
 
-    def loss_fn(params, tokens):
-        total, count = next_token_nll(model, params, tokens)
-        return total / count
+    def loss_fn(params, batch):
+        tokens, mask = batch if isinstance(batch, tuple) else (batch, None)
+        total, count = next_token_nll(model, params, tokens, mask)
+        return total / jnp.maximum(count, 1.0)  # a batch with no target in it contributes nothing
 
-    def step(state: dict, tokens: Array):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens)
+    def step(state: dict, batch):
+        """batch: token windows [B, T + 1], or (windows, mask [B, T]) to train on the marked
+        targets only (e.g. the answer tokens of task examples)."""
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -660,6 +663,25 @@ class RunConfig:
                              "shards; use a multiple of it")
 
 
+def _checked_batch(batch, step: int, run_config: RunConfig):
+    """train_batch(step)'s result as the step takes it: ids [B, T + 1], or (ids, mask [B, T])."""
+    shape = (run_config.batch_size, run_config.seq_len + 1)
+    if isinstance(batch, tuple):
+        if len(batch) != 2:
+            raise ValueError(f"train_batch({step}) gave a tuple of {len(batch)}; expected (ids, mask)")
+        tokens, mask = np.asarray(batch[0]), np.asarray(batch[1])
+        if mask.shape != (shape[0], shape[1] - 1) or mask.dtype != np.bool_:
+            raise ValueError(f"train_batch({step}) gave a mask of shape {mask.shape} and dtype {mask.dtype}; "
+                             f"expected bool {(shape[0], shape[1] - 1)}")
+    else:
+        tokens, mask = np.asarray(batch), None
+    if tokens.shape != shape:
+        raise ValueError(f"train_batch({step}) gave shape {tokens.shape}, expected {shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"train_batch({step}) gave {tokens.dtype} ids; expected integers")
+    return tokens if mask is None else (tokens, mask)
+
+
 class _StopFlag:
     """SIGTERM / SIGINT set a flag; the loop checkpoints after the current step and returns. The
     first signal puts the previous handlers back, so a second one acts at once (KeyboardInterrupt
@@ -702,7 +724,8 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
     """Train (or resume) in out_dir; returns a summary with the final evaluation.
 
     train_batch(step) must be a pure function of the step returning [batch_size, seq_len + 1]
-    ids. eval_sets maps a name to a function giving its evaluation batches (see `evaluate`;
+    ids, or a pair (ids, mask [batch_size, seq_len]) whose mask marks the targets the loss counts
+    (bool; the loss is their mean NLL). eval_sets maps a name to a function giving its evaluation batches (see `evaluate`;
     byte_lengths[id] = UTF-8 bytes of a token turns bits per token into bits per byte). meta
     (tokenizer fingerprint, data seed, ...) is stored in every checkpoint and must match on resume.
     run_record (the experiment's configuration) is written to out_dir/config.json once the
@@ -793,11 +816,9 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
     try:
         with _StopFlag() as stop:
             for step in range(start, run_config.steps):
-                batch = np.asarray(train_batch(step))
-                if batch.shape != (run_config.batch_size, run_config.seq_len + 1):
-                    raise ValueError(f"train_batch({step}) gave shape {batch.shape}, expected "
-                                     f"{(run_config.batch_size, run_config.seq_len + 1)}")
-                state, metrics = step_fn(state, sharding.put_batch(batch, batch_on_mesh))
+                batch = _checked_batch(train_batch(step), step, run_config)
+                state, metrics = step_fn(state, jax.tree.map(lambda part: sharding.put_batch(part, batch_on_mesh),
+                                                             batch))
                 done = step + 1
                 loss = float(metrics["loss"])
                 checkpointer.check()  # a background save that failed surfaces here, one step later
