@@ -13,7 +13,8 @@ builders keyed by (task, length, depth, seed) in titans_jax.long_context.eval_se
 lazily: it imports tensorflow_datasets).
 
 Modules: sentences (the splitter), words (key word lists), haystacks (data, fetch, windows),
-babilong (story simulator, prompts), tasks (examples, fitting, scoring), eval_sets (tfds).
+babilong (story simulator, prompts), tasks (examples, fitting, scoring), eval_sets (tfds),
+training_mix (task windows trained on their answers, mixed with language-model windows).
 """
 
 from titans_jax.long_context.babilong import Story, format_prompt, generate_story
@@ -36,6 +37,7 @@ from titans_jax.long_context.tasks import (
     TASKS,
     Example,
     babilong_match,
+    example_answer,
     example_key,
     make_example,
     make_examples,
@@ -60,7 +62,7 @@ def __getattr__(name):
 
 __all__ = [
     "babilong_match", "books_haystack", "build_eval_set", "essays_haystack", "eval_set_builder",
-    "EvalSetSpec", "Example", "example_key", "examples_by_key", "fetch_essays",
+    "EvalSetSpec", "Example", "example_answer", "example_key", "examples_by_key", "fetch_essays",
     "FETCH_ESSAYS_COMMAND", "format_prompt", "generate_story", "GENERATOR_VERSION", "get_haystack",
     "Haystack", "HAYSTACKS", "load_eval_set", "make_example", "make_examples", "NIAH_TASKS",
     "noise_haystack", "QA_TASKS", "score", "split_sentences", "Story", "string_match_all", "TASKS",

@@ -178,6 +178,15 @@ def niah_key_value(task: str, seed: int) -> tuple[str, str]:
     return key, value
 
 
+def example_answer(task: str, seed: int) -> str:
+    """The gold answer of every example of (task, seed), whatever its length, depth or haystack."""
+    if task in NIAH_TASKS:
+        return niah_key_value(task, seed)[1]
+    if task in QA_TASKS:
+        return babilong.generate_story(task, _rng(task, seed, "story")).answer
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
 # --- fitting a context to a length ----------------------------------------------------------------
 
 def _is_byte_tokenizer(tokenizer) -> bool:

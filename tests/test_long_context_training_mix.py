@@ -1,0 +1,92 @@
+"""Training data for the long-context tasks: task windows with the loss on their answers, the
+mixture with language-model windows, and the separation from evaluation data."""
+
+import random
+
+import numpy as np
+import pytest
+
+from titans_jax.long_context import TASKS, make_example, text_haystack
+from titans_jax.long_context.tasks import example_answer
+from titans_jax.long_context import haystacks as haystacks_lib
+from titans_jax.long_context.training_mix import (
+    TRAIN_HAYSTACK,
+    TRAIN_SEED_OFFSET,
+    TaskMixture,
+    answer_text,
+    check_eval_seeds,
+    task_window,
+)
+
+
+def _documents(num_docs=12, sentences=60):
+    rng = random.Random(99)
+    words = ["harbour", "candle", "meadow", "naïve", "bridge", "letter", "Zoë", "winter"]
+    return [(f"train/doc{d:02d}", " ".join(f"Doc {d} line {s} holds {' '.join(rng.choice(words) for _ in range(6))}."
+                                            for s in range(sentences))) for d in range(num_docs)]
+
+
+@pytest.fixture(scope="module")
+def haystack():
+    return text_haystack("train-fixture", _documents())
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_task_window_is_the_example_then_its_answer_and_only_the_answer_is_trained(task, haystack):
+    seq_len, seed = 1200, TRAIN_SEED_OFFSET + 17
+    stack = "noise" if task == "niah_single_1" else haystack
+    ids, mask = task_window(task, seq_len, seed, haystack=stack)
+    assert ids.shape == (seq_len + 1,) and ids.dtype == np.int32 and mask.shape == (seq_len,) and mask.dtype == bool
+    target = answer_text(example_answer(task, seed)).encode()
+    example = make_example(task, seq_len + 1 - len(target), None, seed, haystack=stack)
+    assert bytes(ids.tolist()) == example.prompt.encode() + target  # exactly seq_len + 1 bytes, no padding
+    assert bytes(ids[1:][mask].tolist()) == target  # the masked targets are the answer, nothing else
+    assert np.flatnonzero(mask).tolist() == list(range(seq_len - len(target), seq_len))
+
+
+def test_the_mixture_is_a_pure_function_of_the_step_and_keeps_language_model_rows(monkeypatch):
+    stacks = {}
+    monkeypatch.setattr(haystacks_lib, "get_haystack", lambda name: stacks.setdefault(
+        name, haystacks_lib.noise_haystack() if name == "noise" else text_haystack(name, _documents())))
+    monkeypatch.setattr("titans_jax.long_context.training_mix.get_haystack", haystacks_lib.get_haystack)
+    seq_len, batch_size = 1536, 16
+    lm = lambda step: np.random.default_rng([5, step]).integers(0, 256, (batch_size, seq_len + 1))  # noqa: E731
+    mixture = TaskMixture(lm, batch_size, seq_len, task_fraction=0.5, seed=3)
+    ids, mask = mixture(4)
+    again_ids, again_mask = mixture(4)
+    np.testing.assert_array_equal(ids, again_ids)
+    np.testing.assert_array_equal(mask, again_mask)
+    rows = mixture.rows(4)
+    assert 0 < sum(task is not None for task in rows) < batch_size
+    for row, task in enumerate(rows):
+        if task is None:  # a language-model row: untouched, every target counted
+            np.testing.assert_array_equal(ids[row], lm(4)[row])
+            assert mask[row].all()
+        else:
+            assert 0 < mask[row].sum() <= 40 and bytes(ids[row][-1:].tolist()) == b"\n"
+    seeds = {mixture.example_seed(step, row) for step in range(50) for row in range(batch_size)}
+    assert len(seeds) == 50 * batch_size and min(seeds) >= TRAIN_SEED_OFFSET
+    assert not np.array_equal(mixture(5)[0], ids)
+    assert TaskMixture(lm, batch_size, seq_len, task_fraction=0.25, seed=3).fingerprint != mixture.fingerprint
+    only_lm = TaskMixture(lm, batch_size, seq_len, task_fraction=0.0)(4)
+    np.testing.assert_array_equal(only_lm[0], lm(4))
+    assert only_lm[1].all()
+
+
+def test_training_never_uses_evaluation_haystacks_or_seeds():
+    assert set(TRAIN_HAYSTACK.values()) == {"books:train", "noise"}
+    check_eval_seeds([0, 1, 999])
+    with pytest.raises(ValueError, match="TRAIN_SEED_OFFSET"):
+        check_eval_seeds([3, TRAIN_SEED_OFFSET + 1])
+
+
+def test_bad_mixtures_are_refused():
+    lm = lambda step: np.zeros((2, 9), np.int32)  # noqa: E731
+    with pytest.raises(ValueError, match="unknown tasks"):
+        TaskMixture(lm, 2, 8, tasks=("niah_single_9",))
+    with pytest.raises(ValueError, match="task_fraction"):
+        TaskMixture(lm, 2, 8, tasks=("niah_single_1",), task_fraction=1.5)
+    with pytest.raises(ValueError, match=r"expected \(2, 9\)"):
+        TaskMixture(lambda step: np.zeros((2, 8), np.int32), 2, 8, tasks=("niah_single_1",))(0)
+    with pytest.raises(ValueError, match="unknown task"):
+        task_window("qa9", 100, TRAIN_SEED_OFFSET)

@@ -1,0 +1,130 @@
+"""Training data for the long-context tasks: task examples trained on their answers, mixed with
+plain language-model windows (issue [C2]).
+
+    from titans_jax.long_context.training_mix import TaskMixture, task_window
+    ids, mask = task_window("niah_single_1", 1024, seed=TRAIN_SEED_OFFSET)   # [1025], [1024]
+    mixture = TaskMixture(books.batch, batch_size=8, seq_len=1024, task_fraction=0.5, seed=0)
+    ids, mask = mixture(step)      # a pure function of (seed, step): titans_jax.training.train's
+                                   # train_batch, with the loss on the marked targets only
+
+A task window is one example of a task (titans_jax.long_context.tasks) followed by its answer,
+`seq_len + 1` tokens in all (exactly, with the byte tokenizer; a BPE tokenizer may leave a
+padded, unmasked tail), and its mask marks only the answer's targets: the model learns to
+answer, not to predict the haystack. The answer is written `answer_text(answer)` = " {answer}.\\n":
+after the niah answer prefix ("... mentioned in the provided text is") and after a BABILong
+question alike; the evaluation harness stops at the newline and scores with RULER's
+string_match_all / BABILong's first-sentence match, both of which this form satisfies.
+
+Nothing the evaluation uses is trained on:
+- haystacks: the books' train split (the evaluation uses the books' test split and the essays)
+  and, for niah_single_1, RULER's noise block (the same meaningless sentences by definition);
+- needles and stories: a task example's key / value / story is a function of (task, seed) only,
+  and training draws seeds from TRAIN_SEED_OFFSET up, far above any evaluation seed
+  (`check_eval_seeds` refuses evaluation seeds that reach it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable, Sequence
+
+import numpy as np
+
+from titans_jax.data.tokenizers import ByteTokenizer
+from titans_jax.long_context.haystacks import Haystack, get_haystack
+from titans_jax.long_context.tasks import GENERATOR_VERSION, TASKS, example_answer, make_example
+
+TRAIN_SEED_OFFSET = 1_000_000_000  # training examples' seeds start here; evaluation seeds stay below
+TRAIN_HAYSTACK = {task: "books:train" for task in TASKS}
+TRAIN_HAYSTACK["niah_single_1"] = "noise"  # RULER's niah_single_1 is defined on the noise block
+
+
+def answer_text(answer: str) -> str:
+    """What the model is trained to write after a task prompt."""
+    return f" {answer}.\n"
+
+
+def check_eval_seeds(seeds: Sequence[int]) -> None:
+    """Evaluation examples must not share a needle or story with training examples."""
+    bad = [seed for seed in seeds if seed >= TRAIN_SEED_OFFSET]
+    if bad:
+        raise ValueError(f"evaluation seeds {bad[:3]} reach TRAIN_SEED_OFFSET = {TRAIN_SEED_OFFSET}: their needles "
+                         "or stories could have been trained on; use smaller seeds")
+
+
+def task_window(task: str, seq_len: int, seed: int, tokenizer=None, haystack: Haystack | str | None = None,
+                depth=None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [seq_len + 1], mask bool [seq_len]) of one example of `task` with its answer;
+    mask[t] is True where ids[t + 1] is an answer token. depth as in make_example (None: a
+    RULER depth drawn from the seed for niah, facts anywhere for qa)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    tokenizer = tokenizer or ByteTokenizer()
+    haystack = haystack or TRAIN_HAYSTACK[task]
+    # The needle / story depends on (task, seed) only, so the answer is known before the prompt.
+    answer = example_answer(task, seed)
+    target = np.asarray(tokenizer.encode(answer_text(answer)), np.int32)
+    example = make_example(task, seq_len + 1 - len(target), depth, seed, tokenizer, haystack)
+    if example.answer != answer:  # the generator's contract; a silent mismatch would train nonsense
+        raise AssertionError(f"{task} seed {seed}: example_answer {answer!r} but the example says {example.answer!r}")
+    prompt = np.asarray(tokenizer.encode(example.prompt), np.int32)
+    ids = np.zeros(seq_len + 1, np.int32)
+    mask = np.zeros(seq_len, bool)
+    ids[:len(prompt)] = prompt
+    ids[len(prompt):len(prompt) + len(target)] = target
+    mask[len(prompt) - 1:len(prompt) - 1 + len(target)] = True  # targets ids[len(prompt) ...]
+    return ids, mask
+
+
+class TaskMixture:
+    """train_batch(step) -> (ids int32 [B, T + 1], mask bool [B, T]) for titans_jax.training.train.
+
+    Each row is, with probability `task_fraction`, a task window of a task drawn uniformly from
+    `tasks` (loss on the answer only), else row r of `lm_batch(step)` (plain language modelling,
+    every target counted). A pure function of (seed, step): a resumed run sees the same data.
+    Task seeds are TRAIN_SEED_OFFSET + a counter over (step, row), so no two training examples
+    share a needle and none shares one with an evaluation example."""
+
+    def __init__(self, lm_batch: Callable[[int], np.ndarray], batch_size: int, seq_len: int,
+                 tasks: Sequence[str] = TASKS, task_fraction: float = 0.5, seed: int = 0, tokenizer=None):
+        unknown = [task for task in tasks if task not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"unknown tasks {unknown} (or none); expected a subset of {TASKS}")
+        if not 0.0 <= task_fraction <= 1.0:
+            raise ValueError(f"task_fraction must be in [0, 1], got {task_fraction}")
+        self.lm_batch, self.batch_size, self.seq_len = lm_batch, int(batch_size), int(seq_len)
+        self.tasks, self.task_fraction, self.seed = tuple(tasks), float(task_fraction), int(seed)
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.haystacks = {name: get_haystack(name) for name in {TRAIN_HAYSTACK[task] for task in self.tasks}}
+
+    def rows(self, step: int) -> list[str | None]:
+        """The task of each row of batch `step` (None: a language-model row)."""
+        rng = np.random.default_rng([self.seed, int(step), 0x7A5C])
+        is_task = rng.random(self.batch_size) < self.task_fraction
+        picks = rng.integers(0, len(self.tasks), self.batch_size)
+        return [self.tasks[p] if t else None for t, p in zip(is_task, picks, strict=True)]
+
+    def example_seed(self, step: int, row: int) -> int:
+        return TRAIN_SEED_OFFSET + (self.seed * 1_000_003 + int(step)) * self.batch_size + row
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        lm = np.asarray(self.lm_batch(step))
+        if lm.shape != (self.batch_size, self.seq_len + 1):
+            raise ValueError(f"lm_batch({step}) gave shape {lm.shape}, expected {(self.batch_size, self.seq_len + 1)}")
+        ids = lm.astype(np.int32).copy()
+        mask = np.ones((self.batch_size, self.seq_len), bool)
+        for row, task in enumerate(self.rows(step)):
+            if task is not None:
+                ids[row], mask[row] = task_window(task, self.seq_len, self.example_seed(step, row), self.tokenizer,
+                                                  self.haystacks[TRAIN_HAYSTACK[task]])
+        return ids, mask
+
+    @property
+    def fingerprint(self) -> str:
+        """What defines the stream (store it in checkpoints' meta: a resume on other data is refused)."""
+        spec = {"tasks": self.tasks, "task_fraction": self.task_fraction, "seed": self.seed,
+                "seq_len": self.seq_len, "batch_size": self.batch_size, "generator": GENERATOR_VERSION,
+                "haystacks": {name: stack.fingerprint for name, stack in sorted(self.haystacks.items())},
+                "tokenizer": getattr(self.tokenizer, "fingerprint", repr(self.tokenizer))}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
