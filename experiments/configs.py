@@ -25,6 +25,10 @@ class DataConfig:
     tokenizer: str = "byte"  # byte | bpe
     bpe_vocab_size: int = 4096
     seed: int = 0  # window shuffling
+    # Long-context tasks mixed into training (titans_jax.long_context.training_mix): this fraction
+    # of the rows are task examples trained on their answers only; 0 = plain language modelling.
+    tasks: tuple[str, ...] = ()
+    task_fraction: float = 0.0
 
     def __post_init__(self):
         for corpus in (self.corpus,) + tuple(self.eval_corpora):
@@ -32,6 +36,17 @@ class DataConfig:
                 raise ValueError(f"unknown corpus {corpus!r}; choose books or code")
         if self.tokenizer not in ("byte", "bpe"):
             raise ValueError(f"unknown tokenizer {self.tokenizer!r}; choose byte or bpe")
+        from titans_jax.long_context.tasks import TASKS
+
+        unknown = [task for task in self.tasks if task not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown data.tasks {unknown}; choose from {TASKS}")
+        if not 0.0 <= self.task_fraction <= 1.0:
+            raise ValueError(f"data.task_fraction must be in [0, 1], got {self.task_fraction}")
+        if self.task_fraction > 0 and not self.tasks:
+            raise ValueError("data.task_fraction > 0 needs data.tasks (e.g. data.tasks=niah_single_1,qa1)")
+        if self.task_fraction > 0 and self.tokenizer != "byte":
+            raise ValueError("data.tasks are generated at lengths in bytes: use data.tokenizer=byte")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +116,21 @@ for _name, (_arch, _model) in TABLE_VARIANTS.items():
     # 256-token context the gradients stay bounded. Pinned so that the command reproduces it.
     _model = {"lmm.alpha_bias_init": -4.0, **_model}
     CONFIGS[f"table_{_name}"] = dataclasses.replace(_TABLE_BASE, arch=_arch, model=tuple(sorted(_model.items())))
+
+# The small-scale Table 2 ([C2], experiments.long_context_table): the same variants trained on the
+# books mixed with long-context task examples (loss on their answers), at <= 4K tokens. Byte
+# tokens; every variant the same data, steps and optimiser -- only the architecture differs.
+LONG_CONTEXT_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "qa1", "qa2", "qa3", "qa4", "qa5")
+_LONG_CONTEXT_BASE = ExperimentConfig(
+    preset="mini",
+    optim=OptimConfig(learning_rate=3e-3, warmup_steps=20),
+    run=RunConfig(steps=300, batch_size=8, seq_len=1024, log_every=10, eval_every=0, eval_batches=4,
+                  save_every=50, sample_tokens=64),
+    data=DataConfig(eval_corpora=("books",), tasks=LONG_CONTEXT_TASKS, task_fraction=0.5),
+)
+for _name, (_arch, _model) in TABLE_VARIANTS.items():
+    if "tnt" not in _name and "chunk" not in _name:
+        CONFIGS[f"lc_{_name}"] = dataclasses.replace(_LONG_CONTEXT_BASE, arch=_arch, model=tuple(sorted(_model.items())))
 
 
 def get_config(name: str) -> ExperimentConfig:

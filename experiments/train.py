@@ -73,7 +73,14 @@ def build_data(config: ExperimentConfig):
     prompt = validation[0][1][:400] if validation else ""
     meta = {"tokenizer": tokenizer.fingerprint, "data_seed": data.seed, "corpus": data.corpus,
             "train_tokens": dataset.fingerprint}
-    return tokenizer, dataset.batch, eval_sets, meta, prompt
+    train_batch = dataset.batch
+    if data.task_fraction > 0:  # task examples trained on their answers, mixed into the windows
+        from titans_jax.long_context.training_mix import TaskMixture
+
+        train_batch = TaskMixture(dataset.batch, run.batch_size, run.seq_len, data.tasks, data.task_fraction,
+                                  data.seed, tokenizer)
+        meta["task_mixture"] = train_batch.fingerprint
+    return tokenizer, train_batch, eval_sets, meta, prompt
 
 
 def make_sampler(tokenizer, prompt: str, num_tokens: int, seed: int):

@@ -1,0 +1,66 @@
+"""The small-scale Table 2 driver (experiments.long_context_table): its --quick variant runs every
+phase (train on the task mixture, evaluate, long phase, report) on books written by the test,
+then a rerun does no work and reads what is there; the table's statistics."""
+
+import json
+import random
+
+import pytest
+
+from experiments import long_context_table as lc
+from titans_jax.data import corpora
+from titans_jax.data.testing import BOOK_FIXTURES
+
+
+def write_long_books(root):
+    """The fixture books' names (and so their splits), each ~25 KB of distinct sentences."""
+    rng = random.Random(0)
+    places = ["harbour", "meadow", "chapel", "orchard", "mill", "bridge", "garden", "cellar"]
+    for name in BOOK_FIXTURES:
+        source, stem = name.split("/")
+        text = " ".join(f"In part {i} of {stem} the {rng.choice(['old', 'young', 'tall'])} traveller reached the "
+                        f"{rng.choice(places)} at dusk." for i in range(400))
+        path = root / "texts" / source / f"{stem}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    for source in corpora.BOOK_SOURCES:
+        corpora.write_manifest(root / "texts" / source, source)
+
+
+def test_quick_grid_runs_every_phase_and_a_rerun_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TITANS_JAX_CACHE", str(tmp_path / "cache"))
+    write_long_books(tmp_path / "cache")
+    out = tmp_path / "grid"
+    first = lc.main(["--quick", "--out", str(out)])
+    assert set(first["rows"]) == {("mac", 0), ("swa", 0)}
+    for rows in first["rows"].values():
+        assert {(r["task"], r["length"]) for r in rows} == {("niah_single_1", 1024), ("qa1", 1024)}
+        assert all(r["score"] in (0.0, 1.0) and r["seed"] < 10 for r in rows)
+    assert {variant for variant, _ in first["long_rows"]} == {"mac", "swa"}
+    assert [r["length"] for r in first["long_rows"][("swa", 0)]] == [2048]
+    table = (out / "table.md").read_text()
+    assert "**niah_single_1**" in table and "| mac |" in table and "Long contexts" in table
+    assert (out / "accuracy_vs_length.png").exists() and (out / "heatmap_mac_niah_single_1.png").exists()
+    assert len(json.loads((out / "results.json").read_text())) == 2 * 2 + 2 * 1
+    config = json.loads((out / "mac" / "seed0" / "config.json").read_text())
+    assert config["config"]["data"]["task_fraction"] == 0.5 and config["config"]["preset"] == "tiny"
+    evaluated = sorted((out / "mac" / "seed0" / "long_context").iterdir())
+    stamps = [path.stat().st_mtime_ns for path in evaluated]
+    again = lc.main(["--quick", "--out", str(out)])  # finished runs and evaluations are reused, not redone
+    assert [path.stat().st_mtime_ns for path in sorted((out / "mac" / "seed0" / "long_context").iterdir())] == stamps
+    assert again["rows"] == first["rows"]
+    report = lc.main(["--quick", "--report-only", "--out", str(out)])
+    assert report["rows"] == first["rows"]
+
+
+def test_cells_give_spread_over_seeds_or_a_binomial_interval():
+    assert lc.cell({0: [1.0, 0.0], 1: [1.0, 1.0], 2: [0.0, 0.0]}) == "50 ± 50"
+    lo, hi = lc.binomial_interval(0, 10)
+    assert lo == 0.0 and 0.25 < hi < 0.35  # Wilson: [0, 27.8%]
+    assert lc.cell({0: [1.0] * 10}).startswith("100 [72, 100]")
+    assert lc.cell({}) == ""
+
+
+def test_unknown_variants_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        lc.main(["--variants", "mac,nonsense", "--out", str(tmp_path)])
