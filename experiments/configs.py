@@ -29,6 +29,7 @@ class DataConfig:
     # of the rows are task examples trained on their answers only; 0 = plain language modelling.
     tasks: tuple[str, ...] = ()
     task_fraction: float = 0.0
+    task_answer_weight: str = "row"  # row: a task row weighs as much as a text row; token: pooled targets
 
     def __post_init__(self):
         for corpus in (self.corpus,) + tuple(self.eval_corpora):
@@ -43,6 +44,8 @@ class DataConfig:
             raise ValueError(f"unknown data.tasks {unknown}; choose from {TASKS}")
         if not 0.0 <= self.task_fraction <= 1.0:
             raise ValueError(f"data.task_fraction must be in [0, 1], got {self.task_fraction}")
+        if self.task_answer_weight not in ("row", "token"):
+            raise ValueError(f"data.task_answer_weight must be row or token, got {self.task_answer_weight!r}")
         if self.task_fraction > 0 and not self.tasks:
             raise ValueError("data.task_fraction > 0 needs data.tasks (e.g. data.tasks=niah_single_1,qa1)")
         if self.task_fraction > 0 and self.tokenizer != "byte":

@@ -78,7 +78,7 @@ def build_data(config: ExperimentConfig):
         from titans_jax.long_context.training_mix import TaskMixture
 
         train_batch = TaskMixture(dataset.batch, run.batch_size, run.seq_len, data.tasks, data.task_fraction,
-                                  data.seed, tokenizer)
+                                  data.seed, tokenizer, data.task_answer_weight)
         meta["task_mixture"] = train_batch.fingerprint
     return tokenizer, train_batch, eval_sets, meta, prompt
 

@@ -61,9 +61,16 @@ def test_the_mixture_is_a_pure_function_of_the_step_and_keeps_language_model_row
     for row, task in enumerate(rows):
         if task is None:  # a language-model row: untouched, every target counted
             np.testing.assert_array_equal(ids[row], lm(4)[row])
-            assert mask[row].all()
-        else:
-            assert 0 < mask[row].sum() <= 40 and bytes(ids[row][-1:].tolist()) == b"\n"
+            assert (mask[row] == 1).all()
+        else:  # the answer only, weighted so that the row counts as much as a language-model row
+            assert 0 < np.count_nonzero(mask[row]) <= 40 and bytes(ids[row][-1:].tolist()) == b"\n"
+            np.testing.assert_allclose(mask[row].sum(), seq_len, rtol=1e-5)
+    assert mask.dtype == np.float32
+    tokens_mode = TaskMixture(lm, batch_size, seq_len, task_fraction=0.5, seed=3, answer_weight="token")
+    plain_ids, plain_mask = tokens_mode(4)
+    np.testing.assert_array_equal(plain_ids, ids)
+    assert plain_mask.dtype == bool
+    np.testing.assert_array_equal(plain_mask, mask > 0)
     seeds = {mixture.example_seed(step, row) for step in range(50) for row in range(batch_size)}
     assert len(seeds) == 50 * batch_size and min(seeds) >= TRAIN_SEED_OFFSET
     assert not np.array_equal(mixture(5)[0], ids)
@@ -90,3 +97,5 @@ def test_bad_mixtures_are_refused():
         TaskMixture(lambda step: np.zeros((2, 8), np.int32), 2, 8, tasks=("niah_single_1",))(0)
     with pytest.raises(ValueError, match="unknown task"):
         task_window("qa9", 100, TRAIN_SEED_OFFSET)
+    with pytest.raises(ValueError, match="answer_weight"):
+        TaskMixture(lm, 2, 8, tasks=("niah_single_1",), answer_weight="byte")

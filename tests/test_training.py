@@ -138,8 +138,9 @@ def test_a_batch_of_the_wrong_shape_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ((batch(0), np.ones((2, 17), bool)), r"mask of shape \(2, 17\).*expected bool \(2, 16\)"),
-    ((batch(0), np.ones((2, 16), np.float32)), "dtype float32"),
+    ((batch(0), np.ones((2, 17), bool)), r"mask of shape \(2, 17\).*expected bool or float32 weights \(2, 16\)"),
+    ((batch(0), np.ones((2, 16), np.float64)), "dtype float64"),
+    ((batch(0), np.full((2, 16), -1.0, np.float32)), "negative or not finite"),
     ((batch(0), np.ones((2, 16), bool), None), "tuple of 3"),
     ((batch(0).astype(np.float32), np.ones((2, 16), bool)), "float32 ids"),
 ])
@@ -171,6 +172,9 @@ def test_a_masked_batch_trains_on_the_marked_targets_only():
     assert float(count) == 4
     np.testing.assert_allclose(float(masked["loss"]), float(total / count), rtol=1e-6)
     np.testing.assert_allclose(float(masked["grad_norm"]), float(optax_norm(grads)) / 4, rtol=1e-5)
+    weights = np.where(mask, np.float32(2.5), np.float32(0)).astype(np.float32)  # equal weights: the same mean
+    _, weighted = step(state, (tokens, jnp.asarray(weights)))
+    np.testing.assert_allclose(float(weighted["loss"]), float(masked["loss"]), rtol=1e-6)
     _, nothing = step(state, (tokens, jnp.zeros((2, 16), bool)))  # no target: loss 0, no update signal
     assert float(nothing["loss"]) == 0 and float(nothing["grad_norm"]) == 0
 

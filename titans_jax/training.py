@@ -158,7 +158,7 @@ def make_train_step(model: TitansLM, optimizer: optax.GradientTransformation, st
 
     def step(state: dict, batch):
         """batch: token windows [B, T + 1], or (windows, mask [B, T]) to train on the marked
-        targets only (e.g. the answer tokens of task examples)."""
+        targets only (e.g. the answer tokens of task examples); a float mask weighs them."""
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -670,9 +670,11 @@ def _checked_batch(batch, step: int, run_config: RunConfig):
         if len(batch) != 2:
             raise ValueError(f"train_batch({step}) gave a tuple of {len(batch)}; expected (ids, mask)")
         tokens, mask = np.asarray(batch[0]), np.asarray(batch[1])
-        if mask.shape != (shape[0], shape[1] - 1) or mask.dtype != np.bool_:
+        if mask.shape != (shape[0], shape[1] - 1) or not (mask.dtype == np.bool_ or mask.dtype == np.float32):
             raise ValueError(f"train_batch({step}) gave a mask of shape {mask.shape} and dtype {mask.dtype}; "
-                             f"expected bool {(shape[0], shape[1] - 1)}")
+                             f"expected bool or float32 weights {(shape[0], shape[1] - 1)}")
+        if mask.dtype == np.float32 and not (np.all(np.isfinite(mask)) and np.all(mask >= 0)):
+            raise ValueError(f"train_batch({step}) gave mask weights that are negative or not finite")
     else:
         tokens, mask = np.asarray(batch), None
     if tokens.shape != shape:
@@ -724,8 +726,8 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
     """Train (or resume) in out_dir; returns a summary with the final evaluation.
 
     train_batch(step) must be a pure function of the step returning [batch_size, seq_len + 1]
-    ids, or a pair (ids, mask [batch_size, seq_len]) whose mask marks the targets the loss counts
-    (bool; the loss is their mean NLL). eval_sets maps a name to a function giving its evaluation batches (see `evaluate`;
+    ids, or a pair (ids, mask [batch_size, seq_len]) whose mask marks the targets the loss counts:
+    bool (the loss is their mean NLL) or float32 weights (the weighted mean, sum(w nll) / sum(w)). eval_sets maps a name to a function giving its evaluation batches (see `evaluate`;
     byte_lengths[id] = UTF-8 bytes of a token turns bits per token into bits per byte). meta
     (tokenizer fingerprint, data seed, ...) is stored in every checkpoint and must match on resume.
     run_record (the experiment's configuration) is written to out_dir/config.json once the

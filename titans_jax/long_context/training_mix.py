@@ -83,16 +83,25 @@ class TaskMixture:
     Each row is, with probability `task_fraction`, a task window of a task drawn uniformly from
     `tasks` (loss on the answer only), else row r of `lm_batch(step)` (plain language modelling,
     every target counted). A pure function of (seed, step): a resumed run sees the same data.
+
+    answer_weight: "row" (default) -- the mask is float32 and each answer target weighs
+    seq_len / (answer length), so that a task row counts as much as a language-model row in the
+    batch's loss (pooled, the ~10 answer bytes of a row would be ~1% of a 1,024-byte batch's
+    targets); "token" -- a bool mask, every counted target weighs the same.
     Task seeds are TRAIN_SEED_OFFSET + a counter over (step, row), so no two training examples
     share a needle and none shares one with an evaluation example."""
 
     def __init__(self, lm_batch: Callable[[int], np.ndarray], batch_size: int, seq_len: int,
-                 tasks: Sequence[str] = TASKS, task_fraction: float = 0.5, seed: int = 0, tokenizer=None):
+                 tasks: Sequence[str] = TASKS, task_fraction: float = 0.5, seed: int = 0, tokenizer=None,
+                 answer_weight: str = "row"):
         unknown = [task for task in tasks if task not in TASKS]
         if unknown or not tasks:
             raise ValueError(f"unknown tasks {unknown} (or none); expected a subset of {TASKS}")
         if not 0.0 <= task_fraction <= 1.0:
             raise ValueError(f"task_fraction must be in [0, 1], got {task_fraction}")
+        if answer_weight not in ("row", "token"):
+            raise ValueError(f"answer_weight must be 'row' or 'token', got {answer_weight!r}")
+        self.answer_weight = answer_weight
         self.lm_batch, self.batch_size, self.seq_len = lm_batch, int(batch_size), int(seq_len)
         self.tasks, self.task_fraction, self.seed = tuple(tasks), float(task_fraction), int(seed)
         self.tokenizer = tokenizer or ByteTokenizer()
@@ -113,17 +122,20 @@ class TaskMixture:
         if lm.shape != (self.batch_size, self.seq_len + 1):
             raise ValueError(f"lm_batch({step}) gave shape {lm.shape}, expected {(self.batch_size, self.seq_len + 1)}")
         ids = lm.astype(np.int32).copy()
-        mask = np.ones((self.batch_size, self.seq_len), bool)
+        by_row = self.answer_weight == "row"
+        mask = np.ones((self.batch_size, self.seq_len), np.float32 if by_row else bool)
         for row, task in enumerate(self.rows(step)):
             if task is not None:
-                ids[row], mask[row] = task_window(task, self.seq_len, self.example_seed(step, row), self.tokenizer,
-                                                  self.haystacks[TRAIN_HAYSTACK[task]])
+                ids[row], answer = task_window(task, self.seq_len, self.example_seed(step, row), self.tokenizer,
+                                               self.haystacks[TRAIN_HAYSTACK[task]])
+                mask[row] = answer * (self.seq_len / answer.sum()) if by_row else answer
         return ids, mask
 
     @property
     def fingerprint(self) -> str:
         """What defines the stream (store it in checkpoints' meta: a resume on other data is refused)."""
         spec = {"tasks": self.tasks, "task_fraction": self.task_fraction, "seed": self.seed,
+                "answer_weight": self.answer_weight,
                 "seq_len": self.seq_len, "batch_size": self.batch_size, "generator": GENERATOR_VERSION,
                 "haystacks": {name: stack.fingerprint for name, stack in sorted(self.haystacks.items())},
                 "tokenizer": getattr(self.tokenizer, "fingerprint", repr(self.tokenizer))}
