@@ -29,7 +29,7 @@ class DataConfig:
     # of the rows are task examples trained on their answers only; 0 = plain language modelling.
     tasks: tuple[str, ...] = ()
     task_fraction: float = 0.0
-    task_answer_weight: str = "row"  # row: a task row weighs as much as a text row; token: pooled targets
+    task_answer_weight: str = "token"  # token: pooled targets; row: a task row weighs as much as a text row
 
     def __post_init__(self):
         for corpus in (self.corpus,) + tuple(self.eval_corpora):

@@ -51,7 +51,7 @@ def test_the_mixture_is_a_pure_function_of_the_step_and_keeps_language_model_row
     monkeypatch.setattr("titans_jax.long_context.training_mix.get_haystack", haystacks_lib.get_haystack)
     seq_len, batch_size = 1536, 16
     lm = lambda step: np.random.default_rng([5, step]).integers(0, 256, (batch_size, seq_len + 1))  # noqa: E731
-    mixture = TaskMixture(lm, batch_size, seq_len, task_fraction=0.5, seed=3)
+    mixture = TaskMixture(lm, batch_size, seq_len, task_fraction=0.5, seed=3, answer_weight="row")
     ids, mask = mixture(4)
     again_ids, again_mask = mixture(4)
     np.testing.assert_array_equal(ids, again_ids)
@@ -66,7 +66,7 @@ def test_the_mixture_is_a_pure_function_of_the_step_and_keeps_language_model_row
             assert 0 < np.count_nonzero(mask[row]) <= 40 and bytes(ids[row][-1:].tolist()) == b"\n"
             np.testing.assert_allclose(mask[row].sum(), seq_len, rtol=1e-5)
     assert mask.dtype == np.float32
-    tokens_mode = TaskMixture(lm, batch_size, seq_len, task_fraction=0.5, seed=3, answer_weight="token")
+    tokens_mode = TaskMixture(lm, batch_size, seq_len, task_fraction=0.5, seed=3)  # the default: pooled
     plain_ids, plain_mask = tokens_mode(4)
     np.testing.assert_array_equal(plain_ids, ids)
     assert plain_mask.dtype == bool
@@ -74,7 +74,8 @@ def test_the_mixture_is_a_pure_function_of_the_step_and_keeps_language_model_row
     seeds = {mixture.example_seed(step, row) for step in range(50) for row in range(batch_size)}
     assert len(seeds) == 50 * batch_size and min(seeds) >= TRAIN_SEED_OFFSET
     assert not np.array_equal(mixture(5)[0], ids)
-    assert TaskMixture(lm, batch_size, seq_len, task_fraction=0.25, seed=3).fingerprint != mixture.fingerprint
+    assert TaskMixture(lm, batch_size, seq_len, task_fraction=0.25, seed=3, answer_weight="row").fingerprint \
+        != mixture.fingerprint
     only_lm = TaskMixture(lm, batch_size, seq_len, task_fraction=0.0)(4)
     np.testing.assert_array_equal(only_lm[0], lm(4))
     assert only_lm[1].all()
