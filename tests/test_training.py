@@ -173,9 +173,10 @@ def test_a_masked_batch_trains_on_the_marked_targets_only():
     assert float(count) == 4
     np.testing.assert_allclose(float(masked["loss"]), float(total / count), rtol=1e-6)
     np.testing.assert_allclose(float(masked["grad_norm"]), float(optax_norm(grads)) / 4, rtol=1e-5)
-    weights = np.where(mask, np.float32(2.5), np.float32(0)).astype(np.float32)  # equal weights: the same mean
-    _, weighted = step(state, (tokens, jnp.asarray(weights)))
-    np.testing.assert_allclose(float(weighted["loss"]), float(masked["loss"]), rtol=1e-6)
+    for scale in (2.5, 0.01):  # equal weights give the same mean, also when they sum to less than 1
+        weights = np.where(mask, np.float32(scale), np.float32(0)).astype(np.float32)
+        _, weighted = step(state, (tokens, jnp.asarray(weights)))
+        np.testing.assert_allclose(float(weighted["loss"]), float(masked["loss"]), rtol=1e-5)
     _, nothing = step(state, (tokens, jnp.zeros((2, 16), bool)))  # no target: loss 0, no update signal
     assert float(nothing["loss"]) == 0 and float(nothing["grad_norm"]) == 0
 

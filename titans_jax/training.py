@@ -154,7 +154,8 @@ def make_train_step(model: TitansLM, optimizer: optax.GradientTransformation, st
     def loss_fn(params, batch):
         tokens, mask = batch if isinstance(batch, tuple) else (batch, None)
         total, count = next_token_nll(model, params, tokens, mask)
-        return total / jnp.maximum(count, 1.0)  # a batch with no target in it contributes nothing
+        # a batch with no target in it contributes nothing (weights may sum to less than 1)
+        return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
 
     def step(state: dict, batch):
         """batch: token windows [B, T + 1], or (windows, mask [B, T]) to train on the marked
@@ -727,7 +728,8 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
 
     train_batch(step) must be a pure function of the step returning [batch_size, seq_len + 1]
     ids, or a pair (ids, mask [batch_size, seq_len]) whose mask marks the targets the loss counts:
-    bool (the loss is their mean NLL) or float32 weights (the weighted mean, sum(w nll) / sum(w)). eval_sets maps a name to a function giving its evaluation batches (see `evaluate`;
+    bool (the loss is their mean NLL) or float32 weights (the weighted mean, sum(w nll) / sum(w)).
+    eval_sets maps a name to a function giving its evaluation batches (see `evaluate`;
     byte_lengths[id] = UTF-8 bytes of a token turns bits per token into bits per byte). meta
     (tokenizer fingerprint, data seed, ...) is stored in every checkpoint and must match on resume.
     run_record (the experiment's configuration) is written to out_dir/config.json once the
