@@ -1,0 +1,79 @@
+"""Where a training run's gradient spikes come from: replay steps from a checkpoint and name the
+parameters that carry the gradient norm.
+
+    python -m experiments.grad_spikes --run runs/lc_probe/mac/seed0 --config lc_mac \
+        --set run.steps=200 --set data.tasks=niah_single_1,qa1 --from-step 150 --to-step 172
+
+The run's checkpoints up to --from-step are copied to a temporary directory (the newest of them
+is restored, exactly as a resume would), then each step is taken again with the run's own
+batches (`experiments.train.build_data` of the same config: a pure function of the step) and,
+whenever the gradient norm exceeds --threshold, the four parameters with the largest gradient
+norms are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from experiments.configs import apply_overrides, get_config
+from experiments.train import build_data
+from titans_jax import sharding
+from titans_jax.training import Checkpointer, _programs, next_token_nll
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--config", required=True, help="the named config the run was trained with")
+    parser.add_argument("--set", action="append", default=[], help="the run's overrides, as given to experiments.train")
+    parser.add_argument("--from-step", type=int, required=True, help="replay from the newest checkpoint at or before this")
+    parser.add_argument("--to-step", type=int, required=True)
+    parser.add_argument("--threshold", type=float, default=20.0)
+    args = parser.parse_args(argv)
+
+    config = apply_overrides(get_config(args.config), args.set)
+    tokenizer, train_batch, *_ = build_data(config)
+    model_config = config.model_config(vocab_size=tokenizer.vocab_size)
+    programs = _programs(model_config, config.optim, config.run.steps, config.run.seed, sharding.MeshConfig(),
+                         tuple(jax.devices()))
+    source = pathlib.Path(args.run) / "checkpoints"
+    with tempfile.TemporaryDirectory() as scratch:
+        for step_dir in source.iterdir():
+            if step_dir.name.isdigit() and int(step_dir.name) <= args.from_step:
+                shutil.copytree(step_dir, pathlib.Path(scratch) / step_dir.name)
+        checkpointer = Checkpointer(scratch)
+        restored = checkpointer.restore_latest(programs.abstract_state, {})
+        checkpointer.close()
+    if restored is None:
+        raise SystemExit(f"no checkpoint at or before step {args.from_step} in {source}")
+    state, meta, _ = restored
+    print(f"replaying from step {int(meta['step'])}")
+
+    def loss(params, tokens, mask):
+        total, count = next_token_nll(programs.model, params, tokens, mask)
+        return total / count
+
+    grad = jax.jit(jax.grad(loss))
+    for step in range(int(meta["step"]), args.to_step):
+        batch = train_batch(step)
+        batch = tuple(jnp.asarray(part) for part in batch) if isinstance(batch, tuple) else jnp.asarray(batch)
+        new_state, metrics = programs.step(state, batch)
+        norm = float(metrics["grad_norm"])
+        if norm > args.threshold:
+            tokens, mask = batch if isinstance(batch, tuple) else (batch, jnp.ones(batch[:, 1:].shape, bool))
+            leaves = jax.tree_util.tree_flatten_with_path(grad(state["params"], tokens, mask))[0]
+            top = sorted(((float(jnp.linalg.norm(leaf)), jax.tree_util.keystr(path)) for path, leaf in leaves),
+                         reverse=True)[:4]
+            print(f"step {step + 1}: loss {float(metrics['loss']):.3f}, grad norm {norm:.3g}; largest: "
+                  + ", ".join(f"{name} {value:.3g}" for value, name in top), flush=True)
+        state = new_state
+
+
+if __name__ == "__main__":
+    main()
