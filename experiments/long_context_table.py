@@ -211,6 +211,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training override for every run")
     parser.add_argument("--report-only", action="store_true", help="only report what is finished")
     args = parser.parse_args(argv)
+    args.command = "python -m experiments.long_context_table " + " ".join(sys.argv[1:] if argv is None else argv)
 
     quick = QUICK if args.quick else {}
     variants = tuple(quick.get("variants", (args.variants or ",".join(MAIN_VARIANTS)).split(",")))
@@ -263,8 +264,7 @@ def main(argv=None) -> dict:
 def report(out, args, table, variants, tasks, lengths, rows, ablations, ablation_spec, long_rows, long_spec) -> dict:
     from titans_jax.long_context import NIAH_TASKS, harness
 
-    command = "python -m experiments.long_context_table " + " ".join(sys.argv[1:] if args is not None else [])
-    text = [f"# Small-scale Table 2\n\n`{command}`\n", format_table(table, variants, tasks, lengths)]
+    text = [f"# Small-scale Table 2\n\n`{args.command}`\n", format_table(table, variants, tasks, lengths)]
     if ablations:
         abl = collect({key: value for key, value in rows.items() if key[0] in ablations + ("lmm", "mag", "lmm_linear")})
         text += ["\n## Ablations (paper Table 5) at " + ", ".join(f"{n:,}" for n in ablation_spec.lengths),

@@ -40,6 +40,7 @@ def test_quick_grid_runs_every_phase_and_a_rerun_reuses_it(tmp_path, monkeypatch
     assert [r["length"] for r in first["long_rows"][("swa", 0)]] == [2048]
     table = (out / "table.md").read_text()
     assert "**niah_single_1**" in table and "| mac |" in table and "Long contexts" in table
+    assert f"`python -m experiments.long_context_table --quick --out {out}`" in table  # the command that made it
     assert (out / "accuracy_vs_length.png").exists() and (out / "heatmap_mac_niah_single_1.png").exists()
     assert len(json.loads((out / "results.json").read_text())) == 2 * 2 + 2 * 1
     config = json.loads((out / "mac" / "seed0" / "config.json").read_text())
