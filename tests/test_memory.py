@@ -1,5 +1,6 @@
 """The memory core: three implementations agree, streaming is exact, and it is the paper's math."""
 
+import dataclasses
 import functools
 
 import jax
@@ -48,7 +49,8 @@ def test_implementations_agree_forward_and_gradients(depth, chunk_size):
         assert max_rel_diff(grads, ref_grads) < 1e-11, impl
 
 
-@pytest.mark.parametrize("variant", ["bias_residual_norm", "no_momentum", "no_forgetting", "silu_mean_loss"])
+@pytest.mark.parametrize("variant", ["bias_residual_norm", "no_momentum", "no_forgetting", "silu_mean_loss",
+                                     "first_order"])
 def test_implementations_agree_variants(variant):
     results = run_all_implementations(2, 5, variant)
     ref_out, ref_grads = results["reference"]
@@ -187,6 +189,48 @@ def test_deep_memory_chunk_size_one_matches_a_python_loop_with_autodiff():
             np.testing.assert_allclose(out[b, h, t], expected, rtol=0, atol=1e-12)
 
 
+def test_first_order_surprise_keeps_the_forward_and_drops_only_the_second_order_term():
+    """surprise_gradient="first_order": same outputs; the gradient is that of a Python loop in
+    which each surprise is taken at stop_gradient(weights) (chunk size 1), and differs from the
+    exact one."""
+    length = 7
+    with jax.enable_x64(True):
+        exact = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2,
+                                 chunk_size=1)
+        first = dataclasses.replace(exact, surprise_gradient="first_order")
+        params = make_params(exact)
+        inputs = make_inputs(9, length)
+        keys, values, queries, theta, log_eta, log_keep = inputs
+
+        def loop(weights):
+            surprise = jax.tree.map(jnp.zeros_like, weights)
+            total = 0.0
+            for t in range(length):
+                grad = jax.grad(mem.inner_loss)(jax.lax.stop_gradient(weights), None, keys[0, 0, t], values[0, 0, t],
+                                                first)
+                surprise = jax.tree.map(lambda s, g: jnp.exp(log_eta[0, 0, t]) * s - theta[0, 0, t] * g, surprise, grad)
+                weights = jax.tree.map(lambda w, s: jnp.exp(log_keep[0, 0, t]) * w + s, weights, surprise)
+                total = total + jnp.sum(jnp.sin(mem.memory_mlp(weights, None, queries[0, 0, t], first)))
+            return total
+
+        def through(config):
+            def objective(layers):
+                out, _ = mem.memory_apply({"layers": layers}, *inputs, config)
+                return jnp.sum(jnp.sin(out[0, 0]))
+            return objective
+
+        weights0 = tuple({"w": layer["w"][0]} for layer in params["layers"])
+        expected = jax.grad(loop)(weights0)
+        for config in (first, dataclasses.replace(first, impl="reference"), dataclasses.replace(first, impl="associative")):
+            got = jax.grad(through(config))(params["layers"])
+            assert max_abs_diff(tuple({"w": g["w"][0]} for g in got), expected) < 1e-12, config.impl
+        exact_grad = jax.grad(through(exact))(params["layers"])
+        assert max_abs_diff(exact_grad, jax.grad(through(first))(params["layers"])) > 1e-6
+        out_exact, _ = mem.memory_apply(params, *inputs, exact)
+        out_first, _ = mem.memory_apply(params, *inputs, first)
+        np.testing.assert_array_equal(np.asarray(out_exact), np.asarray(out_first))
+
+
 def test_no_momentum_no_forgetting_is_ttt_minibatch_gradient_descent():
     """eta = alpha = 0: TTT-Linear. Inside a chunk token i sees W_0 - sum_{j<=i} theta_j grad_j(W_0)."""
     length, chunk = 14, 4
@@ -252,7 +296,7 @@ def small():
 
 @pytest.mark.parametrize("field,value", [("chunk_size", 0), ("chunk_size", -3), ("depth", 0), ("depth", 5),
                                          ("impl", "fast"), ("activation", "swish2"), ("remat_every", -1),
-                                         ("loss_scale", 0.0)])
+                                         ("loss_scale", 0.0), ("surprise_gradient", "second_order")])
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field):
         mem.MemoryConfig(residual_norm=False, key_dim=4, value_dim=4, **{field: value})

@@ -61,6 +61,7 @@ Array = jax.Array
 PyTree = Any
 
 IMPLEMENTATIONS = ("chunked", "reference", "associative")
+SURPRISE_GRADIENTS = ("full", "first_order")
 NORM_EPS = 1e-6  # the one default epsilon of every norm (model RMSNorms, LMM output norm, memory LayerNorm)
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=True),
@@ -90,6 +91,17 @@ class MemoryConfig:
       impl: one of IMPLEMENTATIONS.
       norm_eps: epsilon of the residual LayerNorm. None: the enclosing layer's norm_eps
         (NORM_EPS when used on its own).
+      surprise_gradient: how the outer gradient treats the weights W_0 at which a chunk's
+        surprises are taken. "full" (the default): exact, through grad l(W_0; x) into W_0 as well,
+        so backprop runs the inner optimiser's Jacobian (1 - alpha) I - theta * Hessian chunk
+        after chunk. "first_order": W_0 is a constant there (stop_gradient, as first-order MAML);
+        the forward is unchanged, the gradient still reaches every key, value, query and gate
+        (and M_0 through decay and retrieval), but the backward pass through the memory's state
+        is the linear decay/momentum recurrence, which cannot grow with the context. With the
+        residual LayerNorm the memory is scale-invariant; with forgetting the inner optimiser then
+        settles where its effective step is ~sqrt(2 alpha) per token whatever theta is, and the
+        exact gradient w.r.t. early tokens can grow exponentially with distance
+        (experiments/results/long_context_gate_trace_cpu.md measured 3e10 over 1K tokens).
     """
 
     key_dim: int | None = None
@@ -104,6 +116,7 @@ class MemoryConfig:
     remat_every: int = 1
     impl: str = "chunked"
     norm_eps: float | None = None
+    surprise_gradient: str = "full"
 
     def __post_init__(self):
         for name in ("key_dim", "value_dim", "depth", "expansion", "chunk_size"):
@@ -122,6 +135,9 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"MemoryConfig.impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
+        if self.surprise_gradient not in SURPRISE_GRADIENTS:
+            raise ValueError(f"MemoryConfig.surprise_gradient must be one of {SURPRISE_GRADIENTS}, "
+                             f"got {self.surprise_gradient!r}")
         if self.residual_norm and None not in (self.key_dim, self.value_dim) and self.key_dim != self.value_dim:
             raise ValueError(
                 f"residual_norm needs key_dim == value_dim (M(x) = x + LN(f(x))), got "
@@ -245,6 +261,12 @@ def inner_loss(weights: tuple, norm: dict | None, key: Array, value: Array, conf
     return config.loss_scale * jnp.sum(error * error)
 
 
+def surprise_point(chunk_weights: tuple, config: MemoryConfig) -> tuple:
+    """The weights a chunk's surprises are differentiated at, as the outer gradient sees them
+    (MemoryConfig.surprise_gradient)."""
+    return jax.lax.stop_gradient(chunk_weights) if config.surprise_gradient == "first_order" else chunk_weights
+
+
 def _select(predicate: Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), on_true, on_false)
 
@@ -262,7 +284,7 @@ def token_step(chunk_weights, weights, momentum, norm, key, value, query, gate, 
     Returns (y_t [V], W_t, S_t). Constant work per token: O(I O) per layer.
     """
     theta, log_eta, log_keep = gate[0], gate[1], gate[2]
-    surprise = jax.grad(inner_loss)(chunk_weights, norm, key, value, config)
+    surprise = jax.grad(inner_loss)(surprise_point(chunk_weights, config), norm, key, value, config)
     momentum = jax.tree.map(lambda s, g: jnp.exp(log_eta) * s - theta * g, momentum, surprise)
     weights = jax.tree.map(lambda w, s: jnp.exp(log_keep) * w + s, weights, momentum)
     return memory_mlp(weights, norm, query, config), weights, momentum
@@ -360,7 +382,8 @@ def _chunk_step(chunk_weights, weights, momentum, norm, keys, values, queries, g
     # gradients (deltas) of the inner loss, by hand (rows are independent tokens).
     layer_inputs, slopes = [], []
     hidden = keys
-    for index, layer in enumerate(chunk_weights):
+    key_weights = surprise_point(chunk_weights, config)
+    for index, layer in enumerate(key_weights):
         layer_inputs.append(hidden)
         pre = hidden @ layer["w"]
         if "b" in layer:
@@ -378,7 +401,7 @@ def _chunk_step(chunk_weights, weights, momentum, norm, keys, values, queries, g
         delta = 2.0 * config.loss_scale * (hidden - values)
     deltas = [delta]
     for index in range(num_layers - 2, -1, -1):
-        delta = (delta @ chunk_weights[index + 1]["w"].T) * slopes[index]
+        delta = (delta @ key_weights[index + 1]["w"].T) * slopes[index]
         deltas.append(delta)
     deltas = deltas[::-1]
 
@@ -417,7 +440,8 @@ def _chunk_step(chunk_weights, weights, momentum, norm, keys, values, queries, g
 def _associative_chunk_step(chunk_weights, weights, momentum, norm, keys, values, queries, gates, valid, config):
     """One chunk, the paper's literal recipe: per-token gradients at chunk start materialised
     as [C, I, O], momentum and decay by associative scans (same arguments as _chunk_step)."""
-    grads = jax.vmap(jax.grad(inner_loss), in_axes=(None, None, 0, 0, None))(chunk_weights, norm, keys, values, config)
+    grads = jax.vmap(jax.grad(inner_loss), in_axes=(None, None, 0, 0, None))(surprise_point(chunk_weights, config),
+                                                                              norm, keys, values, config)
     theta, eta, keep = gates[:, 0], jnp.exp(gates[:, 1]), jnp.exp(gates[:, 2])
     write = jnp.ones_like(theta)
     if valid is not None:  # tokens that are not real leave (W, S) unchanged

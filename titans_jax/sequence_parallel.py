@@ -229,8 +229,10 @@ def pipeline(stream: Callable[[Any, Array, Any, Array], tuple[Array, Any]], para
 
 def is_affine(config: memory_lib.MemoryConfig) -> bool:
     """The memory's state update is affine in its state (the exact length-parallel path): one
-    linear layer, no residual LayerNorm, no bias."""
-    return config.depth == 1 and not config.residual_norm and not config.use_bias
+    linear layer, no residual LayerNorm, no bias, and the exact gradient (a first-order surprise
+    differentiates the composed map differently; the pipeline handles it)."""
+    return (config.depth == 1 and not config.residual_norm and not config.use_bias
+            and config.surprise_gradient == "full")
 
 
 def _stack(state: memory_lib.MemoryState) -> Array:

@@ -59,6 +59,7 @@ VARIANTS = {
     "no_momentum": dict(residual_norm=False),  # log_eta = None
     "no_forgetting": dict(residual_norm=False),  # log_keep = None
     "silu_mean_loss": dict(activation="silu", loss_scale=1.0 / 6, residual_norm=False),
+    "first_order": dict(use_bias=True, residual_norm=True, surprise_gradient="first_order"),
 }
 
 
