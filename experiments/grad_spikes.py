@@ -27,6 +27,35 @@ from titans_jax import sharding
 from titans_jax.training import Checkpointer, _programs, next_token_nll
 
 
+def restore_run(run: str, config_name: str, overrides: list[str], from_step: int):
+    """(config, programs, train_batch, state, step) of a run restored from its newest checkpoint at
+    or before `from_step` (copied to a scratch directory, restored exactly as a resume would)."""
+    config = apply_overrides(get_config(config_name), overrides)
+    tokenizer, train_batch, *_ = build_data(config)
+    model_config = config.model_config(vocab_size=tokenizer.vocab_size)
+    programs = _programs(model_config, config.optim, config.run.steps, config.run.seed, sharding.MeshConfig(),
+                         tuple(jax.devices()))
+    source = pathlib.Path(run) / "checkpoints"
+    if not source.is_dir():
+        raise SystemExit(f"no checkpoints directory in {run}")
+    with tempfile.TemporaryDirectory() as scratch:
+        for step_dir in source.iterdir():
+            if step_dir.name.isdigit() and int(step_dir.name) <= from_step:
+                shutil.copytree(step_dir, pathlib.Path(scratch) / step_dir.name)
+        checkpointer = Checkpointer(scratch)
+        restored = checkpointer.restore_latest(programs.abstract_state, {})
+        checkpointer.close()
+    if restored is None:
+        raise SystemExit(f"no checkpoint at or before step {from_step} in {source}")
+    state, meta, _ = restored
+    return config, programs, train_batch, state, int(meta["step"])
+
+
+def device_batch(batch):
+    """A host batch (tokens, or (tokens, mask)) as device arrays."""
+    return tuple(jnp.asarray(part) for part in batch) if isinstance(batch, tuple) else jnp.asarray(batch)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)
@@ -37,32 +66,16 @@ def main(argv=None) -> None:
     parser.add_argument("--threshold", type=float, default=20.0)
     args = parser.parse_args(argv)
 
-    config = apply_overrides(get_config(args.config), args.set)
-    tokenizer, train_batch, *_ = build_data(config)
-    model_config = config.model_config(vocab_size=tokenizer.vocab_size)
-    programs = _programs(model_config, config.optim, config.run.steps, config.run.seed, sharding.MeshConfig(),
-                         tuple(jax.devices()))
-    source = pathlib.Path(args.run) / "checkpoints"
-    with tempfile.TemporaryDirectory() as scratch:
-        for step_dir in source.iterdir():
-            if step_dir.name.isdigit() and int(step_dir.name) <= args.from_step:
-                shutil.copytree(step_dir, pathlib.Path(scratch) / step_dir.name)
-        checkpointer = Checkpointer(scratch)
-        restored = checkpointer.restore_latest(programs.abstract_state, {})
-        checkpointer.close()
-    if restored is None:
-        raise SystemExit(f"no checkpoint at or before step {args.from_step} in {source}")
-    state, meta, _ = restored
-    print(f"replaying from step {int(meta['step'])}")
+    config, programs, train_batch, state, start = restore_run(args.run, args.config, args.set, args.from_step)
+    print(f"replaying from step {start}")
 
     def loss(params, tokens, mask):
         total, count = next_token_nll(programs.model, params, tokens, mask)
         return total / count
 
     grad = jax.jit(jax.grad(loss))
-    for step in range(int(meta["step"]), args.to_step):
-        batch = train_batch(step)
-        batch = tuple(jnp.asarray(part) for part in batch) if isinstance(batch, tuple) else jnp.asarray(batch)
+    for step in range(start, args.to_step):
+        batch = device_batch(train_batch(step))
         new_state, metrics = programs.step(state, batch)
         norm = float(metrics["grad_norm"])
         if norm > args.threshold:

@@ -305,6 +305,9 @@ class LMMLayer(nn.Module):
         log_keep = jax.nn.log_sigmoid(-logits[-1]) if cfg.use_forgetting else None  # log(1 - alpha)
         theta, log_eta, log_keep = (None if t is None else sharding.constrain(t, token_axes[:3])
                                     for t in (theta, log_eta, log_keep))
+        # The memory's inputs, kept only when a caller makes "diagnostics" mutable
+        # (experiments.gate_trace: gate values over the context, chunk step sizes, gradient growth).
+        self.sow("diagnostics", "memory_inputs", (keys, values, queries, theta, log_eta, log_keep))
 
         if sharded:
             retrieved, memory_state = sequence_parallel.memory(

@@ -1,0 +1,160 @@
+"""What a trained model's long-term memory does over its context: gate values, the inner step
+size of each chunk, the memory's weight norm and how far back its gradient reaches.
+
+    python -m experiments.gate_trace --run runs/lc_probe/mac/seed0 --config lc_mac \
+        --set run.steps=200 --set data.tasks=niah_single_1,qa1 --step 159
+
+The run is restored from its newest checkpoint at or before --step and replayed to --step with
+its own batches (experiments.grad_spikes.restore_run), then the batch it trains on next is run
+once with the memory layers' inputs kept (the "diagnostics" collection, titans_jax.lmm). For
+every memory layer, per window of --window tokens (mean over rows and heads unless "max"):
+
+- theta, eta, alpha: the gates (step size, momentum decay, forgetting);
+- chunk step: the largest eigenvalue of 2 * loss_scale * sum_i theta_i k_i k_i^T over the
+  window's chunks (max), the inner step of one chunk on the linear part of the memory. All of a
+  chunk's gradients are taken at the same weights, so past 2 a chunk overshoots on the keys'
+  common direction and, chunk after chunk, the memory oscillates with growing amplitude;
+- |W|: Frobenius norm of the memory's weights (all its layers) after the window;
+- d/dk: norm of the gradient of the last window's retrieval (a fixed random projection of it)
+  with respect to each earlier key, relative to the last window's own: how much a token far back
+  moves what the memory returns now. Growth with distance is the long-sequence gradient blow-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.grad_spikes import device_batch, restore_run
+from titans_jax import memory as memory_lib
+from titans_jax.training import next_token_nll
+
+
+def chunk_steps(keys, theta, chunk: int, loss_scale: float) -> np.ndarray:
+    """[B, H, T, K], [B, H, T] -> [B, H, T // chunk]: the largest eigenvalue of
+    2 * loss_scale * sum_{i in chunk} theta_i k_i k_i^T."""
+    batch, heads, length, dim = keys.shape
+    k = keys[..., : length // chunk * chunk, :].reshape(batch, heads, length // chunk, chunk, dim)
+    t = theta[..., : length // chunk * chunk].reshape(batch, heads, length // chunk, chunk)
+    gram = jnp.einsum("bhcik,bhci,bhcil->bhckl", k, t, k) * (2 * loss_scale)
+    return np.asarray(jnp.linalg.eigvalsh(gram)[..., -1])
+
+
+def weight_norms(params, inputs, config, ends) -> np.ndarray:
+    """Memory weight norm (mean over rows and heads) after each prefix length in `ends`."""
+    out = []
+    for end in ends:
+        sliced = tuple(None if x is None else x[:, :, :end] for x in inputs)
+        _, state = memory_lib.memory_apply(params, *sliced, config)
+        sq = sum(jnp.sum(layer["w"].astype(jnp.float32) ** 2, axis=(-2, -1)) for layer in state.weights)
+        out.append(float(jnp.mean(jnp.sqrt(sq))))
+    return np.array(out)
+
+
+def key_gradients(params, inputs, config, window: int, seed: int = 0) -> np.ndarray:
+    """Per-token norm of d<r, y_last> / dk_t, mean over rows and heads: [T]."""
+    keys, values, queries, theta, log_eta, log_keep = inputs
+    length = keys.shape[2]
+    cotangent = jax.random.normal(jax.random.key(seed), (*keys.shape[:2], window, values.shape[-1]))
+
+    def readout(k):
+        retrieved, _ = memory_lib.memory_apply(params, k, values, queries, theta, log_eta, log_keep, config)
+        return jnp.sum(retrieved[:, :, length - window:].astype(jnp.float32) * cotangent)
+
+    grad = jax.grad(readout)(keys)
+    return np.asarray(jnp.mean(jnp.linalg.norm(grad, axis=-1), axis=(0, 1)))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--config", required=True, help="the named config the run was trained with")
+    parser.add_argument("--set", action="append", default=[], help="the run's overrides, as given to experiments.train")
+    parser.add_argument("--step", required=True, help="analyse the parameters after these many steps (comma-separated)")
+    parser.add_argument("--window", type=int, default=128)
+    args = parser.parse_args(argv)
+
+    wanted = sorted(int(step) for step in args.step.split(","))
+    config, programs, train_batch, state, step = restore_run(args.run, args.config, args.set, wanted[0])
+    for target in wanted:
+        while step < target:
+            state, _ = programs.step(state, device_batch(train_batch(step)))
+            step += 1
+        analyse(args, programs, state["params"], device_batch(train_batch(step)), step)
+
+
+def _stream(inputs):
+    """The memory inputs of one layer as sown (a tuple of its calls; MAC's one call per segment
+    stacked on a leading axis) -> (keys, values, queries, theta, log_eta, log_keep) [B, H, T, ...]."""
+    (inputs,) = inputs
+    if inputs[0].ndim == 4:
+        return inputs
+
+    def merge(x):  # [S, B, H, seg, ...] -> [B, H, S * seg, ...]
+        x = jnp.moveaxis(x, 0, 2)
+        return x.reshape(*x.shape[:2], x.shape[2] * x.shape[3], *x.shape[4:])
+
+    return tuple(None if x is None else merge(x) for x in inputs)
+
+
+def analyse(args, programs, params, batch, step) -> None:
+    tokens, mask = batch if isinstance(batch, tuple) else (batch, None)
+
+    def loss(p):
+        total, count = next_token_nll(programs.model, p, tokens, mask)
+        return total / count
+
+    value, grads = jax.value_and_grad(loss)(params)
+    grad_norm = float(jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads))))
+    _, collected = programs.model.apply({"params": params}, tokens[:, :-1], mutable=["diagnostics"])
+    print(f"\n== {args.run}: parameters after step {step}, batch of step {step + 1}: "
+          f"loss {float(value):.3f}, gradient norm {grad_norm:.3g}")
+
+    found = jax.tree_util.tree_flatten_with_path(collected["diagnostics"],
+                                                 is_leaf=lambda x: isinstance(x, tuple) and len(x) == 1)[0]
+    for path, inputs in found:
+        inputs = _stream(inputs)
+        names = [getattr(entry, "key", str(entry)) for entry in path]
+        layer_path = names[: names.index("memory_inputs")]
+        node = params
+        for name in layer_path:
+            node = node[name]
+        memory_params = node["memory"]
+        mem_config = _memory_config(programs.model.config, layer_path)
+        keys, values, queries, theta, log_eta, log_keep = inputs
+        length = keys.shape[2]
+        window = min(args.window, length)
+        ends = list(range(window, length + 1, window))
+        steps = chunk_steps(keys, theta, mem_config.chunk_size, mem_config.loss_scale)
+        norms = weight_norms(memory_params, inputs, mem_config, ends)
+        dk = key_gradients(memory_params, inputs, mem_config, window)
+        last = dk[length - window:].mean()
+        eta = None if log_eta is None else np.asarray(jnp.exp(log_eta))
+        alpha = None if log_keep is None else np.asarray(-jnp.expm1(log_keep))
+        print(f"\n{'/'.join(layer_path)} (chunk {mem_config.chunk_size}, theta_max {float(np.max(theta)):.3g} seen)")
+        print(f"{'tokens':>11} {'theta':>8} {'theta max':>9} {'eta':>6} {'alpha':>9} {'chunk step max':>14} "
+              f"{'|W|':>9} {'d/dk rel':>9}")
+        per_chunk = window // mem_config.chunk_size
+        for index, end in enumerate(ends):
+            span = slice(end - window, end)
+            th = np.asarray(theta[..., span])
+            row = (f"{end - window:>5}-{end:<5} {th.mean():8.4f} {th.max():9.4f} "
+                   f"{'-' if eta is None else f'{eta[..., span].mean():.3f}':>6} "
+                   f"{'-' if alpha is None else f'{alpha[..., span].mean():.2e}':>9} "
+                   f"{steps[..., index * per_chunk:(index + 1) * per_chunk].max():14.3f} "
+                   f"{norms[index]:9.3g} {dk[span].mean() / last:9.3g}")
+            print(row)
+
+
+def _memory_config(model_config, layer_path) -> memory_lib.MemoryConfig:
+    """The resolved MemoryConfig of the model's memory layers (all share one LMMConfig)."""
+    cfg = model_config
+    return cfg.lmm.resolve(d_model=cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.head_dim, norm_eps=cfg.norm_eps,
+                           dtype=cfg.dtype, param_dtype=cfg.param_dtype).memory_config
+
+
+if __name__ == "__main__":
+    main()
