@@ -43,14 +43,16 @@ def chunk_steps(keys, theta, chunk: int, loss_scale: float) -> np.ndarray:
     return np.asarray(jnp.linalg.eigvalsh(gram)[..., -1])
 
 
-def weight_norms(params, inputs, config, ends) -> np.ndarray:
-    """Memory weight norm (mean over rows and heads) after each prefix length in `ends`."""
+def weight_norms(params, inputs, config, window: int) -> np.ndarray:
+    """Memory weight norm (mean over rows and heads) after each window, streaming window by
+    window (exactly one call over the whole row, titans_jax.memory's streaming contract)."""
+    apply = jax.jit(lambda state, *pieces: memory_lib.memory_apply(params, *pieces, config, state)[1])
+    state = memory_lib.init_memory_state(params, inputs[0].shape[0], config, inputs[0].dtype)
     out = []
-    for end in ends:
-        sliced = tuple(None if x is None else x[:, :, :end] for x in inputs)
-        _, state = memory_lib.memory_apply(params, *sliced, config)
-        sq = sum(jnp.sum(layer["w"].astype(jnp.float32) ** 2, axis=(-2, -1)) for layer in state.weights)
-        out.append(float(jnp.mean(jnp.sqrt(sq))))
+    for start in range(0, inputs[0].shape[2] - window + 1, window):
+        state = apply(state, *(None if x is None else x[:, :, start:start + window] for x in inputs))
+        squares = sum(jnp.sum(layer["w"].astype(jnp.float32) ** 2, axis=(-2, -1)) for layer in state.weights)
+        out.append(float(jnp.mean(jnp.sqrt(squares))))
     return np.array(out)
 
 
@@ -68,7 +70,7 @@ def key_gradients(params, inputs, config, window: int, seed: int = 0) -> np.ndar
     return np.asarray(jnp.mean(jnp.linalg.norm(grad, axis=-1), axis=(0, 1)))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)
     parser.add_argument("--config", required=True, help="the named config the run was trained with")
@@ -79,11 +81,13 @@ def main(argv=None) -> None:
 
     wanted = sorted(int(step) for step in args.step.split(","))
     config, programs, train_batch, state, step = restore_run(args.run, args.config, args.set, wanted[0])
+    reports = {}
     for target in wanted:
         while step < target:
             state, _ = programs.step(state, device_batch(train_batch(step)))
             step += 1
-        analyse(args, programs, state["params"], device_batch(train_batch(step)), step)
+        reports[step] = analyse(args, programs, state["params"], device_batch(train_batch(step)), step)
+    return reports
 
 
 def _stream(inputs):
@@ -100,7 +104,8 @@ def _stream(inputs):
     return tuple(None if x is None else merge(x) for x in inputs)
 
 
-def analyse(args, programs, params, batch, step) -> None:
+def analyse(args, programs, params, batch, step) -> dict:
+    """Print and return {layer path: [one dict per window]} for the parameters after `step`."""
     tokens, mask = batch if isinstance(batch, tuple) else (batch, None)
 
     def loss(p):
@@ -112,9 +117,12 @@ def analyse(args, programs, params, batch, step) -> None:
     _, collected = programs.model.apply({"params": params}, tokens[:, :-1], mutable=["diagnostics"])
     print(f"\n== {args.run}: parameters after step {step}, batch of step {step + 1}: "
           f"loss {float(value):.3f}, gradient norm {grad_norm:.3g}")
+    if "diagnostics" not in collected:
+        raise SystemExit("this model has no memory layer to trace")
 
     found = jax.tree_util.tree_flatten_with_path(collected["diagnostics"],
                                                  is_leaf=lambda x: isinstance(x, tuple) and len(x) == 1)[0]
+    report = {}
     for path, inputs in found:
         inputs = _stream(inputs)
         names = [getattr(entry, "key", str(entry)) for entry in path]
@@ -122,34 +130,42 @@ def analyse(args, programs, params, batch, step) -> None:
         node = params
         for name in layer_path:
             node = node[name]
-        memory_params = node["memory"]
-        mem_config = _memory_config(programs.model.config, layer_path)
+        mem_config = _memory_config(programs.model.config)
         keys, values, queries, theta, log_eta, log_keep = inputs
         length = keys.shape[2]
         window = min(args.window, length)
-        ends = list(range(window, length + 1, window))
+        if length % window:
+            raise SystemExit(f"--window {window} must divide the rows' length {length}")
         steps = chunk_steps(keys, theta, mem_config.chunk_size, mem_config.loss_scale)
-        norms = weight_norms(memory_params, inputs, mem_config, ends)
-        dk = key_gradients(memory_params, inputs, mem_config, window)
-        last = dk[length - window:].mean()
+        norms = weight_norms(node["memory"], inputs, mem_config, window)
+        reach = key_gradients(node["memory"], inputs, mem_config, window)
+        reach = reach / reach[length - window:].mean()
         eta = None if log_eta is None else np.asarray(jnp.exp(log_eta))
         alpha = None if log_keep is None else np.asarray(-jnp.expm1(log_keep))
-        print(f"\n{'/'.join(layer_path)} (chunk {mem_config.chunk_size}, theta_max {float(np.max(theta)):.3g} seen)")
-        print(f"{'tokens':>11} {'theta':>8} {'theta max':>9} {'eta':>6} {'alpha':>9} {'chunk step max':>14} "
-              f"{'|W|':>9} {'d/dk rel':>9}")
-        per_chunk = window // mem_config.chunk_size
-        for index, end in enumerate(ends):
+        per_chunk = max(window // mem_config.chunk_size, 1)
+        rows = []
+        for index, end in enumerate(range(window, length + 1, window)):
             span = slice(end - window, end)
-            th = np.asarray(theta[..., span])
-            row = (f"{end - window:>5}-{end:<5} {th.mean():8.4f} {th.max():9.4f} "
-                   f"{'-' if eta is None else f'{eta[..., span].mean():.3f}':>6} "
-                   f"{'-' if alpha is None else f'{alpha[..., span].mean():.2e}':>9} "
-                   f"{steps[..., index * per_chunk:(index + 1) * per_chunk].max():14.3f} "
-                   f"{norms[index]:9.3g} {dk[span].mean() / last:9.3g}")
-            print(row)
+            rows.append({"start": end - window, "end": end, "theta": float(np.mean(theta[..., span])),
+                         "theta_max": float(np.max(theta[..., span])),
+                         "eta": None if eta is None else float(eta[..., span].mean()),
+                         "alpha": None if alpha is None else float(alpha[..., span].mean()),
+                         "chunk_step": float(steps[..., index * per_chunk:(index + 1) * per_chunk].max()),
+                         "weight_norm": float(norms[index]), "reach": float(reach[span].mean())})
+        name = "/".join(layer_path)
+        report[name] = rows
+        print(f"\n{name} (chunk {mem_config.chunk_size})")
+        print(f"{'tokens':>11} {'theta':>7} {'max':>7} {'eta':>6} {'alpha':>9} {'chunk step':>10} {'|W|':>9} "
+              f"{'d/dk rel':>9}")
+        for row in rows:
+            print(f"{row['start']:>5}-{row['end']:<5} {row['theta']:7.4f} {row['theta_max']:7.4f} "
+                  f"{'-' if row['eta'] is None else format(row['eta'], '.3f'):>6} "
+                  f"{'-' if row['alpha'] is None else format(row['alpha'], '.2e'):>9} "
+                  f"{row['chunk_step']:10.3f} {row['weight_norm']:9.3g} {row['reach']:9.3g}")
+    return report
 
 
-def _memory_config(model_config, layer_path) -> memory_lib.MemoryConfig:
+def _memory_config(model_config) -> memory_lib.MemoryConfig:
     """The resolved MemoryConfig of the model's memory layers (all share one LMMConfig)."""
     cfg = model_config
     return cfg.lmm.resolve(d_model=cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.head_dim, norm_eps=cfg.norm_eps,

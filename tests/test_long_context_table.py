@@ -52,6 +52,23 @@ def test_quick_grid_runs_every_phase_and_a_rerun_reuses_it(tmp_path, monkeypatch
     assert again["rows"] == first["rows"]
     report = lc.main(["--quick", "--report-only", "--out", str(out)])
     assert report["rows"] == first["rows"]
+    check_gate_trace(out / "mac" / "seed0")
+
+
+def check_gate_trace(run):
+    """experiments.gate_trace on the quick grid's MAC run: one row per window for every memory
+    layer, the gates in their ranges, the gradient reach normalised to the last window."""
+    from experiments import gate_trace
+
+    sets = sum((["--set", item] for item in lc.QUICK["train_overrides"]), [])
+    report = gate_trace.main(["--run", str(run), "--config", "lc_mac", *sets, "--step", "2", "--window", "256"])
+    layers = report[2]
+    assert sorted(layers) == ["block_0/mac/memory", "block_1/mac/memory"]
+    for rows in layers.values():
+        assert [(r["start"], r["end"]) for r in rows] == [(0, 256), (256, 512), (512, 768), (768, 1024)]
+        assert all(0 < r["theta"] <= r["theta_max"] <= 0.1 and 0 < r["eta"] < 1 and 0 < r["alpha"] < 1
+                   and r["chunk_step"] > 0 and r["weight_norm"] > 0 for r in rows)
+        assert rows[-1]["reach"] == pytest.approx(1.0)
 
 
 def test_cells_give_spread_over_seeds_or_a_binomial_interval():
@@ -65,3 +82,4 @@ def test_cells_give_spread_over_seeds_or_a_binomial_interval():
 def test_unknown_variants_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         lc.main(["--variants", "mac,nonsense", "--out", str(tmp_path)])
+
