@@ -123,16 +123,21 @@ for _name, (_arch, _model) in TABLE_VARIANTS.items():
 # The small-scale Table 2 ([C2], experiments.long_context_table): the same variants trained on the
 # books mixed with long-context task examples (loss on their answers), at <= 4K tokens. Byte
 # tokens; every variant the same data, steps and optimiser -- only the architecture differs.
+# The memory's outer gradient is first-order (MemoryConfig.surprise_gradient): with the exact one
+# a mini MAC's gradient reached 4e12 mid-run (experiments/results/long_context_gate_trace_cpu.md),
+# and a task row weighs as much as a text row (with pooled targets 200 steps did not even learn
+# the answer's format; experiments/results/long_context_probe_cpu.md).
 LONG_CONTEXT_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "qa1", "qa2", "qa3", "qa4", "qa5")
 _LONG_CONTEXT_BASE = ExperimentConfig(
     preset="mini",
     optim=OptimConfig(learning_rate=3e-3, warmup_steps=20),
     run=RunConfig(steps=300, batch_size=8, seq_len=1024, log_every=10, eval_every=0, eval_batches=4,
                   save_every=50, sample_tokens=64),
-    data=DataConfig(eval_corpora=("books",), tasks=LONG_CONTEXT_TASKS, task_fraction=0.5),
+    data=DataConfig(eval_corpora=("books",), tasks=LONG_CONTEXT_TASKS, task_fraction=0.5, task_answer_weight="row"),
 )
 for _name, (_arch, _model) in TABLE_VARIANTS.items():
     if "tnt" not in _name and "chunk" not in _name:
+        _model = {"lmm.memory.surprise_gradient": "first_order", **_model}
         CONFIGS[f"lc_{_name}"] = dataclasses.replace(_LONG_CONTEXT_BASE, arch=_arch, model=tuple(sorted(_model.items())))
 
 

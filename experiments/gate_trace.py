@@ -2,7 +2,8 @@
 size of each chunk, the memory's weight norm and how far back its gradient reaches.
 
     python -m experiments.gate_trace --run runs/lc_probe/mac/seed0 --config lc_mac \
-        --set run.steps=200 --set data.tasks=niah_single_1,qa1 --step 159
+        --set run.steps=200 --set data.tasks=niah_single_1,qa1 \
+        --set model.lmm.memory.surprise_gradient=full --set data.task_answer_weight=token --step 159
 
 The run is restored from its newest checkpoint at or before --step and replayed to --step with
 its own batches (experiments.grad_spikes.restore_run), then the batch it trains on next is run
@@ -23,6 +24,7 @@ every memory layer, per window of --window tokens (mean over rows and heads unle
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +79,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", action="append", default=[], help="the run's overrides, as given to experiments.train")
     parser.add_argument("--step", required=True, help="analyse the parameters after these many steps (comma-separated)")
     parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--reach-gradient", choices=("run",) + memory_lib.SURPRISE_GRADIENTS, default="run",
+                        help="the memory gradient d/dk is taken with (default: the run's surprise_gradient)")
     args = parser.parse_args(argv)
 
     wanted = sorted(int(step) for step in args.step.split(","))
@@ -131,6 +135,8 @@ def analyse(args, programs, params, batch, step) -> dict:
         for name in layer_path:
             node = node[name]
         mem_config = _memory_config(programs.model.config)
+        if args.reach_gradient != "run":
+            mem_config = dataclasses.replace(mem_config, surprise_gradient=args.reach_gradient)
         keys, values, queries, theta, log_eta, log_keep = inputs
         length = keys.shape[2]
         window = min(args.window, length)
@@ -154,7 +160,7 @@ def analyse(args, programs, params, batch, step) -> dict:
                          "weight_norm": float(norms[index]), "reach": float(reach[span].mean())})
         name = "/".join(layer_path)
         report[name] = rows
-        print(f"\n{name} (chunk {mem_config.chunk_size})")
+        print(f"\n{name} (chunk {mem_config.chunk_size}; d/dk with the {mem_config.surprise_gradient} gradient)")
         print(f"{'tokens':>11} {'theta':>7} {'max':>7} {'eta':>6} {'alpha':>9} {'chunk step':>10} {'|W|':>9} "
               f"{'d/dk rel':>9}")
         for row in rows:

@@ -2,7 +2,8 @@
 parameters that carry the gradient norm.
 
     python -m experiments.grad_spikes --run runs/lc_probe/mac/seed0 --config lc_mac \
-        --set run.steps=200 --set data.tasks=niah_single_1,qa1 --from-step 150 --to-step 172
+        --set run.steps=200 --set data.tasks=niah_single_1,qa1 \
+        --set model.lmm.memory.surprise_gradient=full --set data.task_answer_weight=token --from-step 150 --to-step 172
 
 The run's checkpoints up to --from-step are copied to a temporary directory (the newest of them
 is restored, exactly as a resume would), then each step is taken again with the run's own
@@ -29,12 +30,15 @@ from titans_jax.training import Checkpointer, _programs, next_token_nll
 
 def restore_run(run: str, config_name: str, overrides: list[str], from_step: int):
     """(config, programs, train_batch, state, step) of a run restored from its newest checkpoint at
-    or before `from_step` (copied to a scratch directory, restored exactly as a resume would)."""
+    or before `from_step` (copied to a scratch directory, restored exactly as a resume would);
+    from_step 0 is the run's initial state, made again from its seed."""
     config = apply_overrides(get_config(config_name), overrides)
     tokenizer, train_batch, *_ = build_data(config)
     model_config = config.model_config(vocab_size=tokenizer.vocab_size)
     programs = _programs(model_config, config.optim, config.run.steps, config.run.seed, sharding.MeshConfig(),
                          tuple(jax.devices()))
+    if from_step == 0:  # the initial state is a pure function of the config's seed
+        return config, programs, train_batch, programs.init(), 0
     source = pathlib.Path(run) / "checkpoints"
     if not source.is_dir():
         raise SystemExit(f"no checkpoints directory in {run}")
