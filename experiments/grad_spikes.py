@@ -60,6 +60,26 @@ def device_batch(batch):
     return tuple(jnp.asarray(part) for part in batch) if isinstance(batch, tuple) else jnp.asarray(batch)
 
 
+def by_position(grad, params, batch, step: int) -> list[tuple[int, int, float]]:
+    """(start, end, gradient norm) of the mean loss over the batch's targets in [start, end), for
+    ranges 0-64, 64-128, then doubling to the row's end; printed."""
+    tokens, mask = batch if isinstance(batch, tuple) else (batch, jnp.ones(batch[:, 1:].shape, bool))
+    mask = mask.astype(jnp.float32)
+    length, edges = mask.shape[1], [0, 64]
+    while edges[-1] < length:
+        edges.append(min(2 * edges[-1], length))
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        part = mask.at[:, :lo].set(0.0).at[:, hi:].set(0.0)
+        if float(part.sum()) == 0:
+            continue
+        leaves = jax.tree.leaves(grad(params, tokens, part))
+        rows.append((lo, hi, float(jnp.sqrt(sum(jnp.sum(leaf.astype(jnp.float32) ** 2) for leaf in leaves)))))
+    print(f"step {step + 1}, gradient norm of the loss on target positions: "
+          + ", ".join(f"{lo}-{hi}: {norm:.3g}" for lo, hi, norm in rows), flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)
@@ -68,6 +88,9 @@ def main(argv=None) -> None:
     parser.add_argument("--from-step", type=int, required=True, help="replay from the newest checkpoint at or before this")
     parser.add_argument("--to-step", type=int, required=True)
     parser.add_argument("--threshold", type=float, default=20.0)
+    parser.add_argument("--by-position", action="store_true",
+                        help="also print, at --from-step, the gradient norm of the loss on each range of target "
+                             "positions (0-64, 64-128, 128-256, ...): where in the rows the gradient comes from")
     args = parser.parse_args(argv)
 
     config, programs, train_batch, state, start = restore_run(args.run, args.config, args.set, args.from_step)
@@ -78,6 +101,8 @@ def main(argv=None) -> None:
         return total / count
 
     grad = jax.jit(jax.grad(loss))
+    if args.by_position:
+        by_position(grad, state["params"], device_batch(train_batch(start)), start)
     for step in range(start, args.to_step):
         batch = device_batch(train_batch(step))
         new_state, metrics = programs.step(state, batch)
