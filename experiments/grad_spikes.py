@@ -80,7 +80,8 @@ def by_position(grad, params, batch, step: int) -> list[tuple[int, int, float]]:
     return rows
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list | None:
+    """Replays the steps; returns by_position's rows with --by-position (else None)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)
     parser.add_argument("--config", required=True, help="the named config the run was trained with")
@@ -101,8 +102,7 @@ def main(argv=None) -> None:
         return total / count
 
     grad = jax.jit(jax.grad(loss))
-    if args.by_position:
-        by_position(grad, state["params"], device_batch(train_batch(start)), start)
+    positions = by_position(grad, state["params"], device_batch(train_batch(start)), start) if args.by_position else None
     for step in range(start, args.to_step):
         batch = device_batch(train_batch(step))
         new_state, metrics = programs.step(state, batch)
@@ -115,6 +115,7 @@ def main(argv=None) -> None:
             print(f"step {step + 1}: loss {float(metrics['loss']):.3f}, grad norm {norm:.3g}; largest: "
                   + ", ".join(f"{name} {value:.3g}" for value, name in top), flush=True)
         state = new_state
+    return positions
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_quick_grid_runs_every_phase_and_a_rerun_reuses_it(tmp_path, monkeypatch
 def check_gate_trace(run):
     """experiments.gate_trace on the quick grid's MAC run: one row per window for every memory
     layer, the gates in their ranges, the gradient reach normalised to the last window."""
-    from experiments import gate_trace
+    from experiments import gate_trace, grad_spikes
 
     sets = sum((["--set", item] for item in lc.QUICK["train_overrides"]), [])
     report = gate_trace.main(["--run", str(run), "--config", "lc_mac", *sets, "--step", "2", "--window", "256"])
@@ -69,6 +69,11 @@ def check_gate_trace(run):
         assert all(0 < r["theta"] <= r["theta_max"] <= 0.1 and 0 < r["eta"] < 1 and 0 < r["alpha"] < 1
                    and r["chunk_step"] > 0 and r["weight_norm"] > 0 for r in rows)
         assert rows[-1]["reach"] == pytest.approx(1.0)
+    # grad_spikes --by-position from the initial state: one norm per doubling range of targets
+    rows = grad_spikes.main(["--run", str(run), "--config", "lc_mac", *sets, "--from-step", "0", "--to-step", "0",
+                             "--by-position"])
+    assert [(lo, hi) for lo, hi, _ in rows] == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]
+    assert all(0 < norm < float("inf") for _, _, norm in rows)
 
 
 def test_cells_give_spread_over_seeds_or_a_binomial_interval():
