@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.configs import apply_overrides, get_config
 from experiments.grad_spikes import device_batch, restore_run
 from titans_jax import memory as memory_lib
 from titans_jax.training import next_token_nll
@@ -84,6 +85,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     wanted = sorted(int(step) for step in args.step.split(","))
+    if apply_overrides(get_config(args.config), args.set).model_config(vocab_size=256).scan_layers:
+        raise SystemExit("gate_trace reads models whose blocks are unrolled (scan_layers=False); this run scans "
+                         "its layers, and nn.scan does not carry the memory layers' diagnostics out")
     config, programs, train_batch, state, step = restore_run(args.run, args.config, args.set, wanted[0])
     reports = {}
     for target in wanted:

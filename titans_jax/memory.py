@@ -98,10 +98,11 @@ class MemoryConfig:
         the forward is unchanged, the gradient still reaches every key, value, query and gate
         (and M_0 through decay and retrieval), but the backward pass through the memory's state
         is the linear decay/momentum recurrence, which cannot grow with the context. With the
-        residual LayerNorm the memory is scale-invariant; with forgetting the inner optimiser then
-        settles where its effective step is ~sqrt(2 alpha) per token whatever theta is, and the
-        exact gradient w.r.t. early tokens can grow exponentially with distance
-        (experiments/results/long_context_gate_trace_cpu.md measured 3e10 over 1K tokens).
+        exact gradient, a trained MAC block with strong forgetting (alpha ~0.03) had a gradient
+        w.r.t. keys 1K tokens back 3e10 times that of recent keys while its forward stayed
+        bounded (experiments/results/long_context_gate_trace_cpu.md, which also gives our reading:
+        the residual LayerNorm makes the memory scale-invariant, and forgetting then keeps the
+        inner optimiser in a regime of large, chaotic steps).
     """
 
     key_dim: int | None = None
