@@ -74,6 +74,10 @@ def check_gate_trace(run):
                              "--by-position"])
     assert [(lo, hi) for lo, hi, _ in rows] == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]
     assert all(0 < norm < float("inf") for _, _, norm in rows)
+    # prompt_length_probe: one training-distribution example per prompt length, greedy answer counted
+    from experiments import prompt_length_probe
+    assert prompt_length_probe.main(["--run", str(run), "--lengths", "400,420", "--count", "1",
+                                     "--new-tokens", "2"]).keys() == {400, 420}
 
 
 def test_cells_give_spread_over_seeds_or_a_binomial_interval():
