@@ -52,13 +52,13 @@ def test_quick_grid_runs_every_phase_and_a_rerun_reuses_it(tmp_path, monkeypatch
     assert again["rows"] == first["rows"]
     report = lc.main(["--quick", "--report-only", "--out", str(out)])
     assert report["rows"] == first["rows"]
-    check_gate_trace(out / "mac" / "seed0")
+    check_diagnostic_tools(out / "mac" / "seed0")
 
 
-def check_gate_trace(run):
-    """experiments.gate_trace on the quick grid's MAC run: one row per window for every memory
-    layer, the gates in their ranges, the gradient reach normalised to the last window."""
-    from experiments import gate_trace, grad_spikes
+def check_diagnostic_tools(run):
+    """The probe tools on the quick grid's MAC run. gate_trace: one row per window for every
+    memory layer, the gates in their ranges, the gradient reach normalised to the last window."""
+    from experiments import gate_trace, grad_spikes, prompt_length_probe
 
     sets = sum((["--set", item] for item in lc.QUICK["train_overrides"]), [])
     report = gate_trace.main(["--run", str(run), "--config", "lc_mac", *sets, "--step", "2", "--window", "256"])
@@ -75,7 +75,6 @@ def check_gate_trace(run):
     assert [(lo, hi) for lo, hi, _ in rows] == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]
     assert all(0 < norm < float("inf") for _, _, norm in rows)
     # prompt_length_probe: one training-distribution example per prompt length, greedy answer counted
-    from experiments import prompt_length_probe
     assert prompt_length_probe.main(["--run", str(run), "--lengths", "400,420", "--count", "1",
                                      "--new-tokens", "2"]).keys() == {400, 420}
 
@@ -91,4 +90,3 @@ def test_cells_give_spread_over_seeds_or_a_binomial_interval():
 def test_unknown_variants_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         lc.main(["--variants", "mac,nonsense", "--out", str(tmp_path)])
-
