@@ -30,6 +30,7 @@ class DataConfig:
     tasks: tuple[str, ...] = ()
     task_fraction: float = 0.0
     task_answer_weight: str = "token"  # token: pooled targets; row: a task row weighs as much as a text row
+    task_prompt_length: str = "full"  # full: each example fills its row; uniform: a length drawn per row
 
     def __post_init__(self):
         for corpus in (self.corpus,) + tuple(self.eval_corpora):
@@ -46,6 +47,8 @@ class DataConfig:
             raise ValueError(f"data.task_fraction must be in [0, 1], got {self.task_fraction}")
         if self.task_answer_weight not in ("row", "token"):
             raise ValueError(f"data.task_answer_weight must be row or token, got {self.task_answer_weight!r}")
+        if self.task_prompt_length not in ("full", "uniform"):
+            raise ValueError(f"data.task_prompt_length must be full or uniform, got {self.task_prompt_length!r}")
         if self.task_fraction > 0 and not self.tasks:
             raise ValueError("data.task_fraction > 0 needs data.tasks (e.g. data.tasks=niah_single_1,qa1)")
         if self.task_fraction > 0 and self.tokenizer != "byte":
@@ -126,14 +129,17 @@ for _name, (_arch, _model) in TABLE_VARIANTS.items():
 # The memory's outer gradient is first-order (MemoryConfig.surprise_gradient): with the exact one
 # a mini MAC's gradient reached 4e12 mid-run (experiments/results/long_context_gate_trace_cpu.md),
 # and a task row weighs as much as a text row (with pooled targets 200 steps did not even learn
-# the answer's format; experiments/results/long_context_probe_cpu.md).
+# the answer's format; experiments/results/long_context_probe_cpu.md), and each task row's prompt
+# length is drawn per row (with one length per task, a Transformer++ learned to answer at that
+# position only: the same file).
 LONG_CONTEXT_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "qa1", "qa2", "qa3", "qa4", "qa5")
 _LONG_CONTEXT_BASE = ExperimentConfig(
     preset="mini",
     optim=OptimConfig(learning_rate=3e-3, warmup_steps=20),
     run=RunConfig(steps=300, batch_size=8, seq_len=1024, log_every=10, eval_every=0, eval_batches=4,
                   save_every=50, sample_tokens=64),
-    data=DataConfig(eval_corpora=("books",), tasks=LONG_CONTEXT_TASKS, task_fraction=0.5, task_answer_weight="row"),
+    data=DataConfig(eval_corpora=("books",), tasks=LONG_CONTEXT_TASKS, task_fraction=0.5, task_answer_weight="row",
+                    task_prompt_length="uniform"),
 )
 for _name, (_arch, _model) in TABLE_VARIANTS.items():
     if "tnt" not in _name and "chunk" not in _name:

@@ -3,7 +3,8 @@ size of each chunk, the memory's weight norm and how far back its gradient reach
 
     python -m experiments.gate_trace --run runs/lc_probe/mac/seed0 --config lc_mac \
         --set run.steps=200 --set data.tasks=niah_single_1,qa1 \
-        --set model.lmm.memory.surprise_gradient=full --set data.task_answer_weight=token --step 159
+        --set model.lmm.memory.surprise_gradient=full --set data.task_answer_weight=token \
+        --set data.task_prompt_length=full --step 159
 
 The run is restored from its newest checkpoint at or before --step and replayed to --step with
 its own batches (experiments.grad_spikes.restore_run), then the batch it trains on next is run

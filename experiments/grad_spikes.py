@@ -3,7 +3,8 @@ parameters that carry the gradient norm.
 
     python -m experiments.grad_spikes --run runs/lc_probe/mac/seed0 --config lc_mac \
         --set run.steps=200 --set data.tasks=niah_single_1,qa1 \
-        --set model.lmm.memory.surprise_gradient=full --set data.task_answer_weight=token --from-step 150 --to-step 172
+        --set model.lmm.memory.surprise_gradient=full --set data.task_answer_weight=token \
+        --set data.task_prompt_length=full --from-step 150 --to-step 172
 
 The run's checkpoints up to --from-step are copied to a temporary directory (the newest of them
 is restored, exactly as a resume would), then each step is taken again with the run's own

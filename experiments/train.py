@@ -78,7 +78,8 @@ def build_data(config: ExperimentConfig):
         from titans_jax.long_context.training_mix import TaskMixture
 
         train_batch = TaskMixture(dataset.batch, run.batch_size, run.seq_len, data.tasks, data.task_fraction,
-                                  data.seed, tokenizer, data.task_answer_weight)
+                                  data.seed, tokenizer, data.task_answer_weight,
+                                  data.task_prompt_length)
         meta["task_mixture"] = train_batch.fingerprint
     return tokenizer, train_batch, eval_sets, meta, prompt
 

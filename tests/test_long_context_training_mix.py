@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from titans_jax.long_context import TASKS, make_example, text_haystack
-from titans_jax.long_context.tasks import example_answer
+from titans_jax.long_context.tasks import example_answer, min_length
 from titans_jax.long_context import haystacks as haystacks_lib
 from titans_jax.long_context.training_mix import (
     TRAIN_HAYSTACK,
@@ -44,11 +44,62 @@ def test_a_task_window_is_the_example_then_its_answer_and_only_the_answer_is_tra
     assert np.flatnonzero(mask).tolist() == list(range(seq_len - len(target), seq_len))
 
 
-def test_the_mixture_is_a_pure_function_of_the_step_and_keeps_language_model_rows(monkeypatch):
+def test_a_shorter_prompt_puts_the_answer_earlier_and_masks_the_zero_tail(haystack):
+    seq_len, seed = 1200, TRAIN_SEED_OFFSET + 5
+    target = answer_text(example_answer("qa1", seed)).encode()
+    shortest = min_length("qa1", seed, haystack=haystack)
+    assert 0 < shortest < 1000
+    for length in (shortest, 777, seq_len + 1 - len(target)):
+        ids, mask = task_window("qa1", seq_len, seed, haystack=haystack, prompt_length=length)
+        prompt = make_example("qa1", length, None, seed, haystack=haystack).prompt.encode()
+        assert len(prompt) == length
+        assert bytes(ids[:length + len(target)].tolist()) == prompt + target
+        assert not ids[length + len(target):].any()
+        assert np.flatnonzero(mask).tolist() == list(range(length - 1, length - 1 + len(target)))
+    with pytest.raises(ValueError, match="shorter than the template"):
+        task_window("qa1", seq_len, seed, haystack=haystack, prompt_length=shortest - 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        task_window("qa1", seq_len, seed, haystack=haystack, prompt_length=seq_len + 2 - len(target))
+
+
+def _fixture_haystacks(monkeypatch):
     stacks = {}
     monkeypatch.setattr(haystacks_lib, "get_haystack", lambda name: stacks.setdefault(
         name, haystacks_lib.noise_haystack() if name == "noise" else text_haystack(name, _documents())))
     monkeypatch.setattr("titans_jax.long_context.training_mix.get_haystack", haystacks_lib.get_haystack)
+
+
+def test_uniform_prompt_lengths_move_the_answer_across_the_row(monkeypatch):
+    _fixture_haystacks(monkeypatch)
+    seq_len, batch_size = 1024, 16
+    lm = lambda step: np.random.default_rng([5, step]).integers(1, 256, (batch_size, seq_len + 1))  # noqa: E731
+    mixture = TaskMixture(lm, batch_size, seq_len, ("niah_single_1", "qa4"), task_fraction=1.0, seed=2,
+                          answer_weight="row", prompt_lengths="uniform")
+    full = TaskMixture(lm, batch_size, seq_len, ("niah_single_1", "qa4"), task_fraction=1.0, seed=2,
+                       answer_weight="row")
+    assert mixture.fingerprint != full.fingerprint and mixture.rows(3) == full.rows(3)
+    ends = []
+    for step in range(3):
+        ids, mask = mixture(step)
+        np.testing.assert_array_equal(ids, mixture(step)[0])
+        for row, task in enumerate(mixture.rows(step)):
+            seed = mixture.example_seed(step, row)
+            target = answer_text(example_answer(task, seed)).encode()
+            length = mixture.prompt_length(task, step, row)
+            stack = mixture.haystacks[TRAIN_HAYSTACK[task]]
+            assert min_length(task, seed, haystack=stack) <= length <= seq_len + 1 - len(target)
+            answer_at = np.flatnonzero(mask[row])
+            assert answer_at.tolist() == list(range(length - 1, length - 1 + len(target)))
+            assert bytes(ids[row][length:length + len(target)].tolist()) == target
+            assert not ids[row][length + len(target):].any()
+            np.testing.assert_allclose(mask[row].sum(), seq_len, rtol=1e-5)
+            ends.append(length)
+    # the question ends at many different positions (a single one taught a shortcut)
+    assert len(set(ends)) > 0.8 * len(ends) and max(ends) - min(ends) > 300
+
+
+def test_the_mixture_is_a_pure_function_of_the_step_and_keeps_language_model_rows(monkeypatch):
+    _fixture_haystacks(monkeypatch)
     seq_len, batch_size = 1536, 16
     lm = lambda step: np.random.default_rng([5, step]).integers(0, 256, (batch_size, seq_len + 1))  # noqa: E731
     mixture = TaskMixture(lm, batch_size, seq_len, task_fraction=0.5, seed=3, answer_weight="row")
@@ -100,3 +151,7 @@ def test_bad_mixtures_are_refused():
         task_window("qa9", 100, TRAIN_SEED_OFFSET)
     with pytest.raises(ValueError, match="answer_weight"):
         TaskMixture(lm, 2, 8, tasks=("niah_single_1",), answer_weight="byte")
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        TaskMixture(lm, 2, 8, tasks=("niah_single_1",), prompt_lengths="random")
+    with pytest.raises(ValueError, match="longer than a 8-token row"):
+        TaskMixture(lm, 2, 8, tasks=("niah_single_1",), task_fraction=1.0, prompt_lengths="uniform")(0)

@@ -41,6 +41,7 @@ from titans_jax.long_context.tasks import (
     example_key,
     make_example,
     make_examples,
+    min_length,
     score,
     string_match_all,
 )

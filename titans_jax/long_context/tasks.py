@@ -325,26 +325,9 @@ def _check_depth(task: str, depth):
     return (value, value)
 
 
-def make_example(task: str, length: int, depth=None, seed: int = 0, tokenizer=None,
-                 haystack: Haystack | str | None = None, qa_examples: bool = False) -> Example:
-    """One seeded example of `task` with a prompt of `length` tokens (see the module docstring).
-
-    depth: niah -- a float in [0, 1] (None: one of RULER's 40 depths, drawn from the seed);
-           qa   -- None (facts anywhere), a float d (story contiguous at d) or a (lo, hi) window.
-    haystack: a Haystack, a name ("noise", "essays", "books") or None for the task's default.
-    qa_examples: include BABILong's in-prompt example in qa prompts.
-    Raises ValueError for an unknown task, a depth outside [0, 1], a length shorter than the
-    template + needle, or a haystack too short for the length without repeating a document."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    if not isinstance(length, (int, np.integer)) or isinstance(length, bool) or length <= 0:
-        raise ValueError(f"{task}: length must be a positive int, got {length!r}")
-    length, seed = int(length), int(seed)
-    depth = _check_depth(task, depth)
-    tokenizer = tokenizer or ByteTokenizer()
-    haystack = get_haystack(haystack or DEFAULT_HAYSTACK[task]) if not isinstance(haystack, Haystack) else haystack
-    window_rng = _rng(task, seed, "window")
-
+def _layout_spec(task: str, seed: int, depth, qa_examples: bool):
+    """What an example of (task, seed, depth) inserts into its haystack, and how it renders:
+    (inserts, fractions, render, answer, question, answer_prefix, depth)."""
     if task in NIAH_TASKS:
         key, value = niah_key_value(task, seed)
         if depth is None:
@@ -359,22 +342,54 @@ def make_example(task: str, length: int, depth=None, seed: int = 0, tokenizer=No
         def render(context):
             return head, "\n" + question + answer_prefix
 
-        inserts, fractions, answer = [needle], [depth], value
-    else:
-        story = babilong.generate_story(task, _rng(task, seed, "story"))
-        lo, hi = depth
-        fact_rng = _rng(task, seed, "positions")
-        fractions = sorted(fact_rng.uniform(lo, hi) for _ in story.facts)
-        question, answer_prefix = story.question, ""
-        marker = "\x00CONTEXT\x00"
-        before, after = babilong.format_prompt(task, marker, question, qa_examples).split(marker)
+        return [needle], [depth], render, value, question, answer_prefix, depth
+    story = babilong.generate_story(task, _rng(task, seed, "story"))
+    lo, hi = depth
+    fact_rng = _rng(task, seed, "positions")
+    fractions = sorted(fact_rng.uniform(lo, hi) for _ in story.facts)
+    marker = "\x00CONTEXT\x00"
+    before, after = babilong.format_prompt(task, marker, story.question, qa_examples).split(marker)
 
-        def render(context):
-            return before, after
+    def render(context):
+        return before, after
 
-        inserts, answer = list(story.facts), story.answer
+    return list(story.facts), fractions, render, story.answer, story.question, "", depth
 
-    (prompt, spans, context_span), count = _fit(haystack, window_rng, length, tokenizer, inserts,
+
+def _prepare(task, length, depth, seed, tokenizer, haystack):
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if length is not None and (not isinstance(length, (int, np.integer)) or isinstance(length, bool) or length <= 0):
+        raise ValueError(f"{task}: length must be a positive int, got {length!r}")
+    tokenizer = tokenizer or ByteTokenizer()
+    haystack = get_haystack(haystack or DEFAULT_HAYSTACK[task]) if not isinstance(haystack, Haystack) else haystack
+    return _check_depth(task, depth), int(seed), tokenizer, haystack
+
+
+def min_length(task: str, seed: int = 0, depth=None, tokenizer=None, haystack: Haystack | str | None = None,
+               qa_examples: bool = False) -> int:
+    """The shortest prompt make_example can build for (task, seed): the template, the needle(s)
+    or story and the question with no haystack text at all, in tokens of `tokenizer`."""
+    depth, seed, tokenizer, haystack = _prepare(task, None, depth, seed, tokenizer, haystack)
+    inserts, fractions, render, *_ = _layout_spec(task, seed, depth, qa_examples)
+    return _count(tokenizer, _Layout([], haystack.joiner, inserts, fractions, render).build(0)[0])
+
+
+def make_example(task: str, length: int, depth=None, seed: int = 0, tokenizer=None,
+                 haystack: Haystack | str | None = None, qa_examples: bool = False) -> Example:
+    """One seeded example of `task` with a prompt of `length` tokens (see the module docstring).
+
+    depth: niah -- a float in [0, 1] (None: one of RULER's 40 depths, drawn from the seed);
+           qa   -- None (facts anywhere), a float d (story contiguous at d) or a (lo, hi) window.
+    haystack: a Haystack, a name ("noise", "essays", "books") or None for the task's default.
+    qa_examples: include BABILong's in-prompt example in qa prompts.
+    Raises ValueError for an unknown task, a depth outside [0, 1], a length shorter than the
+    template + needle (`min_length`), or a haystack too short for the length without repeating a
+    document."""
+    depth, seed, tokenizer, haystack = _prepare(task, length, depth, seed, tokenizer, haystack)
+    length = int(length)
+    inserts, fractions, render, answer, question, answer_prefix, depth = _layout_spec(task, seed, depth, qa_examples)
+    (prompt, spans, context_span), count = _fit(haystack, _rng(task, seed, "window"), length, tokenizer, inserts,
                                                fractions, render, task)
     if _is_byte_tokenizer(tokenizer):
         token_spans = [(len(prompt[:s].encode()), len(prompt[:e].encode())) for s, e in spans]

@@ -8,9 +8,14 @@ plain language-model windows (issue [C2]).
                                    # train_batch, with the loss on the marked targets only
 
 A task window is one example of a task (titans_jax.long_context.tasks) followed by its answer,
-`seq_len + 1` tokens in all (exactly, with the byte tokenizer; a BPE tokenizer may leave a
-padded, unmasked tail), and its mask marks only the answer's targets: the model learns to
-answer, not to predict the haystack. The answer is written `answer_text(answer)` = " {answer}.\\n":
+and its mask marks only the answer's targets: the model learns to answer, not to predict the
+haystack. By default the example fills the window (`seq_len + 1` tokens in all, exactly with the
+byte tokenizer); with `prompt_length` it is shorter and the rest of the window is zeros, outside
+the mask (causal models never see them before the answer). TaskMixture(prompt_lengths="uniform")
+draws that length per row, uniformly between the task's template minimum (`min_length`) and the
+full window: with a single length per task a Transformer++ learned to answer at that *position*
+and not after the question (it copied the needle 20/20 at its training prompt length and 0/20
+seven tokens earlier; experiments/results/long_context_probe_cpu.md). The answer is written `answer_text(answer)` = " {answer}.\\n":
 after the niah answer prefix ("... mentioned in the provided text is") and after a BABILong
 question alike; the evaluation harness stops at the newline and scores with RULER's
 string_match_all / BABILong's first-sentence match, both of which this form satisfies.
@@ -33,7 +38,7 @@ import numpy as np
 
 from titans_jax.data.tokenizers import ByteTokenizer
 from titans_jax.long_context.haystacks import Haystack, get_haystack
-from titans_jax.long_context.tasks import GENERATOR_VERSION, TASKS, example_answer, make_example
+from titans_jax.long_context.tasks import GENERATOR_VERSION, TASKS, example_answer, make_example, min_length
 
 TRAIN_SEED_OFFSET = 1_000_000_000  # training examples' seeds start here; evaluation seeds stay below
 TRAIN_HAYSTACK = {task: "books:train" for task in TASKS}
@@ -54,10 +59,12 @@ def check_eval_seeds(seeds: Sequence[int]) -> None:
 
 
 def task_window(task: str, seq_len: int, seed: int, tokenizer=None, haystack: Haystack | str | None = None,
-                depth=None) -> tuple[np.ndarray, np.ndarray]:
+                depth=None, prompt_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [seq_len + 1], mask bool [seq_len]) of one example of `task` with its answer;
     mask[t] is True where ids[t + 1] is an answer token. depth as in make_example (None: a
-    RULER depth drawn from the seed for niah, facts anywhere for qa)."""
+    RULER depth drawn from the seed for niah, facts anywhere for qa). prompt_length: the
+    example's length in tokens (None: the whole window less the answer: seq_len + 1 - len(answer));
+    the window's tail after the answer is zeros, not in the mask."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     tokenizer = tokenizer or ByteTokenizer()
@@ -65,7 +72,13 @@ def task_window(task: str, seq_len: int, seed: int, tokenizer=None, haystack: Ha
     # The needle / story depends on (task, seed) only, so the answer is known before the prompt.
     answer = example_answer(task, seed)
     target = np.asarray(tokenizer.encode(answer_text(answer)), np.int32)
-    example = make_example(task, seq_len + 1 - len(target), depth, seed, tokenizer, haystack)
+    longest = seq_len + 1 - len(target)
+    if prompt_length is None:
+        prompt_length = longest
+    elif not 0 < prompt_length <= longest:
+        raise ValueError(f"{task}: prompt_length {prompt_length} does not fit a {seq_len}-token window with its "
+                         f"{len(target)}-token answer (at most {longest})")
+    example = make_example(task, int(prompt_length), depth, seed, tokenizer, haystack)
     if example.answer != answer:  # the generator's contract; a silent mismatch would train nonsense
         raise AssertionError(f"{task} seed {seed}: example_answer {answer!r} but the example says {example.answer!r}")
     prompt = np.asarray(tokenizer.encode(example.prompt), np.int32)
@@ -90,12 +103,15 @@ class TaskMixture:
     much as a language-model row. "row" is the more sensible objective, but with today's memory
     gradient spikes it drove a mini MAC to NaN within 95 steps
     (experiments/results/long_context_probe_cpu.md), so it is not the default yet.
+    prompt_lengths: "full" (default) -- every task example fills its row, so its question ends at
+    the same position in every row; "uniform" -- each row's prompt length is drawn uniformly from
+    [min_length(task, seed), the full row] (a function of (seed, step, row)), the tail masked.
     Task seeds are TRAIN_SEED_OFFSET + a counter over (step, row), so no two training examples
     share a needle and none shares one with an evaluation example."""
 
     def __init__(self, lm_batch: Callable[[int], np.ndarray], batch_size: int, seq_len: int,
                  tasks: Sequence[str] = TASKS, task_fraction: float = 0.5, seed: int = 0, tokenizer=None,
-                 answer_weight: str = "token"):
+                 answer_weight: str = "token", prompt_lengths: str = "full"):
         unknown = [task for task in tasks if task not in TASKS]
         if unknown or not tasks:
             raise ValueError(f"unknown tasks {unknown} (or none); expected a subset of {TASKS}")
@@ -103,7 +119,9 @@ class TaskMixture:
             raise ValueError(f"task_fraction must be in [0, 1], got {task_fraction}")
         if answer_weight not in ("row", "token"):
             raise ValueError(f"answer_weight must be 'row' or 'token', got {answer_weight!r}")
-        self.answer_weight = answer_weight
+        if prompt_lengths not in ("full", "uniform"):
+            raise ValueError(f"prompt_lengths must be 'full' or 'uniform', got {prompt_lengths!r}")
+        self.answer_weight, self.prompt_lengths = answer_weight, prompt_lengths
         self.lm_batch, self.batch_size, self.seq_len = lm_batch, int(batch_size), int(seq_len)
         self.tasks, self.task_fraction, self.seed = tuple(tasks), float(task_fraction), int(seed)
         self.tokenizer = tokenizer or ByteTokenizer()
@@ -119,6 +137,19 @@ class TaskMixture:
     def example_seed(self, step: int, row: int) -> int:
         return TRAIN_SEED_OFFSET + (self.seed * 1_000_003 + int(step)) * self.batch_size + row
 
+    def prompt_length(self, task: str, step: int, row: int) -> int | None:
+        """The prompt length of task row `row` of batch `step` (None: the full row)."""
+        if self.prompt_lengths == "full":
+            return None
+        seed = self.example_seed(step, row)
+        target = len(self.tokenizer.encode(answer_text(example_answer(task, seed))))
+        lo = min_length(task, seed, tokenizer=self.tokenizer, haystack=self.haystacks[TRAIN_HAYSTACK[task]])
+        hi = self.seq_len + 1 - target
+        if lo > hi:
+            raise ValueError(f"{task} seed {seed}: its template alone is {lo} tokens, longer than a {self.seq_len}-"
+                             f"token row leaves for the prompt ({hi}); use a longer run.seq_len or fewer tasks")
+        return int(np.random.default_rng([self.seed, int(step), row, 0x1E6]).integers(lo, hi + 1))
+
     def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         lm = np.asarray(self.lm_batch(step))
         if lm.shape != (self.batch_size, self.seq_len + 1):
@@ -129,7 +160,8 @@ class TaskMixture:
         for row, task in enumerate(self.rows(step)):
             if task is not None:
                 ids[row], answer = task_window(task, self.seq_len, self.example_seed(step, row), self.tokenizer,
-                                               self.haystacks[TRAIN_HAYSTACK[task]])
+                                               self.haystacks[TRAIN_HAYSTACK[task]],
+                                               prompt_length=self.prompt_length(task, step, row))
                 mask[row] = answer * (self.seq_len / answer.sum()) if by_row else answer
         return ids, mask
 
@@ -138,6 +170,7 @@ class TaskMixture:
         """What defines the stream (store it in checkpoints' meta: a resume on other data is refused)."""
         spec = {"tasks": self.tasks, "task_fraction": self.task_fraction, "seed": self.seed,
                 "answer_weight": self.answer_weight,
+                **({"prompt_lengths": self.prompt_lengths} if self.prompt_lengths != "full" else {}),
                 "seq_len": self.seq_len, "batch_size": self.batch_size, "generator": GENERATOR_VERSION,
                 "haystacks": {name: stack.fingerprint for name, stack in sorted(self.haystacks.items())},
                 "tokenizer": getattr(self.tokenizer, "fingerprint", repr(self.tokenizer))}
