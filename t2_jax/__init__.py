@@ -1,4 +1,5 @@
-"""Transformer² in JAX: Llama-family base models, loaders, generation, SVF experts."""
+"""Transformer² in JAX: Llama-family base models, loaders, generation, SVF experts, rewards
+(exact numbers; generated code run in a sandbox)."""
 
 from t2_jax._config import PRESETS, Llama3RopeScaling, LlamaConfig, get_config
 from t2_jax._generate import (POISONED, Generation, continuation_logprobs, decode, decode_step,
@@ -14,6 +15,8 @@ from t2_jax._svf import (ATTENTION_QV_RULE, DEFAULT_RULE, FORMS, ExpertMismatchE
                          get_form, init_expert, load_expert, mix_experts, save_expert,
                          select_paths, singular_value_scales, svd_cached, to_z, unflatten_paths,
                          z_form)
+from t2_jax._sandbox import SandboxLimits, SandboxResult, SandboxUnavailableError, run_python
+from t2_jax._rewards import code_reward, extract_code, extract_number, gold_number, numeric_reward
 from t2_jax._model import (Cache, Params, apply, apply_rope, attention, check_params,
                            default_positions, dense, init_cache, init_params, param_shapes,
                            rms_norm, rope_frequencies)
@@ -34,4 +37,6 @@ __all__ = [
     "TextTokenizer", "detect_chat_format", "load_tokenizer", "render_chat", "tokenizer_from_gguf",
     "Cache", "Params", "apply", "apply_rope", "attention", "check_params", "default_positions",
     "dense", "init_cache", "init_params", "param_shapes", "rms_norm", "rope_frequencies",
+    "SandboxLimits", "SandboxResult", "SandboxUnavailableError", "run_python",
+    "code_reward", "extract_code", "extract_number", "gold_number", "numeric_reward",
 ]
