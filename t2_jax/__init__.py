@@ -1,5 +1,5 @@
-"""Transformer² in JAX: Llama-family base models, loaders, generation, SVF experts, rewards
-(exact numbers; generated code run in a sandbox)."""
+"""Transformer² in JAX: Llama-family base models, loaders, generation, SVF experts, real
+tasks with seeded disjoint pools, rewards (exact numbers; generated code run in a sandbox)."""
 
 from t2_jax._config import PRESETS, Llama3RopeScaling, LlamaConfig, get_config
 from t2_jax._generate import (POISONED, Generation, continuation_logprobs, decode, decode_step,
@@ -16,6 +16,7 @@ from t2_jax._svf import (ATTENTION_QV_RULE, DEFAULT_RULE, FORMS, ExpertMismatchE
                          select_paths, singular_value_scales, svd_cached, to_z, unflatten_paths,
                          z_form)
 from t2_jax._sandbox import SandboxLimits, SandboxResult, SandboxUnavailableError, run_python
+from t2_jax._tasks import TASKS, TaskExample, TaskSpec, load_task, split_pools
 from t2_jax._rewards import code_reward, extract_code, extract_number, gold_number, numeric_reward
 from t2_jax._model import (Cache, Params, apply, apply_rope, attention, check_params,
                            default_positions, dense, init_cache, init_params, param_shapes,
@@ -38,5 +39,6 @@ __all__ = [
     "Cache", "Params", "apply", "apply_rope", "attention", "check_params", "default_positions",
     "dense", "init_cache", "init_params", "param_shapes", "rms_norm", "rope_frequencies",
     "SandboxLimits", "SandboxResult", "SandboxUnavailableError", "run_python",
+    "TASKS", "TaskExample", "TaskSpec", "load_task", "split_pools",
     "code_reward", "extract_code", "extract_number", "gold_number", "numeric_reward",
 ]

@@ -3,9 +3,9 @@
     numeric_reward("... so she has 18 dollars left.", "18")                      # 1.0
     code_reward("```python\\ndef add(a, b):\\n    return a + b\\n```", "assert add(1, 2) == 3")  # 1.0
 
-numeric: the last number written in the answer (commas, a leading $ and a trailing .0 allowed;
-a fraction a/b read as one), compared exactly with the gold number (GSM8K's "#### 18" form or a
-plain number). code: the first fenced block of the answer (or the whole answer when there is no
+numeric: the answer's last \\boxed{} if it has one (it must hold a number), else the last number
+written (commas, a leading $ and a trailing .0 allowed; a/b and \\frac{a}{b} read as one number),
+compared exactly with the gold number (GSM8K's "#### 18" form or a plain number). code: the first fenced block of the answer (or the whole answer when there is no
 fence), after `prefix` (HumanEval's prompt) and before `tests` (MBPP's asserts, HumanEval's
 check(entry_point)), run by t2_jax._sandbox.run_python; 1.0 when the program exits cleanly.
 """
@@ -18,6 +18,8 @@ from fractions import Fraction
 from t2_jax._sandbox import SandboxLimits, run_python
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?")
+_LATEX_FRACTION = re.compile(r"(-?)\\[dt]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\s*\{[^{}]*\}")
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
 CODE_LIMITS = SandboxLimits(wall_s=10.0, cpu_s=10, memory_bytes=1 << 30)
 
@@ -34,9 +36,33 @@ def parse_number(text: str) -> Fraction | None:
         return None
 
 
+def _last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} of `text` (braces balanced), None without one."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for index in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth < 0:
+            return text[begin:index]
+    return None
+
+
 def extract_number(answer: str) -> Fraction | None:
-    """The last number written in `answer` (None: there is none)."""
-    for match in reversed(_NUMBER.findall(answer)):
+    """The number in the last \\boxed{} of `answer` if it has one, else its last number written;
+    LaTeX fractions \\frac{a}{b} (and \\dfrac, \\tfrac) read as a/b. None: there is none."""
+    boxed = _last_boxed(answer)
+    if boxed is not None:  # the final answer by convention: a number, or not a number at all
+        for junk in ("\\!", "\\,", "\\%", "%", "\\$", "^\\circ", "^{\\circ}"):
+            boxed = boxed.replace(junk, "")
+        return parse_number(_LATEX_FRACTION.sub(r"\1\2/\3", _TEXT.sub("", boxed)))
+    return _number_in(answer)
+
+
+def _number_in(text: str) -> Fraction | None:
+    text = _LATEX_FRACTION.sub(r"\1\2/\3", text)
+    for match in reversed(_NUMBER.findall(text)):
         value = parse_number(match)
         if value is not None:
             return value

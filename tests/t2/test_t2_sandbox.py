@@ -152,6 +152,10 @@ def test_numeric_reward_reads_the_last_number_exactly():
     assert numeric_reward("half: 1/2", "0.5") == 1.0
     assert numeric_reward("It is 18 or maybe 19", "18") == 0.0
     assert numeric_reward("no number here", "18") == 0.0
-    assert extract_number("-2.50 degrees") == extract_number("-5/2")
+    assert extract_number("-2.50 degrees") == extract_number("-5/2") == extract_number(r"x = -\dfrac{5}{2}")
+    # a final \boxed{} is the answer: its number, or none when it holds something else
+    assert numeric_reward(r"so $\boxed{\frac{3}{4}}$, not 7", "0.75") == 1.0
+    assert numeric_reward(r"\boxed{30^\circ} from 4 angles", "30") == 1.0
+    assert extract_number(r"\boxed{x + 1} where x is 5") is None
     with pytest.raises(ValueError, match="not a number"):
         gold_number("eighteen")
