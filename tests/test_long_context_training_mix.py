@@ -91,7 +91,8 @@ def test_uniform_prompt_lengths_move_the_answer_across_the_row(monkeypatch):
             answer_at = np.flatnonzero(mask[row])
             assert answer_at.tolist() == list(range(length - 1, length - 1 + len(target)))
             assert bytes(ids[row][length:length + len(target)].tolist()) == target
-            assert not ids[row][length + len(target):].any()
+            tail = seq_len + 1 - length - len(target)  # the text row's start, not trained on
+            np.testing.assert_array_equal(ids[row][length + len(target):], lm(step)[row][:tail])
             np.testing.assert_allclose(mask[row].sum(), seq_len, rtol=1e-5)
             ends.append(length)
     # the question ends at many different positions (a single one taught a shortcut)

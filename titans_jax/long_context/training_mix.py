@@ -13,7 +13,7 @@ haystack. By default the example fills the window (`seq_len + 1` tokens in all, 
 byte tokenizer); with `prompt_length` it is shorter and the rest of the window is zeros, outside
 the mask (causal models never see them before the answer). TaskMixture(prompt_lengths="uniform")
 draws that length per row, uniformly between the task's template minimum (`min_length`) and the
-full window: with a single length per task a Transformer++ learned to answer at that *position*
+full window, and fills the rest with language-model text (still outside the mask): with a single length per task a Transformer++ learned to answer at that *position*
 and not after the question (it copied the needle 20/20 at its training prompt length and 0/20
 seven tokens earlier; experiments/results/long_context_probe_cpu.md). The answer is written `answer_text(answer)` = " {answer}.\\n":
 after the niah answer prefix ("... mentioned in the provided text is") and after a BABILong
@@ -105,7 +105,10 @@ class TaskMixture:
     (experiments/results/long_context_probe_cpu.md), so it is not the default yet.
     prompt_lengths: "full" (default) -- every task example fills its row, so its question ends at
     the same position in every row; "uniform" -- each row's prompt length is drawn uniformly from
-    [min_length(task, seed), the full row] (a function of (seed, step, row)), the tail masked.
+    [min_length(task, seed), the full row] (a function of (seed, step, row)); the rest of the row
+    is the start of that row's language-model window, outside the mask. (Not zeros: a run of
+    ~150 identical tokens drove a trained mini MAC's memory to NaN at step 114 --
+    experiments/results/long_context_probe_cpu.md.)
     Task seeds are TRAIN_SEED_OFFSET + a counter over (step, row), so no two training examples
     share a needle and none shares one with an evaluation example."""
 
@@ -163,6 +166,8 @@ class TaskMixture:
                                                self.haystacks[TRAIN_HAYSTACK[task]],
                                                prompt_length=self.prompt_length(task, step, row))
                 mask[row] = answer * (self.seq_len / answer.sum()) if by_row else answer
+                end = int(np.flatnonzero(answer)[-1]) + 2  # ids[end:] follow the answer
+                ids[row, end:] = lm[row, :self.seq_len + 1 - end]  # text, not a run of zeros; masked
         return ids, mask
 
     @property
