@@ -10,18 +10,25 @@ The run's checkpoints up to --from-step are copied to a temporary directory (the
 is restored, exactly as a resume would), then each step is taken again with the run's own
 batches (`experiments.train.build_data` of the same config: a pure function of the step) and,
 whenever the gradient norm exceeds --threshold, the four parameters with the largest gradient
-norms are printed.
+norms are printed. At the first non-finite loss or gradient it says whether the parameters the
+step started from were finite and which parameters' gradients are not, re-runs the loss and
+gradient of each row alone (with the row's longest run of one repeated token), with
+jax_debug_nans and with checkify's NaN checks to name the first operation (source line) giving a
+NaN, saves the parameters and batch with --dump, and stops. --from-dump repeats the analysis on a
+saved step without replaying (per non-finite row).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import shutil
 import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from experiments.configs import apply_overrides, get_config
 from experiments.train import build_data
@@ -31,8 +38,8 @@ from titans_jax.training import Checkpointer, _programs, next_token_nll
 
 def restore_run(run: str, config_name: str, overrides: list[str], from_step: int):
     """(config, programs, train_batch, state, step) of a run restored from its newest checkpoint at
-    or before `from_step` (copied to a scratch directory, restored exactly as a resume would);
-    from_step 0 is the run's initial state, made again from its seed."""
+    or before `from_step` (copied to a scratch directory, restored exactly as a resume would), or
+    from its initial state (step 0, made again from the config's seed) when it has none."""
     config = apply_overrides(get_config(config_name), overrides)
     tokenizer, train_batch, *_ = build_data(config)
     model_config = config.model_config(vocab_size=tokenizer.vocab_size)
@@ -43,6 +50,8 @@ def restore_run(run: str, config_name: str, overrides: list[str], from_step: int
     source = pathlib.Path(run) / "checkpoints"
     if not source.is_dir():
         raise SystemExit(f"no checkpoints directory in {run}")
+    if not any(d.name.isdigit() and 0 < int(d.name) <= from_step for d in source.iterdir()):
+        return config, programs, train_batch, programs.init(), 0
     with tempfile.TemporaryDirectory() as scratch:
         for step_dir in source.iterdir():
             if step_dir.name.isdigit() and int(step_dir.name) <= from_step:
@@ -54,6 +63,61 @@ def restore_run(run: str, config_name: str, overrides: list[str], from_step: int
         raise SystemExit(f"no checkpoint at or before step {from_step} in {source}")
     state, meta, _ = restored
     return config, programs, train_batch, state, int(meta["step"])
+
+
+def checkified_nan(loss, params, tokens, mask) -> str | None:
+    """The loss and gradient under jax.experimental.checkify's NaN checks (which see inside
+    scans): the first operation that makes a NaN, with its source line, or None; printed. The
+    checks change the compiled program, so a NaN that depends on how XLA fused the operations
+    can vanish here: that itself says the NaN is at the edge of float32, not structural."""
+    from jax.experimental import checkify
+
+    error, _ = jax.jit(checkify.checkify(jax.value_and_grad(loss), errors=checkify.nan_checks))(params, tokens, mask)
+    message = error.get()
+    print(f"checkify (NaN checks inside scans): {message or 'no NaN in the instrumented program'}", flush=True)
+    return message
+
+
+def first_nonfinite(loss, params, tokens, mask) -> str | None:
+    """Run the loss and its gradient once more with jax_debug_nans, which re-runs a failing
+    program op by op and raises at the first operation whose output is NaN; print (and return)
+    the source lines of that operation (the frames outside installed packages). (Not jax_debug_infs:
+    attention masks with -inf on purpose.) A NaN inside a scan is reported at the scan
+    (checkified_nan looks inside)."""
+    import traceback
+
+    jax.config.update("jax_debug_nans", True)
+    try:
+        jax.block_until_ready(jax.jit(jax.value_and_grad(loss))(params, tokens, mask))
+        print("first non-finite operation: none found (the loss and gradient are finite when run alone)")
+        return None
+    except FloatingPointError as error:  # the de-optimised re-run's error names the operation
+        frames = [f"  {frame.filename.split('/work/main/')[-1]}:{frame.lineno} {frame.name}: {frame.line}"
+                  for frame in traceback.extract_tb(error.__traceback__)
+                  if "site-packages" not in frame.filename and "grad_spikes" not in frame.filename
+                  and not frame.filename.startswith("<")]
+        where = "\n".join(frames[-12:])
+        print(f"first non-finite operation: {str(error).splitlines()[0]}\n{where}", flush=True)
+        return where
+    finally:
+        jax.config.update("jax_debug_nans", False)
+
+
+def nonfinite_rows(loss, params, tokens, mask) -> list[tuple[int, float, bool, int]]:
+    """(row, loss, gradient finite?, longest run of one repeated token) of each row of a batch,
+    run alone; printed."""
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    rows = []
+    for row in range(tokens.shape[0]):
+        value, grads = value_and_grad(params, tokens[row:row + 1], mask[row:row + 1])
+        finite = all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree_util.tree_leaves(grads))
+        ids = np.asarray(tokens[row])
+        breaks = np.flatnonzero(np.diff(ids) != 0)
+        run = int(np.diff(np.concatenate([[-1], breaks, [len(ids) - 1]])).max())
+        rows.append((row, float(value), finite, run))
+        print(f"  row {row}: loss {float(value):.4g}, gradient {'finite' if finite else 'NOT finite'}, "
+              f"longest run of one token {run}", flush=True)
+    return rows
 
 
 def device_batch(batch):
@@ -93,28 +157,63 @@ def main(argv=None) -> list | None:
     parser.add_argument("--by-position", action="store_true",
                         help="also print, at --from-step, the gradient norm of the loss on each range of target "
                              "positions (0-64, 64-128, 128-256, ...): where in the rows the gradient comes from")
+    parser.add_argument("--dump", help="at a non-finite step, save its parameters and batch here (.npz)")
+    parser.add_argument("--from-dump", help="instead of replaying, load a --dump file and analyse its rows alone")
     args = parser.parse_args(argv)
 
-    config, programs, train_batch, state, start = restore_run(args.run, args.config, args.set, args.from_step)
-    print(f"replaying from step {start}")
+    config, programs, train_batch, state, start = restore_run(args.run, args.config, args.set,
+                                                              0 if args.from_dump else args.from_step)
 
     def loss(params, tokens, mask):
         total, count = next_token_nll(programs.model, params, tokens, mask)
         return total / count
+
+    if args.from_dump:
+        saved = np.load(args.from_dump)
+        params = jax.tree_util.tree_map_with_path(lambda path, leaf: jnp.asarray(saved[jax.tree_util.keystr(path)]),
+                                                  state["params"])
+        tokens, mask = jnp.asarray(saved["tokens"]), jnp.asarray(saved["mask"])
+        print(f"{args.from_dump}: each row alone")
+        rows = nonfinite_rows(loss, params, tokens, mask)
+        bad = [row for row, value, finite, _ in rows if not (finite and math.isfinite(value))]
+        for row in bad[:2]:
+            print(f"row {row} alone:")
+            first_nonfinite(loss, params, tokens[row:row + 1], mask[row:row + 1])
+            checkified_nan(loss, params, tokens[row:row + 1], mask[row:row + 1])
+        return rows
+    print(f"replaying from step {start}")
 
     grad = jax.jit(jax.grad(loss))
     positions = by_position(grad, state["params"], device_batch(train_batch(start)), start) if args.by_position else None
     for step in range(start, args.to_step):
         batch = device_batch(train_batch(step))
         new_state, metrics = programs.step(state, batch)
-        norm = float(metrics["grad_norm"])
-        if norm > args.threshold:
+        norm, value = float(metrics["grad_norm"]), float(metrics["loss"])
+        finite = math.isfinite(norm) and math.isfinite(value)
+        if not finite or norm > args.threshold:
             tokens, mask = batch if isinstance(batch, tuple) else (batch, jnp.ones(batch[:, 1:].shape, bool))
             leaves = jax.tree_util.tree_flatten_with_path(grad(state["params"], tokens, mask))[0]
             top = sorted(((float(jnp.linalg.norm(leaf)), jax.tree_util.keystr(path)) for path, leaf in leaves),
-                         reverse=True)[:4]
-            print(f"step {step + 1}: loss {float(metrics['loss']):.3f}, grad norm {norm:.3g}; largest: "
-                  + ", ".join(f"{name} {value:.3g}" for value, name in top), flush=True)
+                         key=lambda item: (not math.isfinite(item[0]), item[0] if math.isfinite(item[0]) else 0.0),
+                         reverse=True)[:4]  # non-finite first, then the largest
+            print(f"step {step + 1}: loss {value:.3f}, grad norm {norm:.3g}; largest: "
+                  + ", ".join(f"{name} {size:.3g}" for size, name in top), flush=True)
+        if not finite:  # say where it is non-finite, then stop: every later step is NaN too
+            bad = [jax.tree_util.keystr(path) for path, leaf in leaves if not bool(jnp.isfinite(leaf).all())]
+            params_ok = all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree_util.tree_leaves(state["params"]))
+            print(f"step {step + 1} is non-finite: the parameters it starts from are "
+                  f"{'finite' if params_ok else 'NOT finite'}; non-finite gradients in {len(bad)} of {len(leaves)} "
+                  f"parameters: {bad[:6]}", flush=True)
+            if args.dump:
+                np.savez(args.dump, tokens=np.asarray(tokens), mask=np.asarray(mask),
+                         **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf
+                            in jax.tree_util.tree_flatten_with_path(state["params"])[0]})
+                print(f"parameters and batch of step {step + 1} saved to {args.dump}")
+            if params_ok:
+                nonfinite_rows(loss, state["params"], tokens, mask)
+                first_nonfinite(loss, state["params"], tokens, mask)
+                checkified_nan(loss, state["params"], tokens, mask)
+            return positions
         state = new_state
     return positions
 

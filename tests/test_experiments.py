@@ -44,3 +44,25 @@ def test_arch_bench_quick_mode_prints_its_tables(capsys, tmp_path):
             for name in ("fwd", "fwd+bwd"):
                 assert cell[name]["tokens_per_s"] > 0
                 assert cell[name]["peak_bytes"] > 0
+
+
+def test_first_nonfinite_names_the_operation_that_made_the_nan():
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import grad_spikes
+
+    def loss(params, tokens, mask):
+        shifted = params["w"] - 2.0
+        return jnp.sum(jnp.sqrt(shifted) * mask)  # NaN from sqrt of a negative number
+
+    where = grad_spikes.first_nonfinite(loss, {"w": jnp.ones(3)}, None, jnp.ones(3))
+    assert where is not None and "jnp.sqrt(shifted)" in where
+    assert grad_spikes.first_nonfinite(loss, {"w": jnp.full(3, 3.0)}, None, jnp.ones(3)) is None
+    # checkify looks inside scans and names the operation too
+    def scanned(params, tokens, mask):
+        return jax.lax.scan(lambda carry, x: (carry + jnp.sqrt(x - 2.0), None), 0.0, params["w"] * mask)[0]
+
+    found = grad_spikes.checkified_nan(scanned, {"w": jnp.ones(3)}, None, jnp.ones(3))
+    assert found is not None and "sqrt" in found
+    assert grad_spikes.checkified_nan(scanned, {"w": jnp.full(3, 3.0)}, None, jnp.ones(3)) is None

@@ -75,8 +75,11 @@ def check_diagnostic_tools(run):
     assert [(lo, hi) for lo, hi, _ in rows] == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]
     assert all(0 < norm < float("inf") for _, _, norm in rows)
     # prompt_length_probe: one training-distribution example per prompt length, greedy answer counted
-    assert prompt_length_probe.main(["--run", str(run), "--lengths", "400,420", "--count", "1",
-                                     "--new-tokens", "2"]).keys() == {400, 420}
+    probe = prompt_length_probe.main(["--run", str(run), "--lengths", "400,420", "--depths", "0,1", "--count", "1",
+                                      "--new-tokens", "2"])
+    assert probe.keys() == {(400, 0.0), (400, 1.0), (420, 0.0), (420, 1.0)}
+    # the needle at depth 0 is further from the question than at depth 1, by about the haystack
+    assert probe[(420, 0.0)][2] > probe[(420, 1.0)][2] > 0 and all(count == 1 for _, count, _ in probe.values())
 
 
 def test_cells_give_spread_over_seeds_or_a_binomial_interval():
