@@ -106,9 +106,8 @@ class TaskMixture:
     prompt_lengths: "full" (default) -- every task example fills its row, so its question ends at
     the same position in every row; "uniform" -- each row's prompt length is drawn uniformly from
     [min_length(task, seed), the full row] (a function of (seed, step, row)); the rest of the row
-    is the start of that row's language-model window, outside the mask. (Not zeros: a run of
-    ~150 identical tokens drove a trained mini MAC's memory to NaN at step 114 --
-    experiments/results/long_context_probe_cpu.md.)
+    is the start of that row's language-model window, outside the mask (natural text rather than
+    a run of one token; for a causal model it cannot change the answer's loss or gradient).
     Task seeds are TRAIN_SEED_OFFSET + a counter over (step, row), so no two training examples
     share a needle and none shares one with an evaluation example."""
 
@@ -167,7 +166,7 @@ class TaskMixture:
                                                prompt_length=self.prompt_length(task, step, row))
                 mask[row] = answer * (self.seq_len / answer.sum()) if by_row else answer
                 end = int(np.flatnonzero(answer)[-1]) + 2  # ids[end:] follow the answer
-                ids[row, end:] = lm[row, :self.seq_len + 1 - end]  # text, not a run of zeros; masked
+                ids[row, end:] = lm[row, :self.seq_len + 1 - end]  # natural text, masked
         return ids, mask
 
     @property
