@@ -15,7 +15,9 @@ step started from were finite and which parameters' gradients are not, re-runs t
 gradient of each row alone (with the row's longest run of one repeated token), with
 jax_debug_nans and with checkify's NaN checks to name the first operation (source line) giving a
 NaN, saves the parameters and batch with --dump, and stops. --from-dump repeats the analysis on a
-saved step without replaying (per non-finite row).
+saved step without replaying (per non-finite row); with JAX_ENABLE_X64=1 and
+`--set model.dtype=float64 --set model.param_dtype=float64` it runs the saved float32 step in
+float64.
 """
 
 from __future__ import annotations
@@ -170,8 +172,8 @@ def main(argv=None) -> list | None:
 
     if args.from_dump:
         saved = np.load(args.from_dump)
-        params = jax.tree_util.tree_map_with_path(lambda path, leaf: jnp.asarray(saved[jax.tree_util.keystr(path)]),
-                                                  state["params"])
+        params = jax.tree_util.tree_map_with_path(  # in the config's dtype (e.g. float64 with JAX_ENABLE_X64=1)
+            lambda path, leaf: jnp.asarray(saved[jax.tree_util.keystr(path)], leaf.dtype), state["params"])
         tokens, mask = jnp.asarray(saved["tokens"]), jnp.asarray(saved["mask"])
         print(f"{args.from_dump}: each row alone")
         rows = nonfinite_rows(loss, params, tokens, mask)
