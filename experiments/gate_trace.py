@@ -83,13 +83,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--reach-gradient", choices=("run",) + memory_lib.SURPRISE_GRADIENTS, default="run",
                         help="the memory gradient d/dk is taken with (default: the run's surprise_gradient)")
+    parser.add_argument("--from-dump", help="the parameters and batch saved by experiments.grad_spikes --dump, "
+                                            "in the config's dtype (e.g. float64 with JAX_ENABLE_X64=1), instead of "
+                                            "replaying to --step")
     args = parser.parse_args(argv)
 
     wanted = sorted(int(step) for step in args.step.split(","))
     if apply_overrides(get_config(args.config), args.set).model_config(vocab_size=256).scan_layers:
         raise SystemExit("gate_trace reads models whose blocks are unrolled (scan_layers=False); this run scans "
                          "its layers, and nn.scan does not carry the memory layers' diagnostics out")
-    config, programs, train_batch, state, step = restore_run(args.run, args.config, args.set, wanted[0])
+    config, programs, train_batch, state, step = restore_run(args.run, args.config, args.set,
+                                                             0 if args.from_dump else wanted[0])
+    if args.from_dump:
+        saved = np.load(args.from_dump)
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: jnp.asarray(saved[jax.tree_util.keystr(path)], leaf.dtype), state["params"])
+        batch = (jnp.asarray(saved["tokens"]), jnp.asarray(saved["mask"]))
+        return {wanted[0]: analyse(args, programs, params, batch, wanted[0])}
     reports = {}
     for target in wanted:
         while step < target:

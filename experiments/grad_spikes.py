@@ -23,6 +23,7 @@ float64.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import pathlib
 import shutil
@@ -35,6 +36,7 @@ import numpy as np
 from experiments.configs import apply_overrides, get_config
 from experiments.train import build_data
 from titans_jax import sharding
+from titans_jax.models import TitansLM
 from titans_jax.training import Checkpointer, _programs, next_token_nll
 
 
@@ -122,6 +124,35 @@ def nonfinite_rows(loss, params, tokens, mask) -> list[tuple[int, float, bool, i
     return rows
 
 
+def precision_by_module(model, model64, params, tokens, top: int = 12) -> list[tuple[str, float]]:
+    """Every submodule's output for `tokens` in the model's dtype against the same parameters in
+    float64 (capture_intermediates; needs JAX_ENABLE_X64=1): (module path, max |a - a64| / max
+    |a64|, inf where not finite); printed: the non-finite ones, then the `top` largest errors."""
+    params64 = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.float64), params)
+
+    def outputs(module, weights):
+        _, state = module.apply({"params": weights}, tokens[:, :-1], capture_intermediates=True,
+                                mutable=["intermediates"])
+        return {jax.tree_util.keystr(path): leaf for path, leaf
+                in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]}
+
+    low, high = outputs(model, params), outputs(model64, params64)
+    errors = []
+    for name, value in low.items():
+        reference = np.asarray(high[name], np.float64)
+        value = np.asarray(value, np.float64)
+        scale = max(float(np.abs(reference).max()), 1e-30)
+        error = float(np.abs(value - reference).max()) / scale if np.isfinite(value).all() else math.inf
+        errors.append((name, error))
+    bad = sorted((name for name, error in errors if not math.isfinite(error)), key=lambda name: (name.count("["), name))
+    print(f"float32 against float64, {len(errors)} module outputs, {len(bad)} not finite"
+          + (f" (outermost first: {', '.join(bad[:6])})" if bad else ""))
+    finite = sorted(((name, error) for name, error in errors if math.isfinite(error)), key=lambda item: -item[1])
+    for name, error in finite[:top]:
+        print(f"  {error:9.3g}  {name}")
+    return errors
+
+
 def device_batch(batch):
     """A host batch (tokens, or (tokens, mask)) as device arrays."""
     return tuple(jnp.asarray(part) for part in batch) if isinstance(batch, tuple) else jnp.asarray(batch)
@@ -161,6 +192,9 @@ def main(argv=None) -> list | None:
                              "positions (0-64, 64-128, 128-256, ...): where in the rows the gradient comes from")
     parser.add_argument("--dump", help="at a non-finite step, save its parameters and batch here (.npz)")
     parser.add_argument("--from-dump", help="instead of replaying, load a --dump file and analyse its rows alone")
+    parser.add_argument("--compare-float64", action="store_true",
+                        help="with --from-dump (and JAX_ENABLE_X64=1): every module's output on the first non-finite "
+                             "row against float64, largest relative errors first")
     args = parser.parse_args(argv)
 
     config, programs, train_batch, state, start = restore_run(args.run, args.config, args.set,
@@ -182,6 +216,12 @@ def main(argv=None) -> list | None:
             print(f"row {row} alone:")
             first_nonfinite(loss, params, tokens[row:row + 1], mask[row:row + 1])
             checkified_nan(loss, params, tokens[row:row + 1], mask[row:row + 1])
+        if args.compare_float64:
+            model_config = config.model_config(vocab_size=256)
+            model64 = TitansLM(dataclasses.replace(model_config, dtype="float64", param_dtype="float64"))
+            for row in (bad or [0])[:1]:
+                print(f"row {row}:")
+                precision_by_module(programs.model, model64, params, tokens[row:row + 1])
         return rows
     print(f"replaying from step {start}")
 

@@ -475,8 +475,9 @@ class MemoryAsContext(nn.Module):
             if cfg.mac_remat_segments:
                 # keep only the carry per segment; recompute a segment's insides in the backward pass
                 body = nn.remat(body, prevent_cse=False)
-            # diagnostics (experiments.gate_trace): the memory's inputs per segment, stacked on axis 0
-            scan = nn.scan(body, variable_broadcast="params", variable_axes={"diagnostics": 0},
+            # diagnostics (experiments.gate_trace): the memory's inputs per segment, stacked on axis 0;
+            # intermediates (capture_intermediates=True): every submodule's output per segment
+            scan = nn.scan(body, variable_broadcast="params", variable_axes={"diagnostics": 0, "intermediates": 0},
                            split_rngs={"params": False}, in_axes=1, out_axes=1, length=num_full)
             xs = x[:, :num_full * seg].reshape(batch, num_full, seg, -1)
             (cache, _), out = scan(self, (cache, jnp.zeros((), jnp.int32)), xs)
