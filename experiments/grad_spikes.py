@@ -37,7 +37,7 @@ from experiments.configs import apply_overrides, get_config
 from experiments.train import build_data
 from titans_jax import sharding
 from titans_jax.models import TitansLM
-from titans_jax.training import Checkpointer, _programs, next_token_nll
+from titans_jax.training import Checkpointer, compiled_programs, next_token_nll
 
 
 def restore_run(run: str, config_name: str, overrides: list[str], from_step: int):
@@ -47,7 +47,7 @@ def restore_run(run: str, config_name: str, overrides: list[str], from_step: int
     config = apply_overrides(get_config(config_name), overrides)
     tokenizer, train_batch, *_ = build_data(config)
     model_config = config.model_config(vocab_size=tokenizer.vocab_size)
-    programs = _programs(model_config, config.optim, config.run.steps, config.run.seed, sharding.MeshConfig(),
+    programs = compiled_programs(model_config, config.optim, config.run.steps, config.run.seed, sharding.MeshConfig(),
                          tuple(jax.devices()))
     if from_step == 0:  # the initial state is a pure function of the config's seed
         return config, programs, train_batch, programs.init(), 0

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 
 from titans_jax import sharding  # noqa: E402
 from titans_jax.presets import preset  # noqa: E402
-from titans_jax.training import OptimConfig, _programs  # noqa: E402
+from titans_jax.training import OptimConfig, compiled_programs  # noqa: E402
 
 GIB = 1024**3
 
@@ -63,7 +63,7 @@ def step_figures(arch: str, length: int, shards: int, remat: str, run: bool = Tr
     killer, not an exception, is what would end the attempt."""
     config = model_config(arch, remat)
     mesh_config = sharding.MeshConfig(data=1, sequence=shards)
-    programs = _programs(config, OptimConfig(warmup_steps=1), 10, 0, mesh_config, tuple(jax.devices()[:shards]))
+    programs = compiled_programs(config, OptimConfig(warmup_steps=1), 10, 0, mesh_config, tuple(jax.devices()[:shards]))
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, length + 1))
     batch = sharding.put_batch(tokens, sharding.batch_sharding(programs.mesh))
     state = programs.init()

@@ -70,7 +70,7 @@ def checksum(model, params) -> str:
 
 def split_across_processes() -> int:
     """How many parameters this process holds only part of (their other shards live elsewhere)."""
-    programs = training._programs(MODEL, OPTIM, RUN.steps, RUN.seed, RUN.mesh, tuple(jax.devices()))
+    programs = training.compiled_programs(MODEL, OPTIM, RUN.steps, RUN.seed, RUN.mesh, tuple(jax.devices()))
     count = 0
     for leaf in jax.tree.leaves(programs.abstract_state["params"]):
         def covered(indices):

@@ -92,7 +92,7 @@ def restore_case(case: dict) -> dict:
     batches = np.random.default_rng(0).integers(0, VOCAB, (2, 8, 33))
     results = {}
     with tempfile.TemporaryDirectory() as directory:
-        first = training._programs(config, optim, 10, 0, sharding.MeshConfig.parse(case["meshes"][0][1]),
+        first = training.compiled_programs(config, optim, 10, 0, sharding.MeshConfig.parse(case["meshes"][0][1]),
                                    tuple(jax.devices()[:case["meshes"][0][0]]))
         state = first.init()
         state, _ = first.step(state, sharding.put_batch(batches[0], sharding.batch_sharding(first.mesh)))
@@ -102,7 +102,7 @@ def restore_case(case: dict) -> dict:
         expected, metrics = first.step(state, sharding.put_batch(batches[1], sharding.batch_sharding(first.mesh)))
         expected_params = jax.tree.map(np.asarray, jax.device_get(expected["params"]))
         for devices, mesh_text in case["meshes"][1:]:
-            programs = training._programs(config, optim, 10, 0, sharding.MeshConfig.parse(mesh_text),
+            programs = training.compiled_programs(config, optim, 10, 0, sharding.MeshConfig.parse(mesh_text),
                                           tuple(jax.devices()[:devices]))
             checkpointer = training.Checkpointer(directory)
             restored, meta, _ = checkpointer.restore_latest(programs.abstract_state, {})

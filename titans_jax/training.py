@@ -1,6 +1,13 @@
 """Training language models: optax AdamW with warmup + cosine, one jitted step, orbax
 checkpoints that resume exactly, metrics to JSONL and TensorBoard, evaluation in bits per byte.
 
+The loop itself, `run_loop(LoopSpec, LoopConfig, out_dir)`, knows nothing about the model: a
+LoopSpec gives the initial and abstract state, a step function (state, i) -> (state, metrics),
+an evaluation, the identity a checkpoint must match and the settings it may change. `train`
+below is the Titans language-model loop built on it; t2_jax's REINFORCE and LoRA expert training
+(t2_jax.train_expert) is another. Everything below about checkpoints, signals and metrics holds
+for every loop.
+
 The trainer does not know where batches come from: it takes `train_batch(step) -> [B, T + 1]`
 token ids, a pure function of the step (titans_jax.data.pipeline.WindowDataset.batch is one), so
 the data position is the step and a resumed run reads exactly the batches an uninterrupted run
@@ -233,7 +240,7 @@ class Programs(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(model_config: ModelConfig, optim_config: OptimConfig, total_steps: int, seed: int,
+def compiled_programs(model_config: ModelConfig, optim_config: OptimConfig, total_steps: int, seed: int,
               mesh_config: sharding.MeshConfig = sharding.MeshConfig(), devices: tuple = ()) -> Programs:
     """The model, optimizer, mesh and jitted programs of one configuration — cached, so that
     several runs of it in a process (a resumed run, tests) reuse the compiled programs."""
@@ -719,12 +726,193 @@ def _is_eval_record(record: dict) -> bool:
     return any(key.startswith("eval/") for key in record)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """What `run_loop` needs from a model and its objective — nothing else about them.
+
+    init() makes the initial state and abstract_state describes it (shapes, dtypes, shardings:
+    what a checkpoint restores into). step(state, i) runs training step i (0-based) and returns
+    (state, metrics): metrics["loss"] is recorded every step, the other metrics on log steps
+    only; a step must be a pure function of (state, i) — its data and any sampling keys derived
+    from i — so that a resumed run repeats an uninterrupted one exactly. evaluate(state, step)
+    returns {set name: {metric: value}}, written as eval/<set>/<metric> (only scalar numbers).
+    identity must match a checkpoint exactly; settings may differ with allow_changes (recorded).
+    log_extras(i) adds fields on log steps (e.g. the learning rate); items_per_step with
+    throughput_name reports a rate (e.g. tokens_per_s); finish(state) gives the summary's extra
+    fields once the run completes (e.g. a text sample). eval_names: the evaluation sets, so that
+    rerunning a finished run with other sets evaluates again."""
+
+    abstract_state: Any
+    init: Callable[[], Any]
+    step: Callable[[Any, int], tuple[Any, dict]]
+    identity: dict
+    settings: dict
+    evaluate: Callable[[Any, int], dict[str, dict]] | None = None
+    eval_names: tuple[str, ...] = ()
+    log_extras: Callable[[int], dict] | None = None
+    items_per_step: int = 0
+    throughput_name: str = "tokens_per_s"
+    finish: Callable[[Any], dict] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The loop's schedule of logging, evaluation and checkpoints (not part of a run's identity)."""
+
+    steps: int
+    log_every: int = 10
+    eval_every: int = 100  # 0: only at the end
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "log_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+
+
+def _scalar_fields(prefix: str, values: dict) -> dict:
+    return {f"{prefix}{key}": float(value) for key, value in values.items()
+            if isinstance(value, (int, float, np.number)) or (hasattr(value, "shape") and np.ndim(value) == 0)}
+
+
+def run_loop(spec: LoopSpec, loop: LoopConfig, out_dir: str | pathlib.Path, *, run_record: dict | None = None,
+             allow_changes: bool = False) -> dict:
+    """Train (or resume) in out_dir with orbax checkpoints, metrics.jsonl / TensorBoard, a progress
+    bar and signal handling (see the module docstring); returns the run's summary (also written
+    to out_dir/summary.json): resumed_from, step, changes, stopped_by_signal, and when the run
+    completed, completed=True, eval (the final evaluation) and finish(state)'s fields.
+
+    Model-agnostic: the Titans language-model loop (`train`), the Transformer² REINFORCE loop and
+    its LoRA baseline (t2_jax._experts) all run through it. run_record (the experiment's
+    configuration) is written to out_dir/config.json once the checkpoints have been checked."""
+    out_dir = pathlib.Path(out_dir)
+    primary = _is_primary()
+    checkpointer = Checkpointer(out_dir / "checkpoints", keep=loop.keep_checkpoints)
+    try:  # restored onto this run's mesh, whatever mesh wrote the checkpoint
+        restored = checkpointer.restore_latest(spec.abstract_state, spec.identity, spec.settings, allow_changes)
+    except BaseException:
+        checkpointer.close()
+        raise
+    changes: list[dict] = []
+    previous_metrics = out_dir / "metrics.jsonl"
+    if restored is None:
+        state, start = spec.init(), 0
+        if checkpointer.set_aside:
+            kept = None
+            if primary and previous_metrics.exists():
+                kept = previous_metrics.with_name(f"metrics.before-restart-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+                os.replace(previous_metrics, kept)
+            warnings.warn(f"every checkpoint in {checkpointer.directory} was damaged (moved to "
+                          f"{checkpointer.set_aside[0].parent}); training starts again from step 0"
+                          + (f" (the previous metrics are kept in {kept})" if kept else ""),
+                          RuntimeWarning, stacklevel=2)
+    else:
+        state, start = restored[0], int(restored[1]["step"])
+        changes = list(restored[1].get("changes", [])) + restored[2]
+    summary_path = out_dir / "summary.json"
+    if start == loop.steps and summary_path.exists():  # a finished run, rerun: report, write nothing
+        previous = json.loads(summary_path.read_text())
+        if (previous.get("completed") and previous.get("step") == start
+                and set(previous.get("eval", {})) == set(spec.eval_names)):
+            checkpointer.close()
+            return dict(previous, resumed_from=start, already_finished=True)
+    if run_record is not None and primary:
+        _write_atomically(out_dir / "config.json", json.dumps(dict(run_record, changes=changes), indent=2,
+                                                                default=str))
+    # at the final step, a rerun re-evaluates: drop evaluation rows of an evaluation cut short
+    writer = MetricsWriter(out_dir, resume_step=start, drop=(
+        (lambda record: record.get("step") == start and _is_eval_record(record)) if start == loop.steps
+        else None)) if primary else _NoMetrics()
+    saved_meta = dict(spec.identity, **spec.settings, changes=changes)
+    summary: dict[str, Any] = {"resumed_from": start, "stopped_by_signal": None, "changes": changes}
+
+    def run_eval(step):
+        results = spec.evaluate(state, step) if spec.evaluate is not None else {}
+        for name, values in results.items():
+            writer.write({"step": step, **_scalar_fields(f"eval/{name}/", values)})
+        return results
+
+    progress = None
+    if loop.progress and primary:
+        from tqdm import tqdm
+
+        progress = tqdm(total=loop.steps, initial=start, unit="step", dynamic_ncols=True)
+    clock, clock_step = time.perf_counter(), start
+    final_step = start
+    try:
+        with _StopFlag() as stop:
+            for step in range(start, loop.steps):
+                state, metrics = spec.step(state, step)
+                done = final_step = step + 1
+                loss = float(metrics["loss"])
+                checkpointer.check()  # a background save that failed surfaces here, one step later
+                if not math.isfinite(loss):  # the checkpoints hold only states from before this step
+                    raise FloatingPointError(f"non-finite loss {loss} at step {done}; the last checkpoint is "
+                                             f"step {max(checkpointer.steps(), default=0)}")
+                record = {"step": done, "loss": loss}
+                if done % loop.log_every == 0 or done == loop.steps:
+                    now = time.perf_counter()
+                    record.update(_scalar_fields("", {k: v for k, v in metrics.items() if k != "loss"}))
+                    record.update(spec.log_extras(step) if spec.log_extras is not None else {})
+                    if spec.items_per_step:
+                        record[spec.throughput_name] = (spec.items_per_step * (done - clock_step)
+                                                        / max(now - clock, 1e-9))
+                    clock, clock_step = now, done
+                    if progress is not None:
+                        postfix = {"loss": f"{loss:.3f}"}
+                        if spec.items_per_step:
+                            postfix["rate"] = f"{record[spec.throughput_name]:.0f}"
+                        progress.set_postfix(postfix)
+                writer.write(record)
+                if progress is not None:
+                    progress.update(1)
+                if loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
+                    run_eval(done)
+                signum = _agreed_signal(stop.signal)  # read once: the save and the stop agree
+                if done % loop.save_every == 0 or done == loop.steps or signum is not None:
+                    checkpointer.save(done, state, saved_meta)  # once per step, whatever asked for it
+                if signum is not None:
+                    summary["stopped_by_signal"] = int(signum)
+                    break
+        if progress is not None:
+            progress.close()
+            progress = None
+        checkpointer.close()  # waits for the last save; raises CheckpointSaveError if it failed
+        summary["step"] = final_step
+        if final_step == loop.steps and summary["stopped_by_signal"] is None:
+            summary["eval"] = run_eval(final_step)
+            if spec.finish is not None:
+                summary.update(spec.finish(state))
+            summary["completed"] = True
+    finally:
+        if progress is not None:
+            progress.close()
+        try:
+            checkpointer.close()
+        finally:
+            writer.close()
+    if primary:
+        _write_atomically(summary_path, json.dumps(summary, indent=2, default=_json_default))
+    return summary
+
+
+def _json_default(value):
+    if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "__array__"):
+        return np.asarray(value).tolist()
+    return str(value)
+
+
 def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunConfig, out_dir: str | pathlib.Path,
           train_batch: Callable[[int], np.ndarray], eval_sets: dict[str, Callable[[], Iterable[np.ndarray]]] | None = None,
           meta: dict | None = None, sample_fn: Callable[[TitansLM, Any], str] | None = None,
           byte_lengths: np.ndarray | None = None, run_record: dict | None = None,
           allow_changes: bool = False) -> dict:
-    """Train (or resume) in out_dir; returns a summary with the final evaluation.
+    """Train (or resume) a Titans language model in out_dir; returns a summary with the final
+    evaluation (the loop itself is `run_loop`).
 
     train_batch(step) must be a pure function of the step returning [batch_size, seq_len + 1]
     ids, or a pair (ids, mask [batch_size, seq_len]) whose mask marks the targets the loss counts:
@@ -746,11 +934,9 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
     gathered to host memory by all processes); every process returns the summary (the sample
     only on process 0).
     """
-    out_dir = pathlib.Path(out_dir)
-    primary = _is_primary()
     if optim_config.compute_dtype == "bfloat16":
         model_config = dataclasses.replace(model_config, dtype="bfloat16")
-    programs = _programs(model_config, optim_config, run_config.steps, run_config.seed, run_config.mesh,
+    programs = compiled_programs(model_config, optim_config, run_config.steps, run_config.seed, run_config.mesh,
                          tuple(jax.devices()))
     model, step_fn, eval_fn, mesh = programs.model, programs.step, programs.eval, programs.mesh
     run_config.check_mesh(mesh)
@@ -758,121 +944,33 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
                 "seq_len": run_config.seq_len, "seed": run_config.seed, **(meta or {})}
     settings = {"optim": dataclasses.asdict(optim_config), "total_steps": run_config.steps,
                 "batch_size": run_config.batch_size}
-    checkpointer = Checkpointer(out_dir / "checkpoints", keep=run_config.keep_checkpoints)
-    try:  # restored onto this run's mesh, whatever mesh wrote the checkpoint
-        restored = checkpointer.restore_latest(programs.abstract_state, identity, settings, allow_changes)
-    except BaseException:
-        checkpointer.close()
-        raise
-    changes: list[dict] = []
-    previous_metrics = out_dir / "metrics.jsonl"
-    if restored is None:
-        state, start = programs.init(), 0
-        if checkpointer.set_aside:
-            kept = None
-            if primary and previous_metrics.exists():
-                kept = previous_metrics.with_name(f"metrics.before-restart-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-                os.replace(previous_metrics, kept)
-            warnings.warn(f"every checkpoint in {checkpointer.directory} was damaged (moved to "
-                          f"{checkpointer.set_aside[0].parent}); training starts again from step 0"
-                          + (f" (the previous metrics are kept in {kept})" if kept else ""),
-                          RuntimeWarning, stacklevel=2)
-    else:
-        state, start = restored[0], int(restored[1]["step"])
-        changes = list(restored[1].get("changes", [])) + restored[2]
-    summary_path = out_dir / "summary.json"
-    if start == run_config.steps and summary_path.exists():  # a finished run, rerun: report, write nothing
-        previous = json.loads(summary_path.read_text())
-        if (previous.get("completed") and previous.get("step") == start
-                and set(previous.get("eval", {})) == set(eval_sets or {})):
-            checkpointer.close()
-            return dict(previous, resumed_from=start, already_finished=True)
-    if run_record is not None and primary:
-        _write_atomically(out_dir / "config.json", json.dumps(dict(run_record, changes=changes), indent=2,
-                                                                default=str))
-    # at the final step, a rerun re-evaluates: drop evaluation rows of an evaluation cut short
-    writer = MetricsWriter(out_dir, resume_step=start, drop=(
-        (lambda record: record.get("step") == start and _is_eval_record(record)) if start == run_config.steps
-        else None)) if primary else _NoMetrics()
-    saved_meta = dict(identity, **settings, changes=changes)
     schedule_lr = learning_rate_schedule(optim_config, run_config.steps)
-    tokens_per_step = run_config.batch_size * run_config.seq_len
     batch_on_mesh = sharding.batch_sharding(mesh)
-    summary: dict[str, Any] = {"resumed_from": start, "stopped_by_signal": None, "changes": changes}
 
-    def run_eval(step):
-        results = {}
-        for name, batches in (eval_sets or {}).items():
-            results[name] = evaluate(eval_fn, state["params"], batches(), byte_lengths, mesh)
-            record = {"step": step, f"eval/{name}/nll": results[name]["nll"],
-                      f"eval/{name}/bits_per_token": results[name]["bits_per_token"]}
-            if "bits_per_byte" in results[name]:
-                record[f"eval/{name}/bits_per_byte"] = results[name]["bits_per_byte"]
-            writer.write(record)
-        return results
+    def step(state, i):
+        batch = _checked_batch(train_batch(i), i, run_config)
+        return step_fn(state, jax.tree.map(lambda part: sharding.put_batch(part, batch_on_mesh), batch))
 
-    progress = None
-    if run_config.progress and primary:
-        from tqdm import tqdm
+    def run_eval(state, _step):
+        return {name: evaluate(eval_fn, state["params"], batches(), byte_lengths, mesh)
+                for name, batches in (eval_sets or {}).items()}
 
-        progress = tqdm(total=run_config.steps, initial=start, unit="step", dynamic_ncols=True)
-    clock, clock_step = time.perf_counter(), start
-    try:
-        with _StopFlag() as stop:
-            for step in range(start, run_config.steps):
-                batch = _checked_batch(train_batch(step), step, run_config)
-                state, metrics = step_fn(state, jax.tree.map(lambda part: sharding.put_batch(part, batch_on_mesh),
-                                                             batch))
-                done = step + 1
-                loss = float(metrics["loss"])
-                checkpointer.check()  # a background save that failed surfaces here, one step later
-                if not math.isfinite(loss):  # the checkpoints hold only states from before this step
-                    raise FloatingPointError(f"non-finite loss {loss} at step {done}; the last checkpoint is "
-                                             f"step {max(checkpointer.steps(), default=0)}")
-                record = {"step": done, "loss": loss}
-                if done % run_config.log_every == 0 or done == run_config.steps:
-                    now = time.perf_counter()
-                    record.update(grad_norm=float(metrics["grad_norm"]), lr=float(schedule_lr(step)),
-                                  tokens_per_s=tokens_per_step * (done - clock_step) / max(now - clock, 1e-9))
-                    clock, clock_step = now, done
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                writer.write(record)
-                if progress is not None:
-                    progress.update(1)
-                if run_config.eval_every and done % run_config.eval_every == 0 and done != run_config.steps:
-                    run_eval(done)
-                signum = _agreed_signal(stop.signal)  # read once: the save and the stop agree
-                if done % run_config.save_every == 0 or done == run_config.steps or signum is not None:
-                    checkpointer.save(done, state, saved_meta)  # once per step, whatever asked for it
-                if signum is not None:
-                    summary["stopped_by_signal"] = int(signum)
-                    break
-        if progress is not None:
-            progress.close()
-            progress = None
-        checkpointer.close()  # waits for the last save; raises CheckpointSaveError if it failed
-        final_step = int(state["step"])
-        summary["step"] = final_step
-        if final_step == run_config.steps and summary["stopped_by_signal"] is None:
-            summary["eval"] = run_eval(final_step)
-            if sample_fn is not None and jax.process_count() == 1:
-                summary["sample"] = sample_fn(model, state["params"])
-            elif sample_fn is not None:  # a plain host copy, gathered by every process, sampled on one
-                host_params = jax.tree.map(_to_host, state["params"])
-                if primary:
-                    summary["sample"] = sample_fn(model, host_params)
-            summary["completed"] = True
-    finally:
-        if progress is not None:
-            progress.close()
-        try:
-            checkpointer.close()
-        finally:
-            writer.close()
-    if primary:
-        _write_atomically(summary_path, json.dumps(summary, indent=2))
-    return summary
+    def finish(state):
+        if sample_fn is None:
+            return {}
+        if jax.process_count() == 1:
+            return {"sample": sample_fn(model, state["params"])}
+        host_params = jax.tree.map(_to_host, state["params"])  # gathered by every process, sampled on one
+        return {"sample": sample_fn(model, host_params)} if _is_primary() else {}
+
+    spec = LoopSpec(abstract_state=programs.abstract_state, init=programs.init, step=step, identity=identity,
+                    settings=settings, evaluate=run_eval, eval_names=tuple(eval_sets or {}),
+                    log_extras=lambda i: {"lr": float(schedule_lr(i))},
+                    items_per_step=run_config.batch_size * run_config.seq_len, finish=finish)
+    loop = LoopConfig(steps=run_config.steps, log_every=run_config.log_every, eval_every=run_config.eval_every,
+                      save_every=run_config.save_every, keep_checkpoints=run_config.keep_checkpoints,
+                      progress=run_config.progress)
+    return run_loop(spec, loop, out_dir, run_record=run_record, allow_changes=allow_changes)
 
 
 def load_trained(run_dir: str | pathlib.Path) -> tuple[ModelConfig, Any, dict]:
