@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2_jax._config import LlamaConfig
+from titans_jax import primitives
 from t2_jax._model import (Cache, Params, _check_cache_room, _check_tokens, apply, check_params,
                            init_cache)
 
@@ -36,27 +37,13 @@ class Generation(NamedTuple):
 
 def sample_token(logits: jax.Array, key: jax.Array | None, temperature: float = 0.0,
                  top_p: float = 1.0) -> jax.Array:
-    """Next token ids (B,) from logits (B, V).
+    """Next token ids (B,) from logits (B, V) (titans_jax.primitives.sample).
 
     temperature 0: greedy (argmax). Otherwise sample softmax(logits / temperature) restricted
     to the nucleus: the most likely tokens whose probabilities sum to at least top_p (the
     first token is always kept; tokens tied with the last kept one are kept too).
     """
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if key is None:
-        raise ValueError("sampling (temperature > 0) needs a PRNG key")
-    scaled = logits.astype(jnp.float32) / temperature
-    if top_p < 1:
-        ordered = jnp.sort(scaled, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
-        threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
-        scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return primitives.sample(logits, key, temperature, top_p=top_p)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_length", "cache_dtype"))

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from titans_jax import primitives
 from t2_jax._config import LlamaConfig
 
 Params = dict[str, Any]
@@ -123,10 +124,9 @@ def check_params(params: Params, config: LlamaConfig) -> None:
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """x / rms(x) * scale, normalised in float32 and cast back to x's dtype before the scale."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale * normed.astype(x.dtype)
+    """x / rms(x) * scale, normalised in float32 (float64 for float64 x) and cast back to x's
+    dtype before the scale (Hugging Face Llama's order; titans_jax.primitives.rms_norm)."""
+    return primitives.rms_norm(x, scale, eps, scale_in_input_dtype=True)
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -150,25 +150,13 @@ def rope_frequencies(config: LlamaConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, config: LlamaConfig) -> jax.Array:
-    """Rotary embedding of x (B, T, heads, E) at integer positions (B, T).
+    """Rotary embedding of x (B, T, heads, E) at integer positions (B, T), with the config's
+    frequencies (Llama 3 scaling included) and layout (titans_jax.primitives.rope).
 
     "half" rotates (x[i], x[i+E/2]); "pairs" rotates (x[2i], x[2i+1]). Both are the same map up
     to a fixed permutation of the E coordinates (the one llama.cpp applies to Q/K rows).
     """
-    inv_freq = jnp.asarray(rope_frequencies(config))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, E/2)
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    if config.rope_layout == "half":
-        half = config.head_dim // 2
-        x1, x2 = x32[..., :half], x32[..., half:]
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    else:
-        pairs = x32.reshape(*x32.shape[:-1], config.head_dim // 2, 2)
-        x1, x2 = pairs[..., 0], pairs[..., 1]
-        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x32.shape)
-    return out.astype(x.dtype)
+    return primitives.rope(x, positions, jnp.asarray(rope_frequencies(config)), config.rope_layout)
 
 
 def is_factorised(kernel: Any) -> bool:
@@ -190,20 +178,10 @@ def _linear(x, layer):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q (B,T,H,E); k, v (B,S,K,E); mask (B,T,S) bool -> (B,T,H,E).
-
-    Scores and softmax in float32; a query with no visible key gets a uniform average (its
-    output is padding and ignored) instead of NaN.
-    """
-    B, T, H, E = q.shape
-    K = k.shape[2]
-    qg = q.reshape(B, T, K, H // K, E)
-    scores = jnp.einsum("btkge,bske->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(E)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v)
-    return out.reshape(B, T, H, E)
+    """Grouped-query attention. q (B,T,H,E); k, v (B,S,K,E); mask (B,T,S) bool -> (B,T,H,E)
+    (titans_jax.primitives.softmax_attention: float32 scores and softmax; a query with no visible
+    key, a padding slot whose output is ignored, gets zeros instead of NaN)."""
+    return primitives.softmax_attention(q, k, v, mask[:, None])
 
 
 def _visibility(query_slots, key_slots, key_valid, config):
@@ -252,18 +230,10 @@ def default_positions(attention_mask: jax.Array, start: jax.Array | int = 0) -> 
 
 
 def _check_tokens(tokens, config: LlamaConfig) -> None:
-    """Rank-2 integer ids in [0, vocab_size): a ValueError for concrete tokens. Under tracing the
-    values are unknown here; _apply_jit then makes the logits of a row holding an out-of-range
-    id NaN instead of reading a clamped embedding."""
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must have shape (batch, time), got shape {tokens.shape}")
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
-    if not isinstance(tokens, jax.core.Tracer):
-        values = np.asarray(tokens)
-        if values.size and (values.min() < 0 or values.max() >= config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got range "
-                             f"[{values.min()}, {values.max()}]")
+    """Rank-2 integer ids in [0, vocab_size) (titans_jax.primitives.check_tokens: a ValueError for
+    concrete tokens). Under tracing the values are unknown here; _apply_jit then makes the logits
+    of a row holding an out-of-range id NaN instead of reading a clamped embedding."""
+    primitives.check_tokens(tokens, config.vocab_size)
 
 
 def _check_cache_room(cache: Cache, num_tokens: int) -> None:

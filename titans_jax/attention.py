@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from titans_jax import primitives
+
 Array = jax.Array
 
 
@@ -27,18 +29,12 @@ Array = jax.Array
 
 
 def rope(x: Array, positions: Array, base: float = 10000.0) -> Array:
-    """Rotate-half RoPE. x: [B, T, H, E] (E even); positions: [T] or [B, T] int."""
-    half = x.shape[-1] // 2
-    compute = jnp.promote_types(x.dtype, jnp.float32)
-    if 2 * half != x.shape[-1]:
+    """Rotate-half RoPE (titans_jax.primitives.rope). x: [B, T, H, E] (E even); positions: [T] or
+    [B, T] int; the inverse frequencies are computed in x's compute dtype."""
+    if x.shape[-1] % 2:
         raise ValueError(f"RoPE needs an even head dim, got {x.shape[-1]}")
-    inv_freq = base ** (-jnp.arange(half, dtype=compute) / half)
-    angles = positions.astype(compute)[..., None] * inv_freq  # [(B,) T, E/2]
-    if angles.ndim == 2:
-        angles = angles[None]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-    x1, x2 = x[..., :half].astype(compute), x[..., half:].astype(compute)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return primitives.rope(x, positions, primitives.rope_inverse_frequencies(
+        x.shape[-1], base, primitives.compute_dtype(x.dtype)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,18 +51,9 @@ def visible(query_pos: Array, key_pos: Array, window: int | None, num_prefix: in
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Softmax attention in float32 (float64 for float64 inputs). q [B, T, H, E], k/v [B, S, H, E],
-    mask broadcastable to [B, H, T, S]. Rows with no visible key give zeros (never NaN)."""
-    compute = jnp.promote_types(q.dtype, jnp.float32)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("bthe,bshe->bhts", q.astype(compute), k.astype(compute)) * scale
-    scores = jnp.where(mask, scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    weights = jnp.exp(scores - row_max)
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    weights = weights / jnp.where(denom > 0, denom, 1.0)
-    return jnp.einsum("bhts,bshe->bthe", weights, v.astype(compute)).astype(q.dtype)
+    """Softmax attention (titans_jax.primitives.softmax_attention): q [B, T, H, E], k/v [B, S, H, E],
+    mask broadcastable to [B, H, T, S]; rows with no visible key give zeros (never NaN)."""
+    return primitives.softmax_attention(q, k, v, mask)
 
 
 def attention_reference(q: Array, k: Array, v: Array, *, window: int | None, num_prefix: int = 0) -> Array:

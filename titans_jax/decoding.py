@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from titans_jax import primitives
 from titans_jax.models import TitansLM, check_tokens, init_cache
 
 Array = jax.Array
@@ -33,27 +34,16 @@ def decode_step(model: TitansLM, params, token: Array, cache: dict):
     return model.apply({"params": params}, token, cache)
 
 
-def sample_logits(rng: Array, logits: Array, temperature: float, top_k: int | None) -> Array:
-    """Next ids [B] from logits [B, V]."""
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k is not None:
-        threshold = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
 def _generate(model, params, prompt, rng, max_new_tokens, temperature, top_k):
     logits, cache = prefill(model, params, prompt, prompt.shape[1] + max_new_tokens, logits_at="last")
     rng, first_rng = jax.random.split(rng)
-    first = sample_logits(first_rng, logits[:, -1], temperature, top_k)
+    first = primitives.sample(logits[:, -1], first_rng, temperature, top_k=top_k)
 
     def step(carry, step_rng):
         token, cache = carry
         logits, cache = decode_step(model, params, token[:, None], cache)
-        next_token = sample_logits(step_rng, logits[:, 0], temperature, top_k)
+        next_token = primitives.sample(logits[:, 0], step_rng, temperature, top_k=top_k)
         return (next_token, cache), (token, logits[:, 0])
 
     (_, _), (tokens, step_logits) = jax.lax.scan(step, (first, cache), jax.random.split(rng, max_new_tokens))

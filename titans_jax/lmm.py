@@ -26,6 +26,7 @@ import numpy as np
 
 from titans_jax import memory as memory_lib
 from titans_jax import sequence_parallel, sharding, tnt
+from titans_jax.primitives import rms_norm  # noqa: F401 - re-exported (models import it from here)
 from titans_jax.projection import dense_dot_general
 
 Array = jax.Array
@@ -178,12 +179,6 @@ def causal_depthwise_conv(x: Array, kernel: Array, bias: Array, previous: Array,
     if num_valid is None:
         return out, extended[:, extended.shape[1] - (width - 1):]
     return out, jax.lax.dynamic_slice_in_dim(extended, num_valid, width - 1, axis=1)
-
-
-def rms_norm(x: Array, scale: Array, eps: float) -> Array:
-    x32 = x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (normed * scale).astype(x.dtype)
 
 
 def l2_normalize(x: Array, eps: float = 1e-6) -> Array:

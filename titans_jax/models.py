@@ -67,6 +67,7 @@ import numpy as np
 from titans_jax import attention as attn_lib
 from titans_jax import config_tree
 from titans_jax import memory as memory_lib
+from titans_jax import primitives
 from titans_jax import sequence_parallel, sharding
 from titans_jax.lmm import FLOAT_DTYPES, LMMConfig, LMMLayer, LMMState, causal_depthwise_conv, l2_normalize, rms_norm
 from titans_jax.projection import dense_dot_general
@@ -419,7 +420,7 @@ class MemoryAsContext(nn.Module):
             _, k_p, v_p = jnp.split(_split_heads(self.qkv(persistent), 3 * heads), 3, axis=2)
             keys, values = [k_p] + keys, [v_p] + values
             masks = [jnp.ones((length, cfg.num_persistent), bool)] + masks
-        y = attn_lib._attend(q, jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1),
+        y = primitives.softmax_attention(q, jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1),
                              jnp.concatenate(masks, axis=1)[None, None])
         y = self.out(y.reshape(batch, length, -1))
 
@@ -750,23 +751,11 @@ def full_attention_capacity(config: ModelConfig, cache: dict) -> int | None:
 
 
 def check_tokens(tokens: Array, vocab_size: int) -> Array:
-    """Rank-2 integer token ids in [0, vocab_size): a clear error for concrete inputs; under jit
-    an out-of-range id makes the sequence's logits NaN (from its position on, and usually all of
-    them: masked attention weights multiply the NaN) instead of reading a clipped embedding."""
-    if not hasattr(tokens, "ndim") or tokens.ndim != 2:
-        raise ValueError(f"tokens must have shape [batch, length], got {getattr(tokens, 'shape', None)}")
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-    if tokens.shape[0] == 0:
-        raise ValueError(f"tokens must hold at least one sequence, got shape {tuple(tokens.shape)}")
-    if tokens.shape[1] == 0:
-        raise ValueError("tokens must hold at least one position")
-    if not isinstance(tokens, jax.core.Tracer):
-        with jax.ensure_compile_time_eval():  # also for concrete arrays closed over under jit
-            low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{low}, {high}]")
-    return tokens
+    """Rank-2 integer token ids in [0, vocab_size) (titans_jax.primitives.check_tokens): a clear
+    error for concrete inputs; under jit an out-of-range id makes the sequence's logits NaN (from
+    its position on, and usually all of them: masked attention weights multiply the NaN) instead
+    of reading a clipped embedding."""
+    return primitives.check_tokens(tokens, vocab_size)
 
 
 def check_cache(config: ModelConfig, cache, batch: int) -> None:

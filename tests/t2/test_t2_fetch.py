@@ -7,6 +7,7 @@ import zlib
 import pytest
 
 from t2_jax import fetch
+from titans_jax.downloads import r_lazyload_vectors
 
 
 def test_missing_model_names_the_fetch_command(tmp_path, monkeypatch):
@@ -39,5 +40,5 @@ def test_r_lazyload_reader():
     records = b""
     for blob in [r_character_vector(books[0]), other, r_character_vector(books[1], version=2)]:
         records += struct.pack(">i", len(blob)) + zlib.compress(blob)
-    vectors = fetch._r_lazyload_vectors(records)
+    vectors = r_lazyload_vectors(records)
     assert vectors == [books[0], ["EMMA", "", "x"]]

@@ -135,9 +135,9 @@ def test_continuation_logprobs_padding_invariant(params):
 
 
 def test_bad_inputs_raise_clear_errors(params):
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 128\)"):
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 128\)"):
         t2_jax.apply(params, CONFIG, np.array([[1, 128]]))
-    with pytest.raises(ValueError, match="shape \\(batch, time\\)"):
+    with pytest.raises(ValueError, match="shape \\[batch, length\\]"):
         t2_jax.apply(params, CONFIG, np.array([1, 2, 3]))
     with pytest.raises(ValueError, match="left padded"):
         t2_jax.generate(params, CONFIG, np.array([[1, 2, 3]]), np.array([[1, 0, 1]]),
@@ -197,7 +197,7 @@ def test_out_of_range_ids_poison_their_row_under_jit(model):
         got = np.asarray(forward(params, ids))
         assert np.isnan(got[0]).all()
         np.testing.assert_allclose(got[1], want[1], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 128\)"):
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 128\)"):
         t2_jax.apply(params, config, bad)  # eagerly: a clear error
 
 

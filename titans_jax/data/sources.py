@@ -17,7 +17,7 @@ from __future__ import annotations
 import pathlib
 import shutil
 
-from t2_jax.fetch import cache_root
+from titans_jax.downloads import cache_root
 from titans_jax.data import corpora
 
 FINGERPRINT_FILE = "titans_source_fingerprint.txt"

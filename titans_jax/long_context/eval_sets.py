@@ -30,7 +30,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from t2_jax.fetch import cache_root
+from titans_jax.downloads import cache_root
 from titans_jax.data.tokenizers import ByteTokenizer
 from titans_jax.long_context import tasks as tasks_lib
 from titans_jax.long_context.haystacks import Haystack, get_haystack

