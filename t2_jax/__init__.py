@@ -1,5 +1,6 @@
 """Transformer² in JAX: Llama-family base models, loaders, generation, SVF experts, real
-tasks with seeded disjoint pools, rewards (exact numbers; generated code run in a sandbox)."""
+tasks with seeded disjoint pools, rewards (exact numbers; generated code run in a sandbox), the
+option policy for multiple choice, and expert training (SVF by REINFORCE, the LoRA baseline)."""
 
 from t2_jax._config import PRESETS, Llama3RopeScaling, LlamaConfig, get_config
 from t2_jax._generate import (POISONED, Generation, continuation_logprobs, decode, decode_step,
@@ -18,6 +19,10 @@ from t2_jax._svf import (ATTENTION_QV_RULE, DEFAULT_RULE, FORMS, ExpertMismatchE
 from t2_jax._sandbox import SandboxLimits, SandboxResult, SandboxUnavailableError, run_python
 from t2_jax._tasks import TASKS, TaskExample, TaskSpec, load_task, split_pools
 from t2_jax._rewards import code_reward, extract_code, extract_number, gold_number, numeric_reward
+from t2_jax._options import (ChoiceBatch, encode_choices, option_loglik, option_loglik_reference,
+                             option_policy, option_scores)
+from t2_jax._experts import (Evaluator, ExpertConfig, load_lora, pools_for, train_expert,
+                             wilson_interval)
 from t2_jax._model import (Cache, Params, apply, apply_rope, attention, check_params,
                            default_positions, dense, init_cache, init_params, param_shapes,
                            rms_norm, rope_frequencies)
@@ -41,4 +46,7 @@ __all__ = [
     "SandboxLimits", "SandboxResult", "SandboxUnavailableError", "run_python",
     "TASKS", "TaskExample", "TaskSpec", "load_task", "split_pools",
     "code_reward", "extract_code", "extract_number", "gold_number", "numeric_reward",
+    "ChoiceBatch", "encode_choices", "option_loglik", "option_loglik_reference", "option_policy",
+    "option_scores",
+    "Evaluator", "ExpertConfig", "load_lora", "pools_for", "train_expert", "wilson_interval",
 ]

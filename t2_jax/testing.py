@@ -298,3 +298,48 @@ def hf_model_from_params(params, config: LlamaConfig, attn_implementation: str =
     if missing or unexpected:
         raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
     return model
+
+
+class ByteTokenizer:
+    """A tokenizer for tiny models: one id per character (its code point modulo vocab_size, 0
+    reserved for padding). Enough for the expert trainer's tests and its --quick runs."""
+
+    def __init__(self, vocab_size: int = TINY.vocab_size):
+        self.vocab_size = vocab_size
+        self.pad_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [1 + ord(c) % (self.vocab_size - 1) for c in text]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(int(i) - 1) for i in np.asarray(ids).reshape(-1) if int(i) > 0)
+
+    def chat_stop_ids(self) -> tuple[int, ...]:
+        return (self.encode("\n")[0],)
+
+
+def synthetic_task(kind: str = "choice", n: int = 64, seed: int = 0, num_options: int = 4):
+    """Small addition questions as TaskExamples ("choice": "3 + 4 =" with numeric options, one
+    gold; "numeric": the same questions answered by a number). For tests and --quick runs."""
+    from t2_jax._tasks import TaskExample
+
+    rng = np.random.default_rng(seed)
+    examples = []
+    for i in range(n):
+        a, b = (int(x) for x in rng.integers(0, 10, 2))
+        prompt = f"{a} + {b} ="
+        if kind == "choice":
+            wrong = [x for x in rng.permutation(19).tolist() if x != a + b][:num_options - 1 - i % 2]
+            choices = wrong + [a + b]
+            order = rng.permutation(len(choices))
+            choices = tuple(str(choices[j]) for j in order)
+            examples.append(TaskExample(task="synthetic_choice", id=f"s{i}", kind="choice", question=prompt,
+                                        prompt=prompt, choices=choices, gold=int(np.argmax(order == len(order) - 1)),
+                                        target=str(a + b), content_key=f"{i}"))
+        elif kind == "numeric":
+            examples.append(TaskExample(task="synthetic_numeric", id=f"s{i}", kind="numeric", question=prompt,
+                                        prompt=prompt, answer=str(a + b), target=f" {a + b}\n",
+                                        content_key=f"{i}"))
+        else:
+            raise ValueError(f"synthetic_task: kind must be 'choice' or 'numeric', got {kind!r}")
+    return examples

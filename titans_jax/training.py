@@ -5,7 +5,7 @@ The loop itself, `run_loop(LoopSpec, LoopConfig, out_dir)`, knows nothing about 
 LoopSpec gives the initial and abstract state, a step function (state, i) -> (state, metrics),
 an evaluation, the identity a checkpoint must match and the settings it may change. `train`
 below is the Titans language-model loop built on it; t2_jax's REINFORCE and LoRA expert training
-(t2_jax.train_expert) is another. Everything below about checkpoints, signals and metrics holds
+(t2_jax.train) is another. Everything below about checkpoints, signals and metrics holds
 for every loop.
 
 The trainer does not know where batches come from: it takes `train_batch(step) -> [B, T + 1]`
