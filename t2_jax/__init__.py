@@ -23,6 +23,8 @@ from t2_jax._options import (ChoiceBatch, encode_choices, option_loglik, option_
                              option_policy, option_scores)
 from t2_jax._experts import (Evaluator, ExpertConfig, load_lora, pools_for, train_expert,
                              wilson_interval)
+from t2_jax._adapt import (STRATEGIES, CEMConfig, SelfAdaptiveModel, cem, classifier_examples,
+                           few_shot_cem, parse_category)
 from t2_jax._model import (Cache, Params, apply, apply_rope, attention, check_params,
                            default_positions, dense, init_cache, init_params, param_shapes,
                            rms_norm, rope_frequencies)
@@ -49,4 +51,6 @@ __all__ = [
     "ChoiceBatch", "encode_choices", "option_loglik", "option_loglik_reference", "option_policy",
     "option_scores",
     "Evaluator", "ExpertConfig", "load_lora", "pools_for", "train_expert", "wilson_interval",
+    "STRATEGIES", "CEMConfig", "SelfAdaptiveModel", "cem", "classifier_examples", "few_shot_cem",
+    "parse_category",
 ]

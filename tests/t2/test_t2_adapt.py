@@ -92,3 +92,105 @@ def test_few_shot_cem_end_to_end(setup):
     assert len(result.history) == 3
     with pytest.raises(ValueError, match="at least one expert"):
         A.few_shot_cem(params, CONFIG, svd, [], examples, tokenizer)
+
+
+# ---- the two passes ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adaptive(setup):
+    params, svd, experts, examples, tokenizer, _ = setup
+    model = A.SelfAdaptiveModel(params, CONFIG, tokenizer, {"math": experts[0], "code": experts[1],
+                                                            "science": experts[2]}, svd=svd, eval_batch=4)
+    return model, examples
+
+
+def _argmax_answers(weights, examples, tokenizer):
+    scores = O.option_scores(weights, CONFIG, O.encode_choices(tokenizer, examples))
+    return [int(i) for i in np.asarray(jnp.argmax(scores, -1))]
+
+
+def test_other_is_the_base_bit_for_bit_and_one_expert_is_that_expert(adaptive, setup):
+    model, examples = adaptive
+    params, svd, experts, _, tokenizer, _ = setup
+    assert model.weights_for(None) is params
+    base = model.adapt_and_generate(examples, "base")
+    assert base["answers"] == _argmax_answers(params, examples, tokenizer) and base["mixes"] == [None] * 8
+    single = model.adapt_and_generate(examples, "expert", expert="code")
+    assert single["mixes"] == [(0.0, 1.0, 0.0)] * 8
+    direct = t2_jax.factorise(params, svd, experts[1], "released")
+    assert single["answers"] == _argmax_answers(direct, examples, tokenizer)
+    mixed = model.weights_for((0.0, 1.0, 0.0))
+    np.testing.assert_array_equal(  # the one-hot mix's singular-value scales are the expert's own
+        np.asarray(mixed["layers"]["mlp"]["up"]["kernel"]["scale"]),
+        np.asarray(direct["layers"]["mlp"]["up"]["kernel"]["scale"]))
+    assert model.weights_for((0.0, 1.0, 0.0)) is mixed  # cached per mix
+
+
+def test_prompt_and_classifier_strategies(adaptive, setup):
+    model, examples = adaptive
+    params, svd, experts, _, tokenizer, _ = setup
+    assert A.parse_category("It is \\boxed{Code}.", ["math", "code"]) == "code"
+    assert A.parse_category("maybe science or math", ["math", "science"]) == "science"
+    assert A.parse_category("mathematics", ["math"]) == A.OTHER  # whole words only
+    for strategy, extra in (("prompt", {}), ("classifier", {})):
+        if strategy == "classifier":
+            model.classifier = experts[2]
+        out = model.adapt_and_generate(examples, strategy, **extra)
+        labels = out["decision"]["labels"]
+        assert len(labels) == 8 and set(labels) <= set(model.names) | {A.OTHER}
+        for label, mix in zip(labels, out["mixes"]):
+            assert mix == (None if label == A.OTHER else model.one_hot(label))
+        assert out["first_pass_s"] > 0 and out["second_pass_s"] > 0
+    model.classifier = None
+    with pytest.raises(ValueError, match="classification expert"):
+        model.first_pass(examples, "classifier")
+
+
+def test_classifier_data_never_touches_test_pools():
+    tasks = {name: testing.synthetic_task("choice", n=40, seed=seed) for seed, name in enumerate(["a", "b"])}
+    pools = {name: X.pools_for(X.ExpertConfig(task=name, train_size=20, validation_size=8, test_size=8,
+                                              batch_size=4), examples) for name, examples in tasks.items()}
+    train = A.classifier_examples(pools, "train")
+    test_ids = {f"{name}/{e.id}" for name, p in pools.items() for e in p["test"]}
+    assert len(train) == 40 and not {e.id for e in train} & test_ids
+    assert {e.gold_choice for e in train} == {"a", "b"} and all(e.choices == ("a", "b") for e in train)
+    with pytest.raises(ValueError, match="test pools"):
+        A.classifier_examples(pools, "test")
+
+
+def test_few_shot_strategy_uses_one_mix(adaptive):
+    model, examples = adaptive
+    out = model.adapt_and_generate(examples[:4], "few_shot", shots=examples[4:],
+                                   cem_config=A.CEMConfig(population=4, generations=2))
+    alpha = out["decision"]["alpha"]
+    assert out["mixes"] == [alpha] * 4 and len(alpha) == 3
+    assert out["answers"] == _argmax_answers(model.weights_for(alpha), examples[:4], model.tokenizer)
+
+
+def test_bad_inputs(adaptive, setup, tmp_path):
+    model, examples = adaptive
+    params, svd, experts, _, tokenizer, _ = setup
+    with pytest.raises(ValueError, match="unknown strategy"):
+        model.adapt_and_generate(examples, "oracle")
+    with pytest.raises(ValueError, match="expert=<name>"):
+        model.first_pass(examples, "expert")
+    with pytest.raises(ValueError, match="unknown expert"):
+        model.first_pass(examples, "expert", expert="law")
+    with pytest.raises(ValueError, match="needs shots"):
+        model.first_pass(examples, "few_shot")
+    with pytest.raises(ValueError, match="at least one expert"):
+        A.SelfAdaptiveModel(params, CONFIG, tokenizer, {}, svd=svd)
+    with pytest.raises(ValueError, match="reserved"):
+        A.SelfAdaptiveModel(params, CONFIG, tokenizer, {"other": experts[0]}, svd=svd)
+    with pytest.raises(ValueError, match="at least one example"):
+        model.adapt_and_generate([], "base")
+    other_base = testing.tiny_params(seed=9)
+    path = t2_jax.save_expert(tmp_path / "e.safetensors", experts[0], base_fingerprint=t2_jax.fingerprint(other_base),
+                              rule=t2_jax.DEFAULT_RULE, form="released")
+    with pytest.raises(t2_jax.ExpertMismatchError):
+        A.SelfAdaptiveModel.from_files(params, CONFIG, tokenizer, {"math": path})
+    good = t2_jax.save_expert(tmp_path / "g.safetensors", experts[0], base_fingerprint=t2_jax.fingerprint(params),
+                              rule=t2_jax.DEFAULT_RULE, form="released")
+    loaded = A.SelfAdaptiveModel.from_files(params, CONFIG, tokenizer, {"math": good}, svd_cache=tmp_path)
+    assert loaded.names == ("math",) and loaded.form == "released"
