@@ -194,3 +194,14 @@ def test_bad_inputs(adaptive, setup, tmp_path):
                               rule=t2_jax.DEFAULT_RULE, form="released")
     loaded = A.SelfAdaptiveModel.from_files(params, CONFIG, tokenizer, {"math": good}, svd_cache=tmp_path)
     assert loaded.names == ("math",) and loaded.form == "released"
+
+
+def test_cli_rejects_bad_arguments():
+    from t2_jax import adapt as cli
+
+    with pytest.raises(SystemExit, match="unknown strategy"):
+        cli.main(["--task", "arc_challenge", "--strategy", "oracle", "--expert", "a=b"])
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        cli.main(["--task", "arc_challenge", "--strategy", "prompt", "--expert", "nopath"])
+    with pytest.raises(SystemExit, match="at least one expert"):
+        cli.main(["--task", "arc_challenge", "--strategy", "prompt"])
