@@ -205,3 +205,16 @@ def test_cli_rejects_bad_arguments():
         cli.main(["--task", "arc_challenge", "--strategy", "prompt", "--expert", "nopath"])
     with pytest.raises(SystemExit, match="at least one expert"):
         cli.main(["--task", "arc_challenge", "--strategy", "prompt"])
+
+
+def test_adaptation_driver_quick(tmp_path):
+    from experiments import t2_adaptation
+
+    table = t2_adaptation.main(["--quick", "--out", str(tmp_path / "a"), "--no-progress"])
+    entry = table["fam2"]
+    assert set(entry) == {"base", "prompt", "classifier", "few_shot"}
+    assert entry["base"]["difference_from_base"] == 0.0
+    counts = entry["classifier"]["decisions"][0]["label_counts"]
+    assert sum(counts.values()) == 8 and set(counts) <= {"fam0", "fam1", "other"}
+    assert len(entry["few_shot"]["decisions"][0]["alpha"]) == 2
+    assert (tmp_path / "a" / "table2.md").read_text().startswith("| task | strategy |")
