@@ -104,6 +104,12 @@ def unflatten_paths(flat: Mapping[str, Any]) -> dict:
     return tree
 
 
+def _map_paths(fn, tree):
+    """tree with each leaf replaced by fn(path string, leaf): the container types (dicts, lists of
+    a Titans memory's layers, ...) are kept, unlike unflatten_paths(flatten_paths(tree))."""
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(_path_string(path), leaf), tree)
+
+
 def select_paths(params: Params, rule: str = DEFAULT_RULE) -> list[str]:
     """Paths of the kernels an SVF rule selects (a regex that must match the whole path)."""
     pattern = re.compile(rule)
@@ -235,11 +241,16 @@ def compose(params: Params, svd: Mapping[str, Factors], expert,
     """params with every selected kernel replaced by W' = U diag(s') Vt (rebuilt, in the
     kernel's dtype). Unselected leaves are returned as constants (stop_gradient)."""
     scales = singular_value_scales(svd, expert, form)
-    flat = {p: jax.lax.stop_gradient(leaf) for p, leaf in flatten_paths(params).items()}
-    for path, scale in scales.items():
+
+    def rebuild(path, leaf):
+        leaf = jax.lax.stop_gradient(leaf)
+        scale = scales.get(path)
+        if scale is None:
+            return leaf
         u, vt = jax.lax.stop_gradient(svd[path].u), jax.lax.stop_gradient(svd[path].vt)
-        flat[path] = ((u * scale[..., None, :]) @ vt).astype(flat[path].dtype)
-    return unflatten_paths(flat)
+        return ((u * scale[..., None, :]) @ vt).astype(leaf.dtype)
+
+    return _map_paths(rebuild, params)
 
 
 def factorise(params: Params, svd: Mapping[str, Factors], expert,
@@ -247,12 +258,16 @@ def factorise(params: Params, svd: Mapping[str, Factors], expert,
     """params with every selected kernel replaced by {"u", "scale", "vt"}: the model then
     computes ((x @ U) * s') @ Vt and never rebuilds W' (t2_jax.dense)."""
     scales = singular_value_scales(svd, expert, form)
-    flat = {p: jax.lax.stop_gradient(leaf) for p, leaf in flatten_paths(params).items()}
-    for path, scale in scales.items():
-        dtype = flat[path].dtype
-        flat[path] = {"u": jax.lax.stop_gradient(svd[path].u).astype(dtype), "scale": scale,
-                      "vt": jax.lax.stop_gradient(svd[path].vt).astype(dtype)}
-    return unflatten_paths(flat)
+
+    def replace(path, leaf):
+        leaf = jax.lax.stop_gradient(leaf)
+        scale = scales.get(path)
+        if scale is None:
+            return leaf
+        return {"u": jax.lax.stop_gradient(svd[path].u).astype(leaf.dtype), "scale": scale,
+                "vt": jax.lax.stop_gradient(svd[path].vt).astype(leaf.dtype)}
+
+    return _map_paths(replace, params)
 
 
 def to_z(expert, form: str | SVFForm = "paper"):
