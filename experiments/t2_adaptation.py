@@ -46,11 +46,14 @@ def _classifier(out: pathlib.Path, seed: int, pools_by_family, params, model_con
 
 
 def run(out: pathlib.Path, families, tasks, strategies, seeds, base, load_examples, expert_paths, cem, sizes,
-        classifier_overrides, progress: bool) -> None:
+        classifier_overrides, progress: bool, family_sizes: dict | None = None) -> None:
+    """family_sizes: the pools the experts were trained with (Table 1's), from whose train and
+    validation pools the classifier learns; sizes: the held-out tasks' pools."""
     import t2_jax
 
     params, model_config, tokenizer, _ = base
-    family_pools = {f: t2_jax.pools_for(t2_jax.ExpertConfig(task=f, **sizes), load_examples(f)) for f in families}
+    family_pools = {f: t2_jax.pools_for(t2_jax.ExpertConfig(task=f, **(family_sizes or sizes)), load_examples(f))
+                    for f in families}
     for seed in seeds:
         paths = {f: expert_paths(f, seed) for f in families}
         classifier = None
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
             run(out, split(args.families), split(args.tasks), split(args.strategies), [int(s) for s in split(args.seeds)],
                 load_base(None), t2_jax.load_task, expert_path, cem,
                 {"train_size": 256, "validation_size": 64, "test_size": args.test_size}, {},
-                progress=not args.no_progress)
+                progress=not args.no_progress,
+                family_sizes={"train_size": 256, "validation_size": 64, "test_size": 400})  # Table 1's pools
     return report(out, pathlib.Path(args.results) if args.results else None)
 
 
