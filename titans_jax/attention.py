@@ -13,7 +13,6 @@ cannot drift apart.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
