@@ -227,7 +227,7 @@ def _plot(table: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(table["tasks"])
+    tasks = [task for task, entry in table["tasks"].items() if entry["methods"]]  # base-only rows: no curve
     if not tasks:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
