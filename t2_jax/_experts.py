@@ -293,7 +293,7 @@ class Evaluator:
             for start in range(0, len(self.examples), self.eval_batch):
                 chunk = list(self.examples[start:start + self.eval_batch])
                 real = len(chunk)
-                chunk += [chunk[0]] * (self.eval_batch - real)  # one compiled shape per pool
+                chunk += [chunk[0]] * (self.eval_batch - real)  # every batch eval_batch rows (lengths bucketed)
                 self._encoded.append((_options.encode_choices(self.tokenizer, chunk, num_options=n,
                                                               pad_id=_pad(self.tokenizer)), real))
 
