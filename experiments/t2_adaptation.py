@@ -99,6 +99,50 @@ def run(out: pathlib.Path, families, tasks, strategies, seeds, base, load_exampl
                       f"{time.perf_counter() - clock:.0f} s)", flush=True)
 
 
+def describe_decisions(decisions: list[dict]) -> str:
+    """One short cell per strategy: questions routed per label, or the CEM alphas found per seed."""
+    if decisions and all("label_counts" in d for d in decisions):
+        counts: dict = {}
+        for d in decisions:
+            for label, n in d["label_counts"].items():
+                counts[label] = counts.get(label, 0) + n
+        return ", ".join(f"{label} {n}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    if decisions and all("alpha" in d for d in decisions):
+        return "alpha " + "; ".join("[" + ", ".join(f"{a:.2f}" for a in d["alpha"]) + "]" for d in decisions)
+    return "—"
+
+
+def plot_cem(table: dict, path: pathlib.Path) -> bool:
+    """The few-shot search curves: best-so-far, elite and population mean fitness per generation,
+    one line per seed, one panel per task. False when no run used CEM."""
+    curves = {task: [d["history"] for d in entry["few_shot"]["decisions"] if d.get("history")]
+              for task, entry in table.items() if "few_shot" in entry}
+    curves = {task: runs for task, runs in curves.items() if runs}
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (task, runs) in zip(axes[0], curves.items()):
+        for seed, history in enumerate(runs):
+            generations = [h["generation"] for h in history]
+            for key, style in (("best", "-"), ("elite_mean", "--"), ("population_mean", ":")):
+                ax.plot(generations, [h[key] for h in history], style, color=f"C{seed}", marker=".",
+                        label=f"{key.replace('_', ' ')}" if seed == 0 else None)
+        ax.set_title(f"{task}: few-shot CEM ({len(runs)} seeds)")
+        ax.set_xlabel("generation")
+        ax.set_ylabel("accuracy on the shots")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def report(out: pathlib.Path, results: pathlib.Path | None = None) -> dict:
     from experiments.t2_table1 import mean_interval, paired_difference
     import t2_jax
@@ -125,14 +169,19 @@ def report(out: pathlib.Path, results: pathlib.Path | None = None) -> dict:
                                "second_pass_s": float(np.mean([r["second_pass_s"] for r in runs])),
                                "decisions": [r["decision"] for r in runs]}
         table[task_dir.name] = entry
-    lines = ["| task | strategy | seeds | accuracy | - base (paired, 95%) | first pass / second pass |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| task | strategy | seeds | accuracy | - base (paired, 95%) | first pass / second pass | decided |",
+             "|---|---|---|---|---|---|---|"]
     for task, entry in table.items():
         for strategy, e in entry.items():
-            lines.append(f"| {task} | {strategy} | {len(e['seeds'])} | {e['accuracy']:.3f} ± {e['seed_half_width']:.3f} | "
-                         f"{e['difference_from_base']:+.3f} ± {e['difference_half_width']:.3f} | "
+            if len(e["seeds"]) > 1:
+                accuracy = f"{e['accuracy']:.3f} ± {e['seed_half_width']:.3f}"
+            else:  # one run: the Wilson interval over its questions
+                accuracy = f"{e['accuracy']:.3f} [{e['wilson_pooled'][0]:.3f}, {e['wilson_pooled'][1]:.3f}]"
+            difference = ("—" if strategy == "base" else
+                          f"{e['difference_from_base']:+.3f} ± {e['difference_half_width']:.3f}")
+            lines.append(f"| {task} | {strategy} | {len(e['seeds'])} | {accuracy} | {difference} | "
                          f"{e['first_pass_s'] / e['second_pass_s']:.0%} ({e['first_pass_s']:.0f} s / "
-                         f"{e['second_pass_s']:.0f} s) |")
+                         f"{e['second_pass_s']:.0f} s) | {describe_decisions(e['decisions'])} |")
     markdown = "\n".join(lines) + "\n"
     (out / "table2.json").write_text(json.dumps(table, indent=1, default=float))
     (out / "table2.md").write_text(markdown)
@@ -140,6 +189,8 @@ def report(out: pathlib.Path, results: pathlib.Path | None = None) -> dict:
         results.mkdir(parents=True, exist_ok=True)
         (results / "t2_adaptation.json").write_text(json.dumps(table, indent=1, default=float))
         (results / "t2_adaptation.md").write_text(markdown)
+        plot_cem(table, results / "t2_adaptation_cem.png")
+    plot_cem(table, out / "cem.png")
     print(markdown)
     return table
 
