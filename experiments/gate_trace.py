@@ -17,6 +17,8 @@ every memory layer, per window of --window tokens (mean over rows and heads unle
   chunk's gradients are taken at the same weights, so past 2 a chunk overshoots on the keys'
   common direction and, chunk after chunk, the memory oscillates with growing amplitude;
 - |W|: Frobenius norm of the memory's weights (all its layers) after the window;
+- |u|: the median and largest norm of a token's inner gradient (its surprise before theta, all
+  layers) at its chunk-start weights: what MemoryConfig.surprise_clip caps;
 - d/dk: norm of the gradient of the last window's retrieval (a fixed random projection of it)
   with respect to each earlier key, relative to the last window's own: how much a token far back
   moves what the memory returns now. Growth with distance is the long-sequence gradient blow-up.
@@ -58,6 +60,31 @@ def weight_norms(params, inputs, config, window: int) -> np.ndarray:
         squares = sum(jnp.sum(layer["w"].astype(jnp.float32) ** 2, axis=(-2, -1)) for layer in state.weights)
         out.append(float(jnp.mean(jnp.sqrt(squares))))
     return np.array(out)
+
+
+def surprise_norms(params, inputs, config) -> np.ndarray:
+    """[B, H, T]: ||u_t||, the norm of each token's inner gradient (all memory layers) at the
+    weights of its chunk's start, before any surprise_clip: what MemoryConfig.surprise_clip caps.
+    Streams chunk by chunk; at a chunk boundary the state's weights are the gradient point."""
+    keys, values = inputs[0], inputs[1]
+    norm = params.get("norm")
+    apply = jax.jit(lambda state, *pieces: memory_lib.memory_apply(params, *pieces, config, state)[1])
+
+    def one_slice(weights, slice_norm, k, v):  # per-layer [I, O] weights; k, v [C, dim] -> [C]
+        grads = jax.vmap(jax.grad(memory_lib.inner_loss), in_axes=(None, None, 0, 0, None))(
+            weights, slice_norm, k, v, config)
+        return jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2, axis=tuple(range(1, g.ndim)))
+                            for g in jax.tree.leaves(grads)))
+
+    over_heads = jax.vmap(one_slice, in_axes=(0, None if norm is None else 0, 0, 0))
+    per_chunk = jax.jit(jax.vmap(over_heads, in_axes=(0, None, 0, 0)))
+    state = memory_lib.init_memory_state(params, keys.shape[0], config, keys.dtype)
+    out = []
+    for start in range(0, keys.shape[2], config.chunk_size):
+        span = slice(start, start + config.chunk_size)
+        out.append(per_chunk(state.weights, norm, keys[:, :, span], values[:, :, span]))
+        state = apply(state, *(None if x is None else x[:, :, span] for x in inputs))
+    return np.asarray(jnp.concatenate(out, axis=-1))
 
 
 def key_gradients(params, inputs, config, window: int, seed: int = 0) -> np.ndarray:
@@ -160,6 +187,7 @@ def analyse(args, programs, params, batch, step) -> dict:
         steps = chunk_steps(keys, theta, mem_config.chunk_size, mem_config.loss_scale)
         norms = weight_norms(node["memory"], inputs, mem_config, window)
         reach = key_gradients(node["memory"], inputs, mem_config, window)
+        surprise = surprise_norms(node["memory"], inputs, mem_config)
         reach = reach / reach[length - window:].mean()
         eta = None if log_eta is None else np.asarray(jnp.exp(log_eta))
         alpha = None if log_keep is None else np.asarray(-jnp.expm1(log_keep))
@@ -172,17 +200,20 @@ def analyse(args, programs, params, batch, step) -> dict:
                          "eta": None if eta is None else float(eta[..., span].mean()),
                          "alpha": None if alpha is None else float(alpha[..., span].mean()),
                          "chunk_step": float(steps[..., index * per_chunk:(index + 1) * per_chunk].max()),
-                         "weight_norm": float(norms[index]), "reach": float(reach[span].mean())})
+                         "weight_norm": float(norms[index]), "reach": float(reach[span].mean()),
+                         "surprise_median": float(np.median(surprise[..., span])),
+                         "surprise_max": float(np.max(surprise[..., span]))})
         name = "/".join(layer_path)
         report[name] = rows
         print(f"\n{name} (chunk {mem_config.chunk_size}; d/dk with the {mem_config.surprise_gradient} gradient)")
         print(f"{'tokens':>11} {'theta':>7} {'max':>7} {'eta':>6} {'alpha':>9} {'chunk step':>10} {'|W|':>9} "
-              f"{'d/dk rel':>9}")
+              f"{'d/dk rel':>9} {'|u| median':>10} {'|u| max':>9}")
         for row in rows:
             print(f"{row['start']:>5}-{row['end']:<5} {row['theta']:7.4f} {row['theta_max']:7.4f} "
                   f"{'-' if row['eta'] is None else format(row['eta'], '.3f'):>6} "
                   f"{'-' if row['alpha'] is None else format(row['alpha'], '.2e'):>9} "
-                  f"{row['chunk_step']:10.3f} {row['weight_norm']:9.3g} {row['reach']:9.3g}")
+                  f"{row['chunk_step']:10.3f} {row['weight_norm']:9.3g} {row['reach']:9.3g} "
+                  f"{row['surprise_median']:10.3g} {row['surprise_max']:9.3g}")
     return report
 
 

@@ -66,3 +66,34 @@ def test_first_nonfinite_names_the_operation_that_made_the_nan():
     found = grad_spikes.checkified_nan(scanned, {"w": jnp.ones(3)}, None, jnp.ones(3))
     assert found is not None and "sqrt" in found
     assert grad_spikes.checkified_nan(scanned, {"w": jnp.full(3, 3.0)}, None, jnp.ones(3)) is None
+
+
+def test_gate_trace_surprise_norms_are_the_tokens_gradients_at_their_chunk_start():
+    """gate_trace.surprise_norms against a loop: token t's inner gradient (all layers) at the
+    weights the memory held when t's chunk began, found by running the memory up to there."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.gate_trace import surprise_norms
+    from titans_jax import memory as mem
+    from titans_jax.testing import random_memory_inputs, random_memory_params
+
+    with jax.enable_x64(True):
+        config = mem.MemoryConfig(key_dim=4, value_dim=4, depth=2, expansion=2, chunk_size=3, use_bias=True)
+        params = random_memory_params(config, heads=2)
+        inputs = random_memory_inputs(5, 8, batch=1, heads=2, key_dim=4)
+        norms = surprise_norms(params, inputs, config)
+        keys, values = inputs[0], inputs[1]
+        for t in range(8):
+            start = t - t % config.chunk_size
+            if start:
+                _, state = mem.memory_apply(params, *(x[:, :, :start] for x in inputs), config)
+                weights = state.weights
+            else:
+                weights = mem.init_memory_state(params, 1, config).weights
+            for h in range(2):
+                w = tuple({k: v[0, h] for k, v in layer.items()} for layer in weights)
+                n = {k: v[h] for k, v in params["norm"].items()}
+                grads = jax.grad(mem.inner_loss)(w, n, keys[0, h, t], values[0, h, t], config)
+                expected = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+                assert abs(norms[0, h, t] - float(expected)) <= 1e-5 * float(expected)

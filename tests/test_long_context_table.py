@@ -67,7 +67,8 @@ def check_diagnostic_tools(run):
     for rows in layers.values():
         assert [(r["start"], r["end"]) for r in rows] == [(0, 256), (256, 512), (512, 768), (768, 1024)]
         assert all(0 < r["theta"] <= r["theta_max"] <= 0.1 and 0 < r["eta"] < 1 and 0 < r["alpha"] < 1
-                   and r["chunk_step"] > 0 and r["weight_norm"] > 0 for r in rows)
+                   and r["chunk_step"] > 0 and r["weight_norm"] > 0
+                   and 0 < r["surprise_median"] <= r["surprise_max"] < float("inf") for r in rows)
         assert rows[-1]["reach"] == pytest.approx(1.0)
     # grad_spikes --by-position from the initial state: one norm per doubling range of targets
     rows = grad_spikes.main(["--run", str(run), "--config", "lc_mac", *sets, "--from-step", "0", "--to-step", "0",

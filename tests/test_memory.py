@@ -50,7 +50,7 @@ def test_implementations_agree_forward_and_gradients(depth, chunk_size):
 
 
 @pytest.mark.parametrize("variant", ["bias_residual_norm", "no_momentum", "no_forgetting", "silu_mean_loss",
-                                     "first_order"])
+                                     "first_order", "surprise_clip"])
 def test_implementations_agree_variants(variant):
     results = run_all_implementations(2, 5, variant)
     ref_out, ref_grads = results["reference"]
@@ -189,6 +189,59 @@ def test_deep_memory_chunk_size_one_matches_a_python_loop_with_autodiff():
             np.testing.assert_allclose(out[b, h, t], expected, rtol=0, atol=1e-12)
 
 
+def test_surprise_clip_is_a_per_token_norm_cap_in_a_python_loop():
+    """surprise_clip: each token's gradient (both layers together) is scaled by
+    min(1, cap / ||u_t||) before momentum; chunk size 1, written as a loop with autodiff."""
+    length, cap = 9, 1.0
+    with jax.enable_x64(True):
+        config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2,
+                                  chunk_size=1, surprise_clip=cap)
+        params = make_params(config)
+        inputs = make_inputs(9, length)
+        out, _ = mem.memory_apply(params, *inputs, config)
+        keys, values, queries, theta, log_eta, log_keep = inputs
+        b, h = 1, 0
+        weights = tuple({"w": layer["w"][h]} for layer in params["layers"])
+        surprise = jax.tree.map(jnp.zeros_like, weights)
+        clipped = 0
+        for t in range(length):
+            grad = jax.grad(mem.inner_loss)(weights, None, keys[b, h, t], values[b, h, t], config)
+            size = float(np.sqrt(sum(np.sum(np.asarray(g) ** 2) for g in jax.tree.leaves(grad))))
+            clipped += size > cap
+            grad = jax.tree.map(lambda g: g * min(1.0, cap / size), grad)
+            surprise = jax.tree.map(lambda s, g: jnp.exp(log_eta[b, h, t]) * s - theta[b, h, t] * g, surprise, grad)
+            weights = jax.tree.map(lambda w, s: jnp.exp(log_keep[b, h, t]) * w + s, weights, surprise)
+            expected = jax.nn.gelu(queries[b, h, t] @ weights[0]["w"], approximate=True) @ weights[1]["w"]
+            np.testing.assert_allclose(out[b, h, t], expected, rtol=0, atol=1e-12)
+    assert 0 < clipped < length  # the case exercises both branches
+
+
+def test_surprise_clip_above_every_norm_changes_nothing_and_bounds_writes():
+    """A cap above every token's surprise gives bit-identical outputs; a small one bounds every
+    token's write: without momentum or forgetting, ||W_t - W_{t-1}|| <= theta_t * cap."""
+    with jax.enable_x64(True):
+        base = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=4, use_bias=True)
+        params = make_params(base)
+        inputs = make_inputs(3, 11)
+        out, _ = mem.memory_apply(params, *inputs, base)
+        loose, _ = mem.memory_apply(params, *inputs, dataclasses.replace(base, surprise_clip=1e12))
+        np.testing.assert_array_equal(np.asarray(loose), np.asarray(out))
+
+        cap = 0.05
+        config = dataclasses.replace(base, chunk_size=1, surprise_clip=cap)
+        keys, values, queries, theta, _, _ = inputs
+        state, previous = None, mem.init_memory_state(params, BATCH, config).weights
+        for t in range(keys.shape[2]):
+            piece = [x[:, :, t:t + 1] for x in (keys, values, queries, theta)]
+            _, state = mem.memory_apply(params, *piece, None, None, config, state)
+            step = np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2, axis=tuple(range(2, np.ndim(a))))
+                               for a, b in zip(jax.tree.leaves(state.weights), jax.tree.leaves(previous))))
+            bound = np.asarray(theta[:, :, t]) * cap
+            assert np.all(step <= bound * (1 + 1e-9)), (t, step, bound)
+            previous = state.weights
+        assert np.any(step >= bound * (1 - 1e-9))  # the cap is reached, not just respected
+
+
 def test_first_order_surprise_keeps_the_forward_and_drops_only_the_second_order_term():
     """surprise_gradient="first_order": same outputs; the gradient is that of a Python loop in
     which each surprise is taken at stop_gradient(weights) (chunk size 1), and differs from the
@@ -296,7 +349,9 @@ def small():
 
 @pytest.mark.parametrize("field,value", [("chunk_size", 0), ("chunk_size", -3), ("depth", 0), ("depth", 5),
                                          ("impl", "fast"), ("activation", "swish2"), ("remat_every", -1),
-                                         ("loss_scale", 0.0), ("surprise_gradient", "second_order")])
+                                         ("loss_scale", 0.0), ("surprise_gradient", "second_order"),
+                                         ("surprise_clip", 0.0), ("surprise_clip", -1.0),
+                                         ("surprise_clip", float("inf")), ("surprise_clip", True)])
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field):
         mem.MemoryConfig(residual_norm=False, key_dim=4, value_dim=4, **{field: value})

@@ -103,6 +103,17 @@ class MemoryConfig:
         bounded (experiments/results/long_context_gate_trace_cpu.md, which also gives our reading:
         the residual LayerNorm makes the memory scale-invariant, and forgetting then keeps the
         inner optimiser in a regime of large, chaotic steps).
+      surprise_clip: None (the paper's update) or a positive cap on each token's surprise: the
+        token's gradient u_t (all layers' weights and biases together) is scaled by
+        min(1, surprise_clip / ||u_t||) before momentum, i.e. theta_t becomes
+        theta_t min(1, surprise_clip / ||u_t||) (the per-token clipping of titans-pytorch's
+        max_grad_norm, there per parameter tensor and soft; here one hard Frobenius cap per
+        token). Under the residual LayerNorm the inner gradient scales like 1/|W|, so forgetting
+        that shrinks the weights makes the next step huge: a trained mini MAC's memory weights
+        swung from 4e-5 to 2e10 along one row and float32 overflowed
+        (experiments/results/long_context_probe_cpu.md). The cap bounds every token's write to
+        theta_t * surprise_clip. The outer gradient flows through the scale (it is a function
+        of u_t); the clipped update is no longer affine in the state.
     """
 
     key_dim: int | None = None
@@ -118,6 +129,7 @@ class MemoryConfig:
     impl: str = "chunked"
     norm_eps: float | None = None
     surprise_gradient: str = "full"
+    surprise_clip: float | None = None
 
     def __post_init__(self):
         for name in ("key_dim", "value_dim", "depth", "expansion", "chunk_size"):
@@ -143,6 +155,11 @@ class MemoryConfig:
             raise ValueError(
                 f"residual_norm needs key_dim == value_dim (M(x) = x + LN(f(x))), got "
                 f"{self.key_dim} != {self.value_dim}")
+        if self.surprise_clip is not None and (isinstance(self.surprise_clip, bool) or not (
+                isinstance(self.surprise_clip, (int, float)) and self.surprise_clip > 0
+                and math.isfinite(self.surprise_clip))):
+            raise ValueError(f"MemoryConfig.surprise_clip must be a positive finite number (or None), "
+                             f"got {self.surprise_clip!r}")
         if not (self.loss_scale > 0 and math.isfinite(self.loss_scale)):
             raise ValueError(f"MemoryConfig.loss_scale must be a positive finite number, got {self.loss_scale!r}")
 
@@ -268,6 +285,14 @@ def surprise_point(chunk_weights: tuple, config: MemoryConfig) -> tuple:
     return jax.lax.stop_gradient(chunk_weights) if config.surprise_gradient == "first_order" else chunk_weights
 
 
+def clip_scale(squared_norm: Array, limit: float) -> Array:
+    """min(1, limit / ||u||) from ||u||^2 (MemoryConfig.surprise_clip), with a gradient that is
+    finite everywhere, also at u = 0 (where the scale is 1 and flat)."""
+    limit_sq = limit * limit
+    safe = jnp.where(squared_norm > limit_sq, squared_norm, limit_sq)
+    return limit * jax.lax.rsqrt(safe)
+
+
 def _select(predicate: Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), on_true, on_false)
 
@@ -286,6 +311,9 @@ def token_step(chunk_weights, weights, momentum, norm, key, value, query, gate, 
     """
     theta, log_eta, log_keep = gate[0], gate[1], gate[2]
     surprise = jax.grad(inner_loss)(surprise_point(chunk_weights, config), norm, key, value, config)
+    if config.surprise_clip is not None:
+        scale = clip_scale(sum(jnp.sum(g * g) for g in jax.tree.leaves(surprise)), config.surprise_clip)
+        surprise = jax.tree.map(lambda g: scale * g, surprise)
     momentum = jax.tree.map(lambda s, g: jnp.exp(log_eta) * s - theta * g, momentum, surprise)
     weights = jax.tree.map(lambda w, s: jnp.exp(log_keep) * w + s, weights, momentum)
     return memory_mlp(weights, norm, query, config), weights, momentum
@@ -405,6 +433,12 @@ def _chunk_step(chunk_weights, weights, momentum, norm, keys, values, queries, g
         delta = (delta @ key_weights[index + 1]["w"].T) * slopes[index]
         deltas.append(delta)
     deltas = deltas[::-1]
+    if config.surprise_clip is not None:  # ||u_j||^2 = sum over layers of |x_j|^2 |delta_j|^2 (+ |delta_j|^2: bias)
+        squared = sum(jnp.sum(x * x, -1) * jnp.sum(d * d, -1) for x, d in zip(layer_inputs, deltas))
+        if "b" in key_weights[0]:
+            squared = squared + sum(jnp.sum(d * d, -1) for d in deltas)
+        scale = clip_scale(squared, config.surprise_clip)[:, None]
+        deltas = [scale * d for d in deltas]
 
     # Query path through the per-token weights W_i, without forming them.
     hidden = queries
@@ -443,6 +477,10 @@ def _associative_chunk_step(chunk_weights, weights, momentum, norm, keys, values
     as [C, I, O], momentum and decay by associative scans (same arguments as _chunk_step)."""
     grads = jax.vmap(jax.grad(inner_loss), in_axes=(None, None, 0, 0, None))(surprise_point(chunk_weights, config),
                                                                               norm, keys, values, config)
+    if config.surprise_clip is not None:
+        squared = sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in jax.tree.leaves(grads))
+        scale = clip_scale(squared, config.surprise_clip)
+        grads = jax.tree.map(lambda g: expand_to(scale, g) * g, grads)
     theta, eta, keep = gates[:, 0], jnp.exp(gates[:, 1]), jnp.exp(gates[:, 2])
     write = jnp.ones_like(theta)
     if valid is not None:  # tokens that are not real leave (W, S) unchanged

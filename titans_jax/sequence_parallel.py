@@ -229,10 +229,11 @@ def pipeline(stream: Callable[[Any, Array, Any, Array], tuple[Array, Any]], para
 
 def is_affine(config: memory_lib.MemoryConfig) -> bool:
     """The memory's state update is affine in its state (the exact length-parallel path): one
-    linear layer, no residual LayerNorm, no bias, and the exact gradient (a first-order surprise
-    differentiates the composed map differently; the pipeline handles it)."""
+    linear layer, no residual LayerNorm, no bias, no surprise clip (its scale depends on the
+    state), and the exact gradient (a first-order surprise differentiates the composed map
+    differently; the pipeline handles both)."""
     return (config.depth == 1 and not config.residual_norm and not config.use_bias
-            and config.surprise_gradient == "full")
+            and config.surprise_gradient == "full" and config.surprise_clip is None)
 
 
 def _stack(state: memory_lib.MemoryState) -> Array:

@@ -60,6 +60,8 @@ VARIANTS = {
     "no_forgetting": dict(residual_norm=False),  # log_keep = None
     "silu_mean_loss": dict(activation="silu", loss_scale=1.0 / 6, residual_norm=False),
     "first_order": dict(use_bias=True, residual_norm=True, surprise_gradient="first_order"),
+    # per-token surprise norms of these inputs at M_0 range 2-24: a cap of 12 clips about half
+    "surprise_clip": dict(use_bias=True, residual_norm=True, surprise_clip=12.0),
 }
 
 
