@@ -428,3 +428,12 @@ def test_inputs_wider_than_the_memory_dtype_are_refused(small):
             mem.memory_apply(params, k, v, q, theta.astype(jnp.float64), le, lk, config)
     out, _ = mem.memory_apply(params, k.astype(jnp.bfloat16), v, q, theta, le, lk, config)  # exact widening
     assert out.dtype == jnp.float32
+
+
+def test_a_clipped_linear_memory_leaves_the_affine_sequence_parallel_path():
+    """The clip's scale depends on the state, so sequence parallelism must not compose affine maps."""
+    from titans_jax.sequence_parallel import is_affine
+
+    linear = mem.MemoryConfig(key_dim=4, value_dim=4, depth=1, residual_norm=False)
+    assert is_affine(linear)
+    assert not is_affine(dataclasses.replace(linear, surprise_clip=1.0))
