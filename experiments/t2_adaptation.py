@@ -8,7 +8,9 @@ families with the experts of experiments/t2_table1.py, SmolLM2-135M-Instruct.
 
 For each expert seed s: the experts are the Table 1 SVF experts of seed s (one per family); the
 classification expert is trained with the same REINFORCE loop on t2_jax.classifier_examples of
-the families' train and validation pools (never their test pools). Each held-out task's test
+the families' train and validation pools (never their test pools); the LoRA reference (the
+paper's LoRA row) is one adapter trained by next-token prediction on those pools together and
+applied to every held-out task as it is. Each held-out task's test
 pool (pool seed 0) is answered with every strategy; few-shot CEM draws its shots from the task's
 validation pool. Results per (task, strategy, seed) in <out>/<task>/<strategy>-s<seed>.json (a
 finished one is skipped); the report gives accuracy over seeds with a 95% t-interval, the paired
@@ -27,7 +29,7 @@ import numpy as np
 
 DEFAULT_FAMILIES = ("arc_easy", "basic_skills_arithmetic", "basic_skills_coding")
 DEFAULT_TASKS = ("arc_challenge",)
-DEFAULT_STRATEGIES = ("base", "prompt", "classifier", "few_shot")
+DEFAULT_STRATEGIES = ("base", "prompt", "classifier", "few_shot", "lora")
 
 
 def _classifier(out: pathlib.Path, seed: int, pools_by_family, params, model_config, tokenizer, overrides, progress):
@@ -43,6 +45,27 @@ def _classifier(out: pathlib.Path, seed: int, pools_by_family, params, model_con
     summary = t2_jax.train_expert(config, params, model_config, tokenizer, run_dir, examples=examples,
                                   base_name="classifier", progress=progress)
     return t2_jax.load_expert(run_dir / "expert.safetensors", params=params)[0], summary
+
+
+def _lora_reference(out: pathlib.Path, seed: int, pools_by_family, params, model_config, tokenizer, overrides,
+                    progress):
+    """The paper's LoRA row: one LoRA adapter trained by next-token prediction on all the
+    families' train and validation pools together (one pass), applied to every held-out task
+    as it is (no first pass)."""
+    import t2_jax
+
+    examples = [e for pools in pools_by_family.values() for name in ("train", "validation") for e in pools[name]]
+    n = len(examples)
+    train = n - 2 * (n // 8)
+    steps = max(1, train // 8)
+    config = t2_jax.ExpertConfig(**{"task": "+".join(pools_by_family), "method": "lora", "seed": seed,
+                                    "train_size": train, "validation_size": n // 8, "test_size": n // 8,
+                                    "steps": steps, "batch_size": 8, "validate_every": max(1, steps // 4),
+                                    **overrides})
+    run_dir = out / "lora" / f"lora-s{seed}"
+    summary = t2_jax.train_expert(config, params, model_config, tokenizer, run_dir, examples=examples,
+                                  base_name="lora_reference", progress=progress)
+    return t2_jax.apply_lora(params, run_dir / "expert.safetensors"), run_dir, summary
 
 
 def run(out: pathlib.Path, families, tasks, strategies, seeds, base, load_examples, expert_paths, cem, sizes,
@@ -66,6 +89,13 @@ def run(out: pathlib.Path, families, tasks, strategies, seeds, base, load_exampl
         if model is None:  # --quick: experts given as pytrees
             model = t2_jax.SelfAdaptiveModel(params, model_config, tokenizer, paths, svd=t2_jax.compute_svd(params))
         model.classifier = classifier
+        lora = None
+        if "lora" in strategies:
+            lora_params, lora_dir, summary = _lora_reference(out, seed, family_pools, params, model_config, tokenizer,
+                                                             classifier_overrides, progress)
+            lora = (lora_params, lora_dir)
+            print(f"lora reference seed {seed}: families' held-out accuracy {summary['eval']['test']['accuracy']:.3f}",
+                  flush=True)
         for task in tasks:
             pools = t2_jax.pools_for(t2_jax.ExpertConfig(task=task, **sizes), load_examples(task))
             test = pools["test"]
@@ -81,7 +111,13 @@ def run(out: pathlib.Path, families, tasks, strategies, seeds, base, load_exampl
                                "cem_config": t2_jax.CEMConfig(population=cem["population"],
                                                               generations=cem["generations"], seed=seed)}
                 clock = time.perf_counter()
-                result = model.adapt_and_generate(test, strategy, **options)
+                if strategy == "lora":  # one adapter for every task: no first pass
+                    scored = t2_jax.Evaluator(model_config, tokenizer, test, 16)(lora[0])
+                    answers = [e.gold if hit else -1 for hit, e in zip(scored["per_question"], test)]
+                    result = {"answers": answers, "decision": {"adapter": str(lora[1] / "expert.safetensors")},
+                              "first_pass_s": 0.0, "second_pass_s": scored["seconds"]}
+                else:
+                    result = model.adapt_and_generate(test, strategy, **options)
                 hits = [int(a == e.gold) for a, e in zip(result["answers"], test)]
                 decision = {k: v for k, v in result["decision"].items() if k != "labels"}
                 if "labels" in result["decision"]:
@@ -148,7 +184,7 @@ def report(out: pathlib.Path, results: pathlib.Path | None = None) -> dict:
     import t2_jax
 
     table: dict = {}
-    for task_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "classifier"):
+    for task_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name not in ("classifier", "lora")):
         records = [json.loads(p.read_text()) for p in sorted(task_dir.glob("*.json"))]
         base = [r for r in records if r["strategy"] == "base"]
         if not base:

@@ -21,7 +21,7 @@ from t2_jax._tasks import TASKS, TaskExample, TaskSpec, load_task, split_pools
 from t2_jax._rewards import code_reward, extract_code, extract_number, gold_number, numeric_reward
 from t2_jax._options import (ChoiceBatch, encode_choices, option_loglik, option_loglik_reference,
                              option_policy, option_scores)
-from t2_jax._experts import (Evaluator, ExpertConfig, batch_indices, load_lora, pools_for, train_expert,
+from t2_jax._experts import (Evaluator, ExpertConfig, apply_lora, batch_indices, load_lora, pools_for, train_expert,
                              wilson_interval)
 from t2_jax._adapt import (STRATEGIES, CEMConfig, SelfAdaptiveModel, cem, classifier_examples,
                            few_shot_cem, parse_category)
@@ -50,7 +50,7 @@ __all__ = [
     "code_reward", "extract_code", "extract_number", "gold_number", "numeric_reward",
     "ChoiceBatch", "encode_choices", "option_loglik", "option_loglik_reference", "option_policy",
     "option_scores",
-    "Evaluator", "ExpertConfig", "batch_indices", "load_lora", "pools_for", "train_expert", "wilson_interval",
+    "Evaluator", "ExpertConfig", "apply_lora", "batch_indices", "load_lora", "pools_for", "train_expert", "wilson_interval",
     "STRATEGIES", "CEMConfig", "SelfAdaptiveModel", "cem", "classifier_examples", "few_shot_cem",
     "parse_category",
 ]

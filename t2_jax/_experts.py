@@ -511,6 +511,8 @@ def train_expert(config: ExpertConfig, params: Params, model_config: LlamaConfig
 
     metadata = {"task": config.task, "method": config.method, "seed": config.seed, "pool_seed": config.pool_seed,
                 "base": base_name, "selection": config.selection, "steps": config.steps}
+    if config.method == "lora":  # what apply_lora needs besides the factors
+        metadata.update(lora_scale=config.lora_alpha / config.lora_rank, lora_alpha=config.lora_alpha)
 
     def finish(state):
         path = save_adapter(out_dir / "expert.safetensors", state["best"], adapter, base_fingerprint=base_fp,
@@ -572,6 +574,19 @@ def save_adapter(path, trainable, adapter: Adapter, *, base_fingerprint: str, ex
                for key, ab in trainable.items() for part, value in ab.items()}
     save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+def apply_lora(params: Params, path, *, scale: float | None = None, allow_other_base: bool = False) -> Params:
+    """The base with a saved LoRA adapter applied: every selected kernel W + scale * A @ B.
+    scale: alpha / rank, read from the adapter's metadata (files saved before it was recorded
+    need it given)."""
+    trainable, metadata = load_lora(path, params, allow_other_base=allow_other_base)
+    if scale is None:
+        if "lora_scale" not in metadata:
+            raise ValueError(f"{path} does not record its scale alpha / rank (saved before the scale was recorded): "
+                             "pass scale= (the ExpertConfig default is 32 / 16 = 2.0)")
+        scale = float(metadata["lora_scale"])
+    return lora_adapt(params, scale, trainable)
 
 
 def load_lora(path, params: Params, *, allow_other_base: bool = False) -> tuple[dict, dict]:

@@ -212,7 +212,9 @@ def test_adaptation_driver_quick(tmp_path):
 
     table = t2_adaptation.main(["--quick", "--out", str(tmp_path / "a"), "--no-progress"])
     entry = table["fam2"]
-    assert set(entry) == {"base", "prompt", "classifier", "few_shot"}
+    assert set(entry) == {"base", "prompt", "classifier", "few_shot", "lora"}
+    assert entry["lora"]["first_pass_s"] == 0.0 and entry["lora"]["decisions"][0]["adapter"].endswith(".safetensors")
+    assert (tmp_path / "a" / "cem.png").stat().st_size > 0
     assert entry["base"]["difference_from_base"] == 0.0
     counts = entry["classifier"]["decisions"][0]["label_counts"]
     assert sum(counts.values()) == 8 and set(counts) <= {"fam0", "fam1", "other"}

@@ -194,6 +194,14 @@ def test_saved_experts_refuse_another_base(tmp_path, tiny, choice_examples):
         trainable, meta = _load(tmp_path / method, params, method)
         assert meta["base_fingerprint"] == t2_jax.fingerprint(params)
         assert float(meta["validation_accuracy"]) >= 0 and meta["base"] == "tiny"
+    # the adapter file carries its scale: applied alone, it scores the test pool as the run did
+    summary = json.loads((tmp_path / "lora" / "summary.json").read_text())
+    adapted = t2_jax.apply_lora(params, tmp_path / "lora" / "expert.safetensors")
+    by_id = {e.id: e for e in choice_examples}
+    test = [by_id[i] for i in json.loads((tmp_path / "lora" / "config.json").read_text())["pools"]["test"]]
+    again = t2_jax.Evaluator(CONFIG, tiny[1], test, 8)(adapted)
+    assert again["accuracy"] == summary["eval"]["test"]["accuracy"]
+    assert again["logpi_gold"] == pytest.approx(summary["eval"]["test"]["logpi_gold"], rel=1e-5)
     config = json.loads((tmp_path / "svf" / "config.json").read_text())
     pools = config["pools"]
     assert not set(pools["train"]) & set(pools["test"]) and not set(pools["validation"]) & set(pools["test"])
