@@ -237,13 +237,17 @@ def test_presets_optimiser_and_checkpoints_know_the_stacked_layout():
     stacked_mask, unrolled_mask = decay_mask(stacked_params), decay_mask(unrolled_params)
     assert stacked_mask["blocks"] == unrolled_mask["block_0"] == unrolled_mask["block_1"]
     assert stacked_mask["blocks"]["mlp"]["up"]["kernel"] and not stacked_mask["blocks"]["mlp_norm"]["scale"]
-    older = json.loads(json.dumps(dataclasses.asdict(unrolled)))  # what checkpoints recorded before the field
+    older = json.loads(json.dumps(dataclasses.asdict(unrolled)))  # what checkpoints recorded before the fields
     del older["scan_layers"]
+    del older["lmm"]["memory"]["surprise_clip"]  # a nested field added later
     assert mismatches({"model_config": older}, {"model_config": model_identity(unrolled)}, ["model_config"]) == []
     assert mismatches({"model_config": older}, {"model_config": model_identity(scanned)}, ["model_config"]) == [
         "model_config.scan_layers: (absent) -> True"]
     with pytest.raises(ValueError, match="scan_layers must be a bool"):
         tiny_config("mag", scan_layers=1)
+    clipped = unrolled.replace({"lmm.memory.surprise_clip": 10.0})
+    assert mismatches({"model_config": older}, {"model_config": model_identity(clipped)}, ["model_config"]) == [
+        "model_config.lmm.memory.surprise_clip: (absent) -> 10.0"]
 
 
 def test_the_stacked_parameters_shard_like_the_unrolled_ones_with_a_layers_axis():

@@ -119,18 +119,23 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
     )
 
 
-# ModelConfig fields added after checkpoints were written, with the value those checkpoints had:
-# at that value a field is left out of a checkpoint's identity, so the older checkpoints resume.
-_ADDED_MODEL_FIELDS = {"scan_layers": False}
+# ModelConfig fields (dotted paths for nested ones) added after checkpoints were written, with the
+# value those checkpoints had: at that value a field is left out of a checkpoint's identity, so
+# the older checkpoints resume.
+_ADDED_MODEL_FIELDS = {"scan_layers": False, "lmm.memory.surprise_clip": None}
 
 
 def model_identity(config: ModelConfig) -> dict:
     """The model config as recorded in a checkpoint and compared on resume (JSON values),
     without the fields of _ADDED_MODEL_FIELDS that have the value older checkpoints imply."""
     record = json.loads(json.dumps(dataclasses.asdict(config)))
-    for name, implied in _ADDED_MODEL_FIELDS.items():
-        if record[name] == implied:
-            del record[name]
+    for path, implied in _ADDED_MODEL_FIELDS.items():
+        *parents, name = path.split(".")
+        node = record
+        for parent in parents:
+            node = node[parent]
+        if node[name] == implied:
+            del node[name]
     return record
 
 
