@@ -119,7 +119,7 @@ def summarise(events: dict, table: dict, top: int) -> dict:
             "top": rows[:top]}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=4096)
@@ -135,7 +135,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="the wall time is the best of this many calls")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--json", help="also write the summary to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     config = LMMConfig(d_model=args.d_model, num_heads=args.heads, head_dim=args.head_dim,
                        memory=MemoryConfig(depth=args.depth, expansion=args.expansion, chunk_size=args.chunk,

@@ -97,3 +97,40 @@ def test_gate_trace_surprise_norms_are_the_tokens_gradients_at_their_chunk_start
                 grads = jax.grad(mem.inner_loss)(w, n, keys[0, h, t], values[0, h, t], config)
                 expected = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
                 assert abs(norms[0, h, t] - float(expected)) <= 1e-5 * float(expected)
+
+
+def test_memory_profile_attributes_the_traced_ops_to_forward_backward_and_replay(tmp_path):
+    """A tiny layer's profile: every part of the split is present, and the totals add up."""
+    import json
+
+    from experiments import memory_profile
+
+    out_file = tmp_path / "profile.json"
+    memory_profile.main(["--batch", "1", "--seq", "16", "--d-model", "16", "--heads", "2", "--head-dim", "8",
+                         "--chunk", "4", "--repeats", "1", "--top", "5", "--json", str(out_file)])
+    summary = json.loads(out_file.read_text())
+    parts = summary["phase_region"]
+    for part in ("forward / chunk scan", "backward / chunk scan", "recompute / chunk scan",
+                 "forward / outside", "backward / outside"):
+        assert parts.get(part, 0.0) > 0.0, (part, parts)
+    assert sum(parts.values()) == pytest.approx(summary["total_ms"])
+    assert sum(summary["kind"].values()) == pytest.approx(summary["total_ms"])
+    assert len(summary["top"]) == 5 and all(row["shape"] != "?" for row in summary["top"])
+
+
+def test_memory_profile_classifies_instructions_by_their_metadata():
+    from experiments import memory_profile
+
+    hlo = "\n".join([
+        '  %ynn_fusion.3 = f32[8,4]{1,0} fusion(%a, %b), kind=kCustom, calls=%f, '
+        'metadata={op_name="jit(loss)/transpose(jvp(LMMLayer))/vmap()/while/body/closed_call/dot_general"}, '
+        'backend_config={"fusion_config":{"kind":"__ynn_fusion"}}',
+        '  ROOT %copy.7 = f32[4,8]{0,1} copy(%c), metadata={op_name="jit(loss)/jvp(LMMLayer)/qkv/mul"}',
+        '  %add.1 = f32[4]{0} add(%d, %e), metadata={op_name="jit(loss)/transpose(jvp(LMMLayer))/while/body/'
+        'checkpoint/rematted_computation/while/body/add"}',
+    ])
+    table = memory_profile.instruction_table(hlo)
+    assert set(table) == {"ynn_fusion.3", "copy.7", "add.1"}
+    assert memory_profile.classify("ynn_fusion.3", table["ynn_fusion.3"]) == ("backward", "chunk scan", "dot")
+    assert memory_profile.classify("copy.7", table["copy.7"]) == ("forward", "outside", "copy")
+    assert memory_profile.classify("add.1", table["add.1"]) == ("recompute", "chunk scan", "elementwise")
