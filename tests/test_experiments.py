@@ -99,6 +99,7 @@ def test_gate_trace_surprise_norms_are_the_tokens_gradients_at_their_chunk_start
                 assert abs(norms[0, h, t] - float(expected)) <= 1e-5 * float(expected)
 
 
+@pytest.mark.slow  # compiles and traces a layer's forward+backward (~8 s); classification is tested below
 def test_memory_profile_attributes_the_traced_ops_to_forward_backward_and_replay(tmp_path):
     """A tiny layer's profile: every part of the split is present, and the totals add up."""
     import json
