@@ -158,8 +158,8 @@ def measure_peer(args, repeats: int, batch_size: int | None) -> dict | None:
     return result
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark shape (defaults: the README table's), shared with experiments.memory_profile."""
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--d-model", type=int, default=512)
@@ -169,6 +169,18 @@ def main(argv=None):
     parser.add_argument("--expansion", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--remat-every", type=int, default=1)
+    parser.add_argument("--surprise-gradient", default="full", choices=("full", "first_order"))
+
+
+def layer_config(args: argparse.Namespace) -> LMMConfig:
+    return LMMConfig(d_model=args.d_model, num_heads=args.heads, head_dim=args.head_dim,
+                     memory=MemoryConfig(depth=args.depth, expansion=args.expansion, chunk_size=args.chunk,
+                                         remat_every=args.remat_every, surprise_gradient=args.surprise_gradient))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the peer (XLA uses all cores)")
     parser.add_argument("--scaling", default="1024,4096,16384,65536",
@@ -187,9 +199,7 @@ def main(argv=None):
         jax.config.update("jax_num_cpu_devices", args.devices)  # before the first use of the backend
         if jax.device_count() < args.devices:
             raise SystemExit(f"--devices {args.devices}: only {jax.device_count()} {jax.default_backend()} device(s)")
-    config = LMMConfig(d_model=args.d_model, num_heads=args.heads, head_dim=args.head_dim,
-                       memory=MemoryConfig(depth=args.depth, expansion=args.expansion, chunk_size=args.chunk,
-                                           remat_every=args.remat_every))
+    config = layer_config(args)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.device_count()} x "
           f"{jax.devices()[0].device_kind}, jax {jax.__version__}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     rate = matmul_rate(args.repeats)

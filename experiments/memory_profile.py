@@ -37,8 +37,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from experiments.memory_bench import best_time, layer_functions
-from titans_jax import LMMConfig, MemoryConfig
+from experiments.memory_bench import add_shape_arguments, best_time, layer_config, layer_functions
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+(\w[\w\-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -121,26 +120,14 @@ def summarise(events: dict, table: dict, top: int) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--expansion", type=int, default=4)
-    parser.add_argument("--chunk", type=int, default=64)
-    parser.add_argument("--remat-every", type=int, default=1)
-    parser.add_argument("--surprise-gradient", default="full", choices=("full", "first_order"))
+    add_shape_arguments(parser)
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="the wall time is the best of this many calls")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--json", help="also write the summary to this file")
     args = parser.parse_args(argv)
 
-    config = LMMConfig(d_model=args.d_model, num_heads=args.heads, head_dim=args.head_dim,
-                       memory=MemoryConfig(depth=args.depth, expansion=args.expansion, chunk_size=args.chunk,
-                                           remat_every=args.remat_every,
-                                           surprise_gradient=args.surprise_gradient))
+    config = layer_config(args)
     layer, forward, forward_backward = layer_functions(config)
     fn = forward if args.forward_only else forward_backward
     x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, args.seq, args.d_model), jnp.float32)

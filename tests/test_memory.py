@@ -170,29 +170,11 @@ def test_chunk_size_one_is_the_per_token_recurrence_of_eqs_10_13_14():
             np.testing.assert_allclose(state.momentum[0]["w"][b, h], surprise, rtol=0, atol=1e-12)
 
 
-def test_deep_memory_chunk_size_one_matches_a_python_loop_with_autodiff():
+@pytest.mark.parametrize("cap", [None, 1.0], ids=["plain", "surprise_clip"])
+def test_deep_memory_chunk_size_one_matches_a_python_loop_with_autodiff(cap):
+    """Chunk size 1 written as a loop with autodiff; with surprise_clip each token's gradient
+    (both layers together) is scaled by min(1, cap / ||u_t||) before momentum."""
     length = 9
-    with jax.enable_x64(True):
-        config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2, chunk_size=1)
-        params = make_params(config)
-        inputs = make_inputs(9, length)
-        out, _ = mem.memory_apply(params, *inputs, config)
-        keys, values, queries, theta, log_eta, log_keep = inputs
-        b, h = 1, 0
-        weights = tuple({"w": layer["w"][h]} for layer in params["layers"])
-        surprise = jax.tree.map(jnp.zeros_like, weights)
-        for t in range(length):
-            grad = jax.grad(mem.inner_loss)(weights, None, keys[b, h, t], values[b, h, t], config)
-            surprise = jax.tree.map(lambda s, g: jnp.exp(log_eta[b, h, t]) * s - theta[b, h, t] * g, surprise, grad)
-            weights = jax.tree.map(lambda w, s: jnp.exp(log_keep[b, h, t]) * w + s, weights, surprise)
-            expected = jax.nn.gelu(queries[b, h, t] @ weights[0]["w"], approximate=True) @ weights[1]["w"]
-            np.testing.assert_allclose(out[b, h, t], expected, rtol=0, atol=1e-12)
-
-
-def test_surprise_clip_is_a_per_token_norm_cap_in_a_python_loop():
-    """surprise_clip: each token's gradient (both layers together) is scaled by
-    min(1, cap / ||u_t||) before momentum; chunk size 1, written as a loop with autodiff."""
-    length, cap = 9, 1.0
     with jax.enable_x64(True):
         config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2,
                                   chunk_size=1, surprise_clip=cap)
@@ -206,14 +188,16 @@ def test_surprise_clip_is_a_per_token_norm_cap_in_a_python_loop():
         clipped = 0
         for t in range(length):
             grad = jax.grad(mem.inner_loss)(weights, None, keys[b, h, t], values[b, h, t], config)
-            size = float(np.sqrt(sum(np.sum(np.asarray(g) ** 2) for g in jax.tree.leaves(grad))))
-            clipped += size > cap
-            grad = jax.tree.map(lambda g: g * min(1.0, cap / size), grad)
+            if cap is not None:
+                size = float(np.sqrt(sum(np.sum(np.asarray(g) ** 2) for g in jax.tree.leaves(grad))))
+                clipped += size > cap
+                grad = jax.tree.map(lambda g: g * min(1.0, cap / size), grad)
             surprise = jax.tree.map(lambda s, g: jnp.exp(log_eta[b, h, t]) * s - theta[b, h, t] * g, surprise, grad)
             weights = jax.tree.map(lambda w, s: jnp.exp(log_keep[b, h, t]) * w + s, weights, surprise)
             expected = jax.nn.gelu(queries[b, h, t] @ weights[0]["w"], approximate=True) @ weights[1]["w"]
             np.testing.assert_allclose(out[b, h, t], expected, rtol=0, atol=1e-12)
-    assert 0 < clipped < length  # the case exercises both branches
+    if cap is not None:
+        assert 0 < clipped < length  # the case exercises both branches
 
 
 def test_surprise_clip_above_every_norm_changes_nothing_and_bounds_writes():
