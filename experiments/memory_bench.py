@@ -209,7 +209,9 @@ def main(argv=None):
     print(f"float32 rate of the matmuls inside the chunk scan ({args.batch * args.heads} x "
           f"[{args.chunk}x{args.head_dim}]@[{args.head_dim}x{hidden}]): {small / 1e9:.1f} GFLOP/s")
     print(f"shape: batch {args.batch} x {args.seq} tokens, d_model {args.d_model}, {args.heads} heads x {args.head_dim}, "
-          f"memory depth {args.depth} expansion {args.expansion}, chunk {args.chunk}, float32\n")
+          f"memory depth {args.depth} expansion {args.expansion}, chunk {args.chunk}, float32"
+          + ("" if args.surprise_gradient == "full" else
+             f", surprise_gradient {args.surprise_gradient} (ours only: the peer's gradient is unchanged)") + "\n")
 
     rows = {"ours, 1 device": measure_ours(config, args.batch, args.seq, args.repeats)}
     if args.devices > 1:

@@ -11,7 +11,9 @@ every executed thunk (a fusion, a dot, a copy) is one event named after its HLO 
 instruction is looked up in the compiled HLO text, and its metadata says where it came from:
 
   phase   forward            ops of the primal computation (jvp(...) in op_name)
-          backward           ops of the transposed (VJP) computation (transpose(...))
+          backward           ops of the transposed (VJP) computation: transpose(...) as the
+                             outermost transform (the memory's inner-gradient VJP inside the
+                             forward, transpose(jvp()) deeper in op_name, is forward work)
           recompute          forward ops replayed inside the backward by jax.checkpoint
                              (rematted_computation)
   region  chunk scan         inside the memory's while loop over chunks
@@ -61,11 +63,12 @@ def instruction_table(hlo_text: str) -> dict:
 def classify(name: str, entry: tuple | None) -> tuple[str, str, str]:
     """(phase, region, kind) of one executed instruction."""
     shape, opcode, op_name, fusion_kind = entry or ("", "", "", "")
+    transforms = op_name.split("/")
     if "rematted_computation" in op_name:
         phase = "recompute"
-    elif "transpose(" in op_name:
-        phase = "backward"
-    else:
+    elif len(transforms) > 1 and transforms[1].startswith("transpose("):
+        phase = "backward"  # the outermost transform under jit; the memory's own inner-gradient
+    else:                   # VJP (transpose(jvp()) deeper in the path) is forward work
         phase = "forward"
     region = "chunk scan" if "while/body" in op_name else "outside"
     if opcode == "dot" or "dot" in fusion_kind or "ynn" in fusion_kind or name.startswith(("dot", "ynn")):

@@ -129,9 +129,13 @@ def test_memory_profile_classifies_instructions_by_their_metadata():
         '  ROOT %copy.7 = f32[4,8]{0,1} copy(%c), metadata={op_name="jit(loss)/jvp(LMMLayer)/qkv/mul"}',
         '  %add.1 = f32[4]{0} add(%d, %e), metadata={op_name="jit(loss)/transpose(jvp(LMMLayer))/while/body/'
         'checkpoint/rematted_computation/while/body/add"}',
+        '  %mul.2 = f32[4]{0} multiply(%d, %e), metadata={op_name="jit(loss)/jvp(LMMLayer)/vmap()/while/body/'
+        'closed_call/transpose(jvp())/mul"}',
     ])
     table = memory_profile.instruction_table(hlo)
-    assert set(table) == {"ynn_fusion.3", "copy.7", "add.1"}
+    assert set(table) == {"ynn_fusion.3", "copy.7", "add.1", "mul.2"}
     assert memory_profile.classify("ynn_fusion.3", table["ynn_fusion.3"]) == ("backward", "chunk scan", "dot")
     assert memory_profile.classify("copy.7", table["copy.7"]) == ("forward", "outside", "copy")
     assert memory_profile.classify("add.1", table["add.1"]) == ("recompute", "chunk scan", "elementwise")
+    # the memory's inner-gradient VJP inside the forward pass is forward work
+    assert memory_profile.classify("mul.2", table["mul.2"]) == ("forward", "chunk scan", "elementwise")
