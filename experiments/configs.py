@@ -31,6 +31,7 @@ class DataConfig:
     task_fraction: float = 0.0
     task_answer_weight: str = "token"  # token: pooled targets; row: a task row weighs as much as a text row
     task_prompt_length: str = "full"  # full: each example fills its row; uniform: a length drawn per row
+    task_full_steps: int = 0  # with uniform: steps below this still use full rows (a curriculum; TaskMixture)
 
     def __post_init__(self):
         for corpus in (self.corpus,) + tuple(self.eval_corpora):
@@ -49,6 +50,11 @@ class DataConfig:
             raise ValueError(f"data.task_answer_weight must be row or token, got {self.task_answer_weight!r}")
         if self.task_prompt_length not in ("full", "uniform"):
             raise ValueError(f"data.task_prompt_length must be full or uniform, got {self.task_prompt_length!r}")
+        if self.task_full_steps < 0:
+            raise ValueError(f"data.task_full_steps must be >= 0, got {self.task_full_steps}")
+        if self.task_full_steps and self.task_prompt_length != "uniform":
+            raise ValueError("data.task_full_steps switches from full to drawn prompt lengths: it needs "
+                             f"data.task_prompt_length=uniform, got {self.task_prompt_length!r}")
         if self.task_fraction > 0 and not self.tasks:
             raise ValueError("data.task_fraction > 0 needs data.tasks (e.g. data.tasks=niah_single_1,qa1)")
         if self.task_fraction > 0 and self.tokenizer != "byte":

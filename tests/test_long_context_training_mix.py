@@ -99,6 +99,34 @@ def test_uniform_prompt_lengths_move_the_answer_across_the_row(monkeypatch):
     assert len(set(ends)) > 0.8 * len(ends) and max(ends) - min(ends) > 300
 
 
+def test_full_steps_keep_full_rows_first_then_draw_lengths(monkeypatch):
+    _fixture_haystacks(monkeypatch)
+    seq_len, batch_size = 1024, 8
+    lm = lambda step: np.random.default_rng([5, step]).integers(1, 256, (batch_size, seq_len + 1))  # noqa: E731
+    args = (lm, batch_size, seq_len, ("niah_single_1", "qa4"))
+    kwargs = dict(task_fraction=1.0, seed=2, answer_weight="row")
+    curriculum = TaskMixture(*args, **kwargs, prompt_lengths="uniform", full_steps=2)
+    full = TaskMixture(*args, **kwargs)
+    uniform = TaskMixture(*args, **kwargs, prompt_lengths="uniform")
+    assert len({curriculum.fingerprint, full.fingerprint, uniform.fingerprint}) == 3
+    for step in (0, 1):  # the same rows as full-length training
+        for got, want in zip(curriculum(step), full(step), strict=True):
+            np.testing.assert_array_equal(got, want)
+    for step in (2, 3):  # then the same rows as drawn lengths
+        for got, want in zip(curriculum(step), uniform(step), strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert not np.array_equal(curriculum(step)[1], full(step)[1])
+    with pytest.raises(ValueError, match="needs prompt_lengths='uniform'"):
+        TaskMixture(*args, **kwargs, full_steps=2)
+    with pytest.raises(ValueError, match="full_steps must be an integer"):
+        TaskMixture(*args, **kwargs, prompt_lengths="uniform", full_steps=-1)
+    from experiments.configs import DataConfig
+
+    assert DataConfig(tasks=("qa1",), task_fraction=0.5, task_prompt_length="uniform", task_full_steps=9)
+    with pytest.raises(ValueError, match="task_full_steps .* needs data.task_prompt_length=uniform"):
+        DataConfig(tasks=("qa1",), task_fraction=0.5, task_full_steps=9)
+
+
 def test_the_mixture_is_a_pure_function_of_the_step_and_keeps_language_model_rows(monkeypatch):
     _fixture_haystacks(monkeypatch)
     seq_len, batch_size = 1536, 16

@@ -108,12 +108,16 @@ class TaskMixture:
     [min_length(task, seed), the full row] (a function of (seed, step, row)); the rest of the row
     is the start of that row's language-model window, outside the mask (natural text rather than
     a run of one token; for a causal model it cannot change the answer's loss or gradient).
+    full_steps: with "uniform", batches of steps < full_steps still use full-length prompts (a
+    curriculum: a fixed answer position first, where a Transformer++ formed the copy mechanism
+    by step ~900 and did not within 1,500 steps of drawn lengths; then drawn lengths, so that
+    the answer's position is not what is learnt). 0 (default): drawn lengths from the start.
     Task seeds are TRAIN_SEED_OFFSET + a counter over (step, row), so no two training examples
     share a needle and none shares one with an evaluation example."""
 
     def __init__(self, lm_batch: Callable[[int], np.ndarray], batch_size: int, seq_len: int,
                  tasks: Sequence[str] = TASKS, task_fraction: float = 0.5, seed: int = 0, tokenizer=None,
-                 answer_weight: str = "token", prompt_lengths: str = "full"):
+                 answer_weight: str = "token", prompt_lengths: str = "full", full_steps: int = 0):
         unknown = [task for task in tasks if task not in TASKS]
         if unknown or not tasks:
             raise ValueError(f"unknown tasks {unknown} (or none); expected a subset of {TASKS}")
@@ -123,7 +127,12 @@ class TaskMixture:
             raise ValueError(f"answer_weight must be 'row' or 'token', got {answer_weight!r}")
         if prompt_lengths not in ("full", "uniform"):
             raise ValueError(f"prompt_lengths must be 'full' or 'uniform', got {prompt_lengths!r}")
-        self.answer_weight, self.prompt_lengths = answer_weight, prompt_lengths
+        if int(full_steps) != full_steps or full_steps < 0:
+            raise ValueError(f"full_steps must be an integer >= 0, got {full_steps!r}")
+        if full_steps and prompt_lengths != "uniform":
+            raise ValueError(f"full_steps={full_steps} switches from full to drawn prompt lengths: it needs "
+                             f"prompt_lengths='uniform', got {prompt_lengths!r}")
+        self.answer_weight, self.prompt_lengths, self.full_steps = answer_weight, prompt_lengths, int(full_steps)
         self.lm_batch, self.batch_size, self.seq_len = lm_batch, int(batch_size), int(seq_len)
         self.tasks, self.task_fraction, self.seed = tuple(tasks), float(task_fraction), int(seed)
         self.tokenizer = tokenizer or ByteTokenizer()
@@ -141,7 +150,7 @@ class TaskMixture:
 
     def prompt_length(self, task: str, step: int, row: int) -> int | None:
         """The prompt length of task row `row` of batch `step` (None: the full row)."""
-        if self.prompt_lengths == "full":
+        if self.prompt_lengths == "full" or step < self.full_steps:
             return None
         seed = self.example_seed(step, row)
         target = len(self.tokenizer.encode(answer_text(example_answer(task, seed))))
@@ -175,6 +184,7 @@ class TaskMixture:
         spec = {"tasks": self.tasks, "task_fraction": self.task_fraction, "seed": self.seed,
                 "answer_weight": self.answer_weight,
                 **({"prompt_lengths": self.prompt_lengths} if self.prompt_lengths != "full" else {}),
+                **({"full_steps": self.full_steps} if self.full_steps else {}),
                 "seq_len": self.seq_len, "batch_size": self.batch_size, "generator": GENERATOR_VERSION,
                 "haystacks": {name: stack.fingerprint for name, stack in sorted(self.haystacks.items())},
                 "tokenizer": getattr(self.tokenizer, "fingerprint", repr(self.tokenizer))}
