@@ -1,0 +1,161 @@
+"""Can the memory recall an association from beyond the attention window, when binding it is easy?
+A controlled probe for [C2].
+
+    python -m experiments.recall_probe --variants lmm,swa,mac,transformer --out runs/recall_probe
+    python -m experiments.recall_probe --quick --out /tmp/recall_quick      # smoke (seconds)
+
+Needle-in-a-haystack in bytes asks a small model for two things at once: recall across the
+context, and binding a key that is a phrase ("the special magic number for <word>") to a value
+that is 7 digits, tokens apart from it, which no single position sees together. This probe keeps
+the first and removes the second: multi-query associative recall (MQAR, Arora et al. 2023,
+"Zoology") where each association fits in the LMM's causal conv window (width 4). A row is
+
+    ab:X cd:Y ...   (P pairs: key = 2 lowercase letters, value = 1 uppercase letter)
+    0815993...      (random digits: a filler of drawn length)
+    cd:Y ab:X ...   (the same pairs queried in a random order)
+
+and the loss counts only the value after each query's ':'. The mapping is drawn afresh per row
+(nothing can be memorised in the weights), chance is 1/26, and every query's distance to its
+pair (in tokens, pair's value to query's value) is recorded, so the accuracy is reported by
+distance: below the SWA window (mini preset: 128), between it and the row, etc. A model whose
+memory stores k -> v at the pair's value token (the conv sees "a b : X") and reads it at the
+query's ':' answers at any distance; SWA cannot beyond its window; Transformer++ can by attention.
+
+Each variant trains with the `lc_<variant>` config (experiments.configs: the mini preset, the
+same optimiser for all) on these rows only, with `--steps`, `--seq-len`, `--batch`; finished runs
+are skipped, interrupted ones resume. Evaluation is teacher-forced (a query's answer is one
+token), on fresh seeds, and written to <out>/<variant>/seed<k>/recall.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+
+PAIR = 4  # "ab:X"
+KEY_LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
+VALUE_LETTERS = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)
+DIGITS = np.frombuffer(b"0123456789", np.uint8)
+EVAL_SEED_OFFSET = 10**9  # evaluation rows use seeds from here (training: (seed, step))
+
+
+def recall_row(rng: np.random.Generator, seq_len: int, num_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids int32 [seq_len + 1], mask bool [seq_len], distance int32 [seq_len]) of one row: mask[t]
+    marks the targets ids[t + 1] that are a query's value, distance[t] the tokens from that
+    pair's value to it (0 elsewhere). Distinct keys per row; the filler fills the rest."""
+    used = 2 * num_pairs * PAIR
+    if used > seq_len + 1:
+        raise ValueError(f"{num_pairs} pairs and their queries need {used} tokens; a row has {seq_len + 1}")
+    codes = rng.choice(len(KEY_LETTERS) ** 2, num_pairs, replace=False)
+    keys = np.stack([KEY_LETTERS[codes // len(KEY_LETTERS)], KEY_LETTERS[codes % len(KEY_LETTERS)]], 1)
+    values = VALUE_LETTERS[rng.integers(0, len(VALUE_LETTERS), num_pairs)]
+    filler = int(rng.integers(0, seq_len + 1 - used + 1))
+    ids = DIGITS[rng.integers(0, len(DIGITS), seq_len + 1)].astype(np.int32)  # the filler everywhere first
+    value_at = np.zeros(num_pairs, np.int64)
+    for index in range(num_pairs):
+        start = index * PAIR
+        ids[start:start + PAIR] = [keys[index, 0], keys[index, 1], ord(":"), values[index]]
+        value_at[index] = start + 3
+    mask = np.zeros(seq_len, bool)
+    distance = np.zeros(seq_len, np.int32)
+    query_start = num_pairs * PAIR + filler
+    for slot, index in enumerate(rng.permutation(num_pairs)):
+        start = query_start + slot * PAIR
+        ids[start:start + PAIR] = [keys[index, 0], keys[index, 1], ord(":"), values[index]]
+        mask[start + 2] = True  # the target at position start + 2 is ids[start + 3], the value
+        distance[start + 2] = start + 3 - value_at[index]
+    return ids, mask, distance
+
+
+def recall_batch(seed: int, step: int, batch_size: int, seq_len: int, num_pairs: int):
+    """(ids [B, T + 1], mask [B, T], distance [B, T]): a pure function of (seed, step)."""
+    rows = [recall_row(np.random.default_rng([seed, step, row]), seq_len, num_pairs) for row in range(batch_size)]
+    return tuple(np.stack(parts) for parts in zip(*rows, strict=True))
+
+
+def distance_bins(seq_len: int, window: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of distance: half the window, the window, twice it, the rest of the row."""
+    edges = sorted({0, seq_len + 1} | {edge for edge in (window // 2, window, 2 * window) if 0 < edge < seq_len})
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def evaluate(model, params, seed: int, batches: int, batch_size: int, seq_len: int, num_pairs: int,
+             bins: list[tuple[int, int]]) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    predict = jax.jit(lambda ids: jnp.argmax(model.apply({"params": params}, ids), -1))
+    correct, total = np.zeros(len(bins)), np.zeros(len(bins))
+    for index in range(batches):
+        ids, mask, distance = recall_batch(EVAL_SEED_OFFSET + seed, index, batch_size, seq_len, num_pairs)
+        right = np.asarray(predict(jnp.asarray(ids[:, :-1]))) == ids[:, 1:]
+        for b, (lo, hi) in enumerate(bins):
+            where = mask & (distance >= lo) & (distance < hi)
+            correct[b] += right[where].sum()
+            total[b] += where.sum()
+    return {f"{lo}-{hi - 1}": {"correct": int(c), "count": int(n), "accuracy": float(c / max(n, 1))}
+            for (lo, hi), c, n in zip(bins, correct, total, strict=True)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="lmm,swa,mac,transformer")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="more overrides of the lc_<variant> configs (model., optim.)")
+    parser.add_argument("--quick", action="store_true", help="tiny preset, 2 steps: a smoke run")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    import dataclasses
+
+    from experiments.configs import apply_overrides, get_config
+    from titans_jax.models import TitansLM
+    from titans_jax.training import load_trained, train
+
+    overrides = [f"run.steps={args.steps}", f"run.seq_len={args.seq_len}", f"run.batch_size={args.batch}",
+                 "run.save_every=100", "run.log_every=10", "run.progress=false", *args.set]
+    if args.quick:
+        overrides += ["preset=tiny", "run.steps=2", "run.save_every=2", "run.log_every=1", "optim.warmup_steps=1"]
+    out = pathlib.Path(args.out)
+    results = {}
+    for variant in args.variants.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            config = apply_overrides(get_config(f"lc_{variant}"), overrides + [f"run.seed={seed}"])
+            model_config = config.model_config(vocab_size=256)
+            directory = out / variant / f"seed{seed}"
+            print(f"[recall] {variant} seed {seed}: {config.run.steps} steps of {config.run.batch_size} x "
+                  f"{config.run.seq_len}, {args.pairs} pairs per row; {directory}", flush=True)
+            batch = lambda step, seed=seed: recall_batch(seed, step, args.batch, args.seq_len, args.pairs)[:2]  # noqa: E731
+            meta = {"recall_probe": {"pairs": args.pairs, "seq_len": args.seq_len, "data_seed": seed}}
+            record = {"experiment": f"recall_probe lc_{variant}", "overrides": overrides, "recall_probe": vars(args),
+                      "config": dataclasses.asdict(config), "model_config": dataclasses.asdict(model_config)}
+            summary = train(model_config, config.optim, config.run, directory, batch, meta=meta, run_record=record)
+            if summary.get("stopped_by_signal"):
+                raise SystemExit("stopped; run the same command again to resume")
+            model_config, params, ckpt_meta = load_trained(directory)
+            window = model_config.window
+            bins = distance_bins(args.seq_len, window)
+            accuracy = evaluate(TitansLM(model_config), params, seed, args.eval_batches, args.batch, args.seq_len,
+                                args.pairs, bins)
+            record = {"variant": variant, "seed": seed, "step": int(ckpt_meta["step"]), "window": window,
+                      "segment_size": model_config.segment_size, "pairs": args.pairs, "seq_len": args.seq_len,
+                      "accuracy_by_distance": accuracy}
+            (directory / "recall.json").write_text(json.dumps(record, indent=1))
+            results[(variant, seed)] = record
+            line = ", ".join(f"{k}: {v['correct']}/{v['count']} ({v['accuracy']:.2f})" for k, v in accuracy.items())
+            print(f"[recall] {variant} seed {seed} (step {record['step']}, window {window}): accuracy by distance "
+                  f"in tokens: {line}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

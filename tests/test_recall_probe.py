@@ -1,0 +1,56 @@
+import json
+
+import numpy as np
+import pytest
+
+from experiments import recall_probe
+from experiments.recall_probe import PAIR, distance_bins, recall_batch, recall_row
+
+
+def test_a_row_queries_every_pair_once_and_marks_only_the_values():
+    for seed in range(20):
+        ids, mask, distance = recall_row(np.random.default_rng(seed), 256, 8)
+        assert ids.shape == (257,) and mask.shape == distance.shape == (256,)
+        text = bytes(ids.tolist())
+        pairs = {text[i:i + 2]: text[i + 3:i + 4] for i in range(0, 8 * PAIR, PAIR)}
+        assert len(pairs) == 8 and all(text[i + 2:i + 3] == b":" for i in range(0, 8 * PAIR, PAIR))
+        answered = {}
+        for t in np.flatnonzero(mask):  # the target ids[t + 1] is the value after "key:"
+            assert text[t:t + 1] == b":" and distance[t] >= PAIR
+            key, value = text[t - 2:t], text[t + 1:t + 2]
+            answered[key] = value
+            first = text.index(key + b":")  # the pair itself, distance tokens before the query's value
+            assert first + 3 + distance[t] == t + 1
+        assert answered == pairs  # every pair queried once, with its own value
+        assert not distance[~mask].any()
+        covered = np.zeros(257, bool)
+        covered[:8 * PAIR] = True
+        for t in np.flatnonzero(mask):
+            covered[t - 2:t + 2] = True
+        assert set(ids[~covered].tolist()) <= set(b"0123456789")  # the rest is filler digits
+
+
+def test_batches_are_a_pure_function_of_seed_and_step_and_distances_spread():
+    a, b = recall_batch(3, 5, 16, 256, 8), recall_batch(3, 5, 16, 256, 8)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], recall_batch(3, 6, 16, 256, 8)[0])
+    distances = a[2][a[1]]
+    assert distances.min() < 64 and distances.max() > 128  # inside and beyond a 128-token window
+    with pytest.raises(ValueError, match="need 64 tokens"):  # 8 pairs + 8 queries do not fit
+        recall_row(np.random.default_rng(0), 62, 8)
+
+
+def test_distance_bins_cover_the_row():
+    assert distance_bins(256, 128) == [(0, 64), (64, 128), (128, 257)]
+    assert distance_bins(1024, 128) == [(0, 64), (64, 128), (128, 256), (256, 1025)]
+
+
+@pytest.mark.slow  # trains two tiny models two steps (~1 min); the generator is tested above
+def test_quick_probe_trains_evaluates_and_reuses_the_run(tmp_path):
+    results = recall_probe.main(["--quick", "--variants", "lmm", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "lmm" / "seed0" / "recall.json").read_text())
+    assert record == results[("lmm", 0)] and record["step"] == 2
+    assert sum(cell["count"] for cell in record["accuracy_by_distance"].values()) == 8 * 16 * 8
+    again = recall_probe.main(["--quick", "--variants", "lmm", "--out", str(tmp_path)])  # finished: not retrained
+    assert again[("lmm", 0)] == record
