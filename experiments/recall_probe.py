@@ -35,18 +35,23 @@ import pathlib
 
 import numpy as np
 
-PAIR = 4  # "ab:X"
+PAIR = 4  # "ab:X" (plus `gap` filler digits between the key and ':')
 KEY_LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
 VALUE_LETTERS = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)
 DIGITS = np.frombuffer(b"0123456789", np.uint8)
 EVAL_SEED_OFFSET = 10**9  # evaluation rows use seeds from here (training: (seed, step))
 
 
-def recall_row(rng: np.random.Generator, seq_len: int, num_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def recall_row(rng: np.random.Generator, seq_len: int, num_pairs: int, gap: int = 0
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids int32 [seq_len + 1], mask bool [seq_len], distance int32 [seq_len]) of one row: mask[t]
     marks the targets ids[t + 1] that are a query's value, distance[t] the tokens from that
-    pair's value to it (0 elsewhere). Distinct keys per row; the filler fills the rest."""
-    used = 2 * num_pairs * PAIR
+    pair's value to it (0 elsewhere). Distinct keys per row; the filler fills the rest. gap:
+    filler digits between each key and its ':' (in pairs and queries alike), so that key and value
+    no longer fit one conv window (width 4) once gap >= 1: binding them then needs attention or
+    depth."""
+    span = PAIR + gap
+    used = 2 * num_pairs * span
     if used > seq_len + 1:
         raise ValueError(f"{num_pairs} pairs and their queries need {used} tokens; a row has {seq_len + 1}")
     codes = rng.choice(len(KEY_LETTERS) ** 2, num_pairs, replace=False)
@@ -56,23 +61,25 @@ def recall_row(rng: np.random.Generator, seq_len: int, num_pairs: int) -> tuple[
     ids = DIGITS[rng.integers(0, len(DIGITS), seq_len + 1)].astype(np.int32)  # the filler everywhere first
     value_at = np.zeros(num_pairs, np.int64)
     for index in range(num_pairs):
-        start = index * PAIR
-        ids[start:start + PAIR] = [keys[index, 0], keys[index, 1], ord(":"), values[index]]
-        value_at[index] = start + 3
+        start = index * span
+        ids[start:start + 2] = keys[index]
+        ids[start + span - 2:start + span] = [ord(":"), values[index]]
+        value_at[index] = start + span - 1
     mask = np.zeros(seq_len, bool)
     distance = np.zeros(seq_len, np.int32)
-    query_start = num_pairs * PAIR + filler
+    query_start = num_pairs * span + filler
     for slot, index in enumerate(rng.permutation(num_pairs)):
-        start = query_start + slot * PAIR
-        ids[start:start + PAIR] = [keys[index, 0], keys[index, 1], ord(":"), values[index]]
-        mask[start + 2] = True  # the target at position start + 2 is ids[start + 3], the value
-        distance[start + 2] = start + 3 - value_at[index]
+        start = query_start + slot * span
+        ids[start:start + 2] = keys[index]
+        ids[start + span - 2:start + span] = [ord(":"), values[index]]
+        mask[start + span - 2] = True  # the target at the ':' is the value after it
+        distance[start + span - 2] = start + span - 1 - value_at[index]
     return ids, mask, distance
 
 
-def recall_batch(seed: int, step: int, batch_size: int, seq_len: int, num_pairs: int):
+def recall_batch(seed: int, step: int, batch_size: int, seq_len: int, num_pairs: int, gap: int = 0):
     """(ids [B, T + 1], mask [B, T], distance [B, T]): a pure function of (seed, step)."""
-    rows = [recall_row(np.random.default_rng([seed, step, row]), seq_len, num_pairs) for row in range(batch_size)]
+    rows = [recall_row(np.random.default_rng([seed, step, row]), seq_len, num_pairs, gap) for row in range(batch_size)]
     return tuple(np.stack(parts) for parts in zip(*rows, strict=True))
 
 
@@ -83,14 +90,14 @@ def distance_bins(seq_len: int, window: int) -> list[tuple[int, int]]:
 
 
 def evaluate(model, params, seed: int, batches: int, batch_size: int, seq_len: int, num_pairs: int,
-             bins: list[tuple[int, int]]) -> dict:
+             bins: list[tuple[int, int]], gap: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
 
     predict = jax.jit(lambda ids: jnp.argmax(model.apply({"params": params}, ids), -1))
     correct, total = np.zeros(len(bins)), np.zeros(len(bins))
     for index in range(batches):
-        ids, mask, distance = recall_batch(EVAL_SEED_OFFSET + seed, index, batch_size, seq_len, num_pairs)
+        ids, mask, distance = recall_batch(EVAL_SEED_OFFSET + seed, index, batch_size, seq_len, num_pairs, gap)
         right = np.asarray(predict(jnp.asarray(ids[:, :-1]))) == ids[:, 1:]
         for b, (lo, hi) in enumerate(bins):
             where = mask & (distance >= lo) & (distance < hi)
@@ -108,6 +115,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--gap", type=int, default=0, help="filler digits between each key and its ':' (see recall_row)")
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="more overrides of the lc_<variant> configs (model., optim.)")
@@ -134,8 +142,10 @@ def main(argv=None) -> dict:
             directory = out / variant / f"seed{seed}"
             print(f"[recall] {variant} seed {seed}: {config.run.steps} steps of {config.run.batch_size} x "
                   f"{config.run.seq_len}, {args.pairs} pairs per row; {directory}", flush=True)
-            batch = lambda step, seed=seed: recall_batch(seed, step, args.batch, args.seq_len, args.pairs)[:2]  # noqa: E731
-            meta = {"recall_probe": {"pairs": args.pairs, "seq_len": args.seq_len, "data_seed": seed}}
+            batch = lambda step, seed=seed: recall_batch(seed, step, args.batch, args.seq_len, args.pairs,  # noqa: E731
+                                                         args.gap)[:2]
+            meta = {"recall_probe": {"pairs": args.pairs, "seq_len": args.seq_len, "data_seed": seed,
+                                     **({"gap": args.gap} if args.gap else {})}}
             record = {"experiment": f"recall_probe lc_{variant}", "overrides": overrides, "recall_probe": vars(args),
                       "config": dataclasses.asdict(config), "model_config": dataclasses.asdict(model_config)}
             summary = train(model_config, config.optim, config.run, directory, batch, meta=meta, run_record=record)
@@ -145,9 +155,10 @@ def main(argv=None) -> dict:
             window = model_config.window
             bins = distance_bins(args.seq_len, window)
             accuracy = evaluate(TitansLM(model_config), params, seed, args.eval_batches, args.batch, args.seq_len,
-                                args.pairs, bins)
+                                args.pairs, bins, args.gap)
             record = {"variant": variant, "seed": seed, "step": int(ckpt_meta["step"]), "window": window,
                       "segment_size": model_config.segment_size, "pairs": args.pairs, "seq_len": args.seq_len,
+                      "gap": args.gap,
                       "accuracy_by_distance": accuracy}
             (directory / "recall.json").write_text(json.dumps(record, indent=1))
             results[(variant, seed)] = record

@@ -41,6 +41,26 @@ def test_batches_are_a_pure_function_of_seed_and_step_and_distances_spread():
         recall_row(np.random.default_rng(0), 62, 8)
 
 
+def test_a_gap_separates_each_key_from_its_value_in_pairs_and_queries():
+    gap = 5
+    for seed in range(10):
+        ids, mask, distance = recall_row(np.random.default_rng(seed), 256, 4, gap)
+        text = bytes(ids.tolist())
+        span = PAIR + gap
+        pairs = {text[i:i + 2]: text[i + span - 1:i + span] for i in range(0, 4 * span, span)}
+        assert all(text[i + span - 2:i + span - 1] == b":" for i in range(0, 4 * span, span))
+        assert all(set(text[i + 2:i + span - 2]) <= set(b"0123456789") for i in range(0, 4 * span, span))
+        answered = {}
+        for t in np.flatnonzero(mask):
+            assert text[t:t + 1] == b":"
+            key = text[t - gap - 2:t - gap]
+            answered[key] = text[t + 1:t + 2]
+            assert text.index(key) + span - 1 + distance[t] == t + 1
+        assert answered == pairs
+    with pytest.raises(ValueError, match="need 72 tokens"):
+        recall_row(np.random.default_rng(0), 70, 4, gap)
+
+
 def test_distance_bins_cover_the_row():
     assert distance_bins(256, 128) == [(0, 64), (64, 128), (128, 257)]
     assert distance_bins(1024, 128) == [(0, 64), (64, 128), (128, 256), (256, 1025)]
