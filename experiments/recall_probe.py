@@ -2,17 +2,18 @@
 A controlled probe for [C2].
 
     python -m experiments.recall_probe --variants lmm,swa,mac,transformer --out runs/recall_probe
-    python -m experiments.recall_probe --quick --out /tmp/recall_quick      # smoke (seconds)
+    python -m experiments.recall_probe --quick --out /tmp/recall_quick      # smoke (about a minute)
 
 Needle-in-a-haystack in bytes asks a small model for two things at once: recall across the
 context, and binding a key that is a phrase ("the special magic number for <word>") to a value
 that is 7 digits, tokens apart from it, which no single position sees together. This probe keeps
 the first and removes the second: multi-query associative recall (MQAR, Arora et al. 2023,
-"Zoology") where each association fits in the LMM's causal conv window (width 4). A row is
+"Zoology") where, by default (--gap 0), each association fits in the LMM's causal conv window
+(width 4). A row is
 
-    ab:X cd:Y ...   (P pairs: key = 2 lowercase letters, value = 1 uppercase letter)
+    ab:Xcd:Y...     (P pairs: key = 2 lowercase letters, value = 1 uppercase letter)
     0815993...      (random digits: a filler of drawn length)
-    cd:Y ab:X ...   (the same pairs queried in a random order)
+    cd:Yab:X...     (the same pairs queried in a random order)
 
 and the loss counts only the value after each query's ':'. The mapping is drawn afresh per row
 (nothing can be memorised in the weights), chance is 1/26, and every query's distance to its
@@ -50,6 +51,8 @@ def recall_row(rng: np.random.Generator, seq_len: int, num_pairs: int, gap: int 
     filler digits between each key and its ':' (in pairs and queries alike), so that key and value
     no longer fit one conv window (width 4) once gap >= 1: binding them then needs attention or
     depth."""
+    if num_pairs < 1 or gap < 0:
+        raise ValueError(f"need at least one pair and a gap >= 0, got {num_pairs} pairs and gap {gap}")
     span = PAIR + gap
     used = 2 * num_pairs * span
     if used > seq_len + 1:

@@ -59,6 +59,8 @@ def test_a_gap_separates_each_key_from_its_value_in_pairs_and_queries():
         assert answered == pairs
     with pytest.raises(ValueError, match="need 72 tokens"):
         recall_row(np.random.default_rng(0), 70, 4, gap)
+    with pytest.raises(ValueError, match="gap >= 0"):
+        recall_row(np.random.default_rng(0), 256, 4, -1)
 
 
 def test_distance_bins_cover_the_row():
