@@ -110,6 +110,18 @@ def evaluate(model, params, seed: int, batches: int, batch_size: int, seq_len: i
             for (lo, hi), c, n in zip(bins, correct, total, strict=True)}
 
 
+def recent_loss(directory: pathlib.Path, steps: int) -> float | None:
+    """Mean training loss over the last `steps` steps of a run (its metrics.jsonl; a step logged
+    twice, before and after a resume, counts once, with its last value)."""
+    path = directory / "metrics.jsonl"
+    if not path.exists():
+        return None
+    by_step = {row["step"]: row["loss"] for row in map(json.loads, path.read_text().splitlines()) if "loss" in row}
+    last = max(by_step, default=0)
+    recent = [loss for step, loss in by_step.items() if step > last - steps]
+    return float(np.mean(recent)) if recent else None
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="lmm,swa,mac,transformer")
@@ -161,7 +173,7 @@ def main(argv=None) -> dict:
                                 args.pairs, bins, args.gap)
             record = {"variant": variant, "seed": seed, "step": int(ckpt_meta["step"]), "window": window,
                       "segment_size": model_config.segment_size, "pairs": args.pairs, "seq_len": args.seq_len,
-                      "gap": args.gap,
+                      "gap": args.gap, "set": args.set, "loss_last_100_steps": recent_loss(directory, 100),
                       "accuracy_by_distance": accuracy}
             (directory / "recall.json").write_text(json.dumps(record, indent=1))
             results[(variant, seed)] = record

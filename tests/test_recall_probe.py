@@ -74,5 +74,7 @@ def test_quick_probe_trains_evaluates_and_reuses_the_run(tmp_path):
     record = json.loads((tmp_path / "lmm" / "seed0" / "recall.json").read_text())
     assert record == results[("lmm", 0)] and record["step"] == 2
     assert sum(cell["count"] for cell in record["accuracy_by_distance"].values()) == 8 * 16 * 8
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "lmm" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert record["loss_last_100_steps"] == pytest.approx(sum(losses[-2:]) / 2) and record["set"] == []
     again = recall_probe.main(["--quick", "--variants", "lmm", "--out", str(tmp_path)])  # finished: not retrained
     assert again[("lmm", 0)] == record
