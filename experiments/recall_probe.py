@@ -110,6 +110,56 @@ def evaluate(model, params, seed: int, batches: int, batch_size: int, seq_len: i
             for (lo, hi), c, n in zip(bins, correct, total, strict=True)}
 
 
+def address_match(model, params, ids: np.ndarray, mask: np.ndarray, distance: np.ndarray) -> dict[str, dict]:
+    """How each memory layer addresses the pairs of a batch of rows (from recall_batch).
+
+    For every query, the memory's read query at the query's ':' (what predicts the value) is
+    compared, per head, with the memory's write key at each pair's value token of the same row
+    (where the conv sees "ab:X", the write that can bind key to value); tokens a layer sees before
+    the row (persistent memory) are skipped. Returns, per memory layer,
+    {"top1": the fraction of (query, head) whose own pair's key is the row's most similar one
+    (chance 1 / pairs), "own": the mean cosine with its own pair's key, "other": with the other
+    pairs' keys, "key_spread": the mean cosine between different pairs' keys (1: the keys do not
+    tell the pairs apart)}. A memory that recalls by content has top1 near 1."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.gate_trace import _stream
+
+    collected = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["diagnostics"])[1])(
+        params, jnp.asarray(ids[:, :-1]))
+    found = jax.tree_util.tree_flatten_with_path(collected.get("diagnostics", {}),
+                                                 is_leaf=lambda x: isinstance(x, tuple) and len(x) == 1)[0]
+    report = {}
+    for path, inputs in found:
+        keys, _, queries = (np.asarray(x, np.float64) for x in _stream(inputs)[:3])  # [B, H, T, E]
+        names = [getattr(entry, "key", str(entry)) for entry in path]
+        prefix = keys.shape[2] - mask.shape[1]  # tokens the layer sees before the row (persistent memory)
+        if prefix < 0:
+            raise ValueError(f"memory layer {names} saw {keys.shape[2]} tokens of a {mask.shape[1]}-token row")
+        top1, own, other, spread = [], [], [], []
+        for row in range(ids.shape[0]):
+            at = np.flatnonzero(mask[row])  # the queries' ':' tokens
+            written = at + 1 - distance[row, at] + prefix  # the value token of each query's pair
+            at = at + prefix
+            q = queries[row][:, at]
+            k = keys[row][:, written]  # [H, P, E]
+            q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-30)
+            k = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-30)
+            cos = np.einsum("hpe,hqe->hpq", q, k)
+            between = np.einsum("hpe,hqe->hpq", k, k)
+            off = ~np.eye(len(at), dtype=bool)
+            top1.append(np.argmax(cos, -1) == np.arange(len(at)))
+            own.append(np.diagonal(cos, axis1=1, axis2=2))
+            other.append(cos[:, off])
+            spread.append(between[:, off])
+        report["/".join(names[: names.index("memory_inputs")])] = {
+            "top1": float(np.mean(np.concatenate(top1, axis=1))), "own": float(np.mean(np.concatenate(own, axis=1))),
+            "other": float(np.mean(np.concatenate(other, axis=1))),
+            "key_spread": float(np.mean(np.concatenate(spread, axis=1)))}
+    return report
+
+
 def recent_loss(directory: pathlib.Path, steps: int) -> float | None:
     """Mean training loss over the last `steps` steps of a run (its metrics.jsonl; a step logged
     twice, before and after a resume, counts once, with its last value)."""
@@ -134,6 +184,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="more overrides of the lc_<variant> configs (model., optim.)")
+    parser.add_argument("--address", action="store_true",
+                        help="also measure how each memory layer addresses the pairs (address_match), trained "
+                             "and at a fresh initialisation")
     parser.add_argument("--quick", action="store_true", help="tiny preset, 2 steps: a smoke run")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -175,6 +228,20 @@ def main(argv=None) -> dict:
                       "segment_size": model_config.segment_size, "pairs": args.pairs, "seq_len": args.seq_len,
                       "gap": args.gap, "set": args.set, "loss_last_100_steps": recent_loss(directory, 100),
                       "accuracy_by_distance": accuracy}
+            if args.address:
+                import jax
+
+                ids, mask, distance = recall_batch(EVAL_SEED_OFFSET + seed, 0, args.batch, args.seq_len, args.pairs,
+                                                   args.gap)
+                model = TitansLM(model_config)
+                fresh = model.init(jax.random.key(seed), ids[:1, :-1])["params"]
+                record["address"] = {"trained": address_match(model, params, ids, mask, distance),
+                                     "init": address_match(model, fresh, ids, mask, distance)}
+                for when, layers in record["address"].items():
+                    for name, cell in layers.items():
+                        print(f"[recall] {variant} seed {seed} {when} {name}: own pair's key first in "
+                              f"{cell['top1']:.2f} (chance {1 / args.pairs:.2f}); cosine own {cell['own']:.2f}, "
+                              f"other {cell['other']:.2f}; between keys {cell['key_spread']:.2f}", flush=True)
             (directory / "recall.json").write_text(json.dumps(record, indent=1))
             results[(variant, seed)] = record
             line = ", ".join(f"{k}: {v['correct']}/{v['count']} ({v['accuracy']:.2f})" for k, v in accuracy.items())

@@ -78,3 +78,32 @@ def test_quick_probe_trains_evaluates_and_reuses_the_run(tmp_path):
     assert record["loss_last_100_steps"] == pytest.approx(sum(losses[-2:]) / 2) and record["set"] == []
     again = recall_probe.main(["--quick", "--variants", "lmm", "--out", str(tmp_path)])  # finished: not retrained
     assert again[("lmm", 0)] == record
+
+
+class _PlantedMemory:
+    """A stand-in model whose one memory layer writes key e_p at pair p's value token and reads
+    with e_p at pair p's query (2 persistent tokens first), or the same key everywhere."""
+
+    def __init__(self, mask, distance, same_keys=False):
+        batch, length = mask.shape
+        dim = 16
+        keys = np.zeros((batch, 1, 2 + length, dim))
+        queries = np.zeros_like(keys)
+        keys[..., 0] = queries[..., 0] = 1e-3  # nothing is exactly zero
+        for row in range(batch):
+            for p, at in enumerate(np.flatnonzero(mask[row])):
+                keys[row, 0, 2 + at + 1 - distance[row, at], 0 if same_keys else p + 1] = 1.0
+                queries[row, 0, 2 + at, 0 if same_keys else p + 1] = 1.0
+        self.inputs = (keys, keys, queries, None, None, None)
+
+    def apply(self, variables, ids, mutable):
+        return None, {"diagnostics": {"block_0": {"memory": {"memory_inputs": (self.inputs,)}}}}
+
+
+def test_address_match_finds_planted_keys_and_sees_identical_ones():
+    ids, mask, distance = recall_batch(3, 0, 4, 128, 6, gap=2)
+    found = recall_probe.address_match(_PlantedMemory(mask, distance), {}, ids, mask, distance)
+    assert found["block_0/memory"] == pytest.approx({"top1": 1.0, "own": 1.0, "other": 0.0, "key_spread": 0.0}, abs=1e-5)
+    same = recall_probe.address_match(_PlantedMemory(mask, distance, same_keys=True), {}, ids, mask, distance)
+    cell = same["block_0/memory"]
+    assert cell["key_spread"] == pytest.approx(1.0) and cell["own"] == pytest.approx(cell["other"])
