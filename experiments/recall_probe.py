@@ -181,6 +181,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--gap", type=int, default=0, help="filler digits between each key and its ':' (see recall_row)")
+    parser.add_argument("--loss-on", choices=("answers", "all"), default="answers",
+                        help="train on the queries' values only (default) or on every next token (the pairs' "
+                             "structure then rewards layers that represent the last few tokens)")
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="more overrides of the lc_<variant> configs (model., optim.)")
@@ -210,10 +213,13 @@ def main(argv=None) -> dict:
             directory = out / variant / f"seed{seed}"
             print(f"[recall] {variant} seed {seed}: {config.run.steps} steps of {config.run.batch_size} x "
                   f"{config.run.seq_len}, {args.pairs} pairs per row; {directory}", flush=True)
-            batch = lambda step, seed=seed: recall_batch(seed, step, args.batch, args.seq_len, args.pairs,  # noqa: E731
-                                                         args.gap)[:2]
+            def batch(step, seed=seed):
+                ids, mask, _ = recall_batch(seed, step, args.batch, args.seq_len, args.pairs, args.gap)
+                return ids, (mask if args.loss_on == "answers" else np.ones_like(mask))
+
             meta = {"recall_probe": {"pairs": args.pairs, "seq_len": args.seq_len, "data_seed": seed,
-                                     **({"gap": args.gap} if args.gap else {})}}
+                                     **({"gap": args.gap} if args.gap else {}),
+                                     **({"loss_on": args.loss_on} if args.loss_on != "answers" else {})}}
             record = {"experiment": f"recall_probe lc_{variant}", "overrides": overrides, "recall_probe": vars(args),
                       "config": dataclasses.asdict(config), "model_config": dataclasses.asdict(model_config)}
             summary = train(model_config, config.optim, config.run, directory, batch, meta=meta, run_record=record)
@@ -226,7 +232,7 @@ def main(argv=None) -> dict:
                                 args.pairs, bins, args.gap)
             record = {"variant": variant, "seed": seed, "step": int(ckpt_meta["step"]), "window": window,
                       "segment_size": model_config.segment_size, "pairs": args.pairs, "seq_len": args.seq_len,
-                      "gap": args.gap, "set": args.set, "loss_last_100_steps": recent_loss(directory, 100),
+                      "gap": args.gap, "set": args.set, "loss_on": args.loss_on, "loss_last_100_steps": recent_loss(directory, 100),
                       "accuracy_by_distance": accuracy}
             if args.address:
                 import jax

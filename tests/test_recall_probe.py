@@ -78,6 +78,10 @@ def test_quick_probe_trains_evaluates_and_reuses_the_run(tmp_path):
     assert record["loss_last_100_steps"] == pytest.approx(sum(losses[-2:]) / 2) and record["set"] == []
     again = recall_probe.main(["--quick", "--variants", "lmm", "--out", str(tmp_path)])  # finished: not retrained
     assert again[("lmm", 0)] == record
+    # --loss-on all: every next token is a target (most are random digits), so the loss differs
+    everything = recall_probe.main(["--quick", "--variants", "lmm", "--loss-on", "all", "--out", str(tmp_path / "all")])
+    assert everything[("lmm", 0)]["loss_on"] == "all" and record["loss_on"] == "answers"
+    assert everything[("lmm", 0)]["loss_last_100_steps"] != pytest.approx(record["loss_last_100_steps"], rel=1e-3)
 
 
 class _PlantedMemory:
