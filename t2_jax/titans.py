@@ -22,6 +22,7 @@ only the long-term memory's outer projections ("memory").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pathlib
 from typing import Callable
@@ -65,6 +66,26 @@ def nll_per_target(model: TitansLM, params, tokens) -> jax.Array:
     return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
+@functools.lru_cache(maxsize=8)
+def _expert_update(model_config, form: str, learning_rate: float, clip_norm: float):
+    """(optimizer, jitted update step) of an SVF expert, shared by every expert trained in a
+    process with the same model and settings (one compilation, not one per expert)."""
+    model = TitansLM(model_config)
+    optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(learning_rate))
+
+    def loss_fn(expert, params, svd, tokens):
+        return jnp.mean(nll_per_target(model, compose(params, svd, expert, form), tokens))
+
+    @jax.jit
+    def update(state, params, svd, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(state["expert"], params, svd, tokens)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["expert"])
+        return ({"expert": optax.apply_updates(state["expert"], updates), "opt_state": opt_state,
+                 "step": state["step"] + 1}, {"loss": loss, "grad_norm": optax.tree.norm(grads)})
+
+    return optimizer, update
+
+
 def train_titans_expert(config: TitansExpertConfig, model_config, params, svd, train_batch: Callable[[int], np.ndarray],
                         out_dir, *, eval_sets: dict | None = None, byte_lengths: np.ndarray | None = None,
                         progress: bool = False) -> dict:
@@ -73,7 +94,7 @@ def train_titans_expert(config: TitansExpertConfig, model_config, params, svd, t
     eval_sets {name: () -> batches} are scored (bits per byte with byte_lengths) at the end."""
     model = TitansLM(model_config)
     out_dir = pathlib.Path(out_dir)
-    optimizer = optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adam(config.learning_rate))
+    optimizer, update = _expert_update(model_config, config.form, config.learning_rate, config.clip_norm)
     key = jax.random.key(config.seed)
     base_fp = fingerprint(params)
 
@@ -84,16 +105,6 @@ def train_titans_expert(config: TitansExpertConfig, model_config, params, svd, t
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
                             jax.eval_shape(fresh))
-
-    def loss_fn(expert, params, svd, tokens):
-        return jnp.mean(nll_per_target(model, compose(params, svd, expert, config.form), tokens))
-
-    @jax.jit
-    def update(state, params, svd, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(state["expert"], params, svd, tokens)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["expert"])
-        return ({"expert": optax.apply_updates(state["expert"], updates), "opt_state": opt_state,
-                 "step": state["step"] + 1}, {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
     eval_fn = loop_lib.make_eval_fn(model)
 
