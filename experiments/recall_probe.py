@@ -232,7 +232,8 @@ def main(argv=None) -> dict:
                                 args.pairs, bins, args.gap)
             record = {"variant": variant, "seed": seed, "step": int(ckpt_meta["step"]), "window": window,
                       "segment_size": model_config.segment_size, "pairs": args.pairs, "seq_len": args.seq_len,
-                      "gap": args.gap, "set": args.set, "loss_on": args.loss_on, "loss_last_100_steps": recent_loss(directory, 100),
+                      "gap": args.gap, "set": args.set, "loss_on": args.loss_on,
+                      "loss_last_100_steps": recent_loss(directory, 100),
                       "accuracy_by_distance": accuracy}
             if args.address:
                 import jax

@@ -74,7 +74,8 @@ def test_quick_probe_trains_evaluates_and_reuses_the_run(tmp_path):
     record = json.loads((tmp_path / "lmm" / "seed0" / "recall.json").read_text())
     assert record == results[("lmm", 0)] and record["step"] == 2
     assert sum(cell["count"] for cell in record["accuracy_by_distance"].values()) == 8 * 16 * 8
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "lmm" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "lmm" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in metrics]
     assert record["loss_last_100_steps"] == pytest.approx(sum(losses[-2:]) / 2) and record["set"] == []
     again = recall_probe.main(["--quick", "--variants", "lmm", "--out", str(tmp_path)])  # finished: not retrained
     assert again[("lmm", 0)] == record
@@ -107,7 +108,8 @@ class _PlantedMemory:
 def test_address_match_finds_planted_keys_and_sees_identical_ones():
     ids, mask, distance = recall_batch(3, 0, 4, 128, 6, gap=2)
     found = recall_probe.address_match(_PlantedMemory(mask, distance), {}, ids, mask, distance)
-    assert found["block_0/memory"] == pytest.approx({"top1": 1.0, "own": 1.0, "other": 0.0, "key_spread": 0.0}, abs=1e-5)
+    planted = {"top1": 1.0, "own": 1.0, "other": 0.0, "key_spread": 0.0}
+    assert found["block_0/memory"] == pytest.approx(planted, abs=1e-5)
     same = recall_probe.address_match(_PlantedMemory(mask, distance, same_keys=True), {}, ids, mask, distance)
     cell = same["block_0/memory"]
     assert cell["key_spread"] == pytest.approx(1.0) and cell["own"] == pytest.approx(cell["other"])
