@@ -16,7 +16,7 @@ from titans_jax.presets import MLP_MULTIPLE, PRESETS, preset
 from tiny_lm import ARCHS, model_getter, tiny_config
 from tiny_lm import arch_params as _arch_params
 
-SLOW = {"mac_learned", "ttt", "linear", "mal"}  # code paths of mac / lmm / mag with other settings
+SLOW = {"mac_learned", "mac_block_input", "ttt", "linear", "mal"}  # code paths of mac / lmm / mag with other settings
 
 
 def arch_params(names):
@@ -131,6 +131,8 @@ def test_bad_configs_are_rejected_with_clear_errors():
         tiny_config("mag", attention_impl="jax")
     with pytest.raises(ValueError, match="unknown mac_retrieval"):
         tiny_config("mac", mac_retrieval="leaky")
+    with pytest.raises(ValueError, match="unknown mac_write"):
+        tiny_config("mac", mac_write="residual")
 
 
 def test_bad_inputs_are_rejected_with_clear_errors(tiny_models):

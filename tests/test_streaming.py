@@ -18,7 +18,7 @@ from tiny_lm import ARCHS, LENGTH, Tiny, model_getter
 from tiny_lm import arch_params as _arch_params
 
 # code paths of mac / lmm / mag with other settings (swa's attention cache runs inside mag)
-SLOW = {"mac_learned", "ttt", "linear", "mal", "swa"}
+SLOW = {"mac_learned", "mac_block_input", "ttt", "linear", "mal", "swa"}
 # Calls of 5, 1, 1, 5, 1, 5, 1, 1, 1 tokens: T = 1 steps mixed in, calls that cross chunk (4)
 # and segment (8) boundaries, calls that start on them; two call shapes to compile.
 SPLITS = [5, 1, 1, 5, 1, 5, 1, 1, 1]

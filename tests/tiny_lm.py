@@ -14,6 +14,7 @@ TINY = dict(vocab_size=50, d_model=32, num_layers=2, num_heads=2, head_dim=16, m
 ARCHS = {
     "transformer": {}, "swa": {}, "lmm": {}, "mac": {}, "mag": {}, "mal": {},
     "mac_learned": dict(arch="mac", mac_retrieval="learned"),
+    "mac_block_input": dict(arch="mac", mac_write="block_input"),
     "ttt": VARIANTS["ttt"], "linear": VARIANTS["linear"],
 }
 

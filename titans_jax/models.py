@@ -44,7 +44,9 @@ token i with the memory after the whole segment was written. We keep everything 
   - the output gate o_i = gate(y_i, M*_i(y_i)) uses the memory after writing y_1..y_i (with the
     memory's chunk semantics), not after the whole segment.
 The memory writes the attention outputs of the segment's own tokens (not of the persistent or
-retrieved positions). The retrieval query has its own projection W_Q' (+ conv, SiLU, l2-norm);
+retrieved positions). mac_write="block_input" writes the block's (normed) input x instead, as some
+ports do; that is not the paper's MAC (eq. 24 writes y) and exists to measure what the write path
+costs (experiments/results/recall_probe_cpu.md). The retrieval query has its own projection W_Q' (+ conv, SiLU, l2-norm);
 the memory's W_Q/W_K/W_V act on the attention output y.
 
 Dimension letters: B batch, T tokens, D d_model, V vocabulary, H heads, E head dim,
@@ -76,6 +78,7 @@ Array = jax.Array
 
 ARCHITECTURES = ("transformer", "swa", "lmm", "mac", "mag", "mal")
 MAC_RETRIEVAL = ("causal", "learned")
+MAC_WRITE = ("attention", "block_input")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -104,6 +107,7 @@ class ModelConfig:
     num_persistent: int = 4
     segment_size: int = 128  # MAC segment length C; a multiple of lmm.memory.chunk_size
     mac_retrieval: str = "causal"
+    mac_write: str = "attention"  # what MAC's memory writes: "attention" (y, eq. 24) or "block_input" (x)
     num_learned_queries: int = 8
     mac_remat_segments: bool = True  # rematerialise each MAC segment in training (memory ~ carries only)
     # The long-term memory of every lmm / mac / mag / mal block (its memory MLP and inner loop are
@@ -150,6 +154,8 @@ class ModelConfig:
                 f"lmm.memory.chunk_size={self.lmm.memory.chunk_size}")
         if self.mac_retrieval not in MAC_RETRIEVAL:
             raise ValueError(f"unknown mac_retrieval {self.mac_retrieval!r}; choose one of {MAC_RETRIEVAL}")
+        if self.mac_write not in MAC_WRITE:
+            raise ValueError(f"unknown mac_write {self.mac_write!r}; choose one of {MAC_WRITE}")
         if self.mac_retrieval == "learned" and self.num_learned_queries <= 0:
             raise ValueError("mac_retrieval='learned' needs num_learned_queries > 0")
         if self.attention_impl not in ("blocked", "jax"):
@@ -425,7 +431,7 @@ class MemoryAsContext(nn.Module):
         y = self.out(y.reshape(batch, length, -1))
 
         # 3. write y into the memory and read it back with the updated memory (eq. 24-25)
-        read, lmm_state = self.memory(y, cache.lmm, num_valid)
+        read, lmm_state = self.memory(y if cfg.mac_write == "attention" else x, cache.lmm, num_valid)
         out = self.gate(y, read)
 
         # 4. at the end of a segment its memory becomes the next segment's M_{t-1}
