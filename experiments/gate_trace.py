@@ -158,7 +158,7 @@ def analyse(args, programs, params, batch, step) -> dict:
         total, count = next_token_nll(programs.model, p, tokens, mask)
         return total / count
 
-    value, grads = jax.jit(jax.value_and_grad(loss))(params)  # jitted: eager op-by-op is ~10x slower
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)  # jitted: op-by-op dispatch was most of the tool's time
     grad_norm = float(jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads))))
     collected = jax.jit(lambda p, ids: programs.model.apply({"params": p}, ids, mutable=["diagnostics"])[1])(
         params, tokens[:, :-1])

@@ -44,10 +44,10 @@ token i with the memory after the whole segment was written. We keep everything 
   - the output gate o_i = gate(y_i, M*_i(y_i)) uses the memory after writing y_1..y_i (with the
     memory's chunk semantics), not after the whole segment.
 The memory writes the attention outputs of the segment's own tokens (not of the persistent or
-retrieved positions). mac_write="block_input" writes the block's (normed) input x instead, as some
-ports do; that is not the paper's MAC (eq. 24 writes y) and exists to measure what the write path
-costs (experiments/results/recall_probe_cpu.md). The retrieval query has its own projection W_Q' (+ conv, SiLU, l2-norm);
-the memory's W_Q/W_K/W_V act on the attention output y.
+retrieved positions); the memory's W_Q/W_K/W_V act on y. mac_write="block_input" writes the
+block's (normed) input x instead, as some ports do: not the paper's MAC (eq. 24 writes y), an
+option to measure what the write path costs (experiments/results/recall_probe_cpu.md). The
+retrieval query has its own projection W_Q' (+ conv, SiLU, l2-norm).
 
 Dimension letters: B batch, T tokens, D d_model, V vocabulary, H heads, E head dim,
 C segment length, N_p persistent tokens.
