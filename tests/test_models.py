@@ -116,6 +116,16 @@ def test_paper_presets_match_their_size_through_eval_shape(name, arch):
 # Clear errors
 
 
+def test_mac_write_block_input_changes_what_the_memory_writes_not_the_parameters(tiny_models):
+    """mac_write="block_input" (an option beside the paper's write of y): the same parameters,
+    other logits (the memory stores x, so everything after the first memory read moves)."""
+    with jax.enable_x64(True):
+        paper, other = tiny_models("mac"), tiny_models("mac_block_input")
+        assert jax.tree.structure(paper.params) == jax.tree.structure(other.params)
+        a, b = paper.forward(paper.params, paper.tokens), other.forward(paper.params, paper.tokens)
+        assert float(jnp.max(jnp.abs(a - b))) > 1e-6
+
+
 def test_bad_configs_are_rejected_with_clear_errors():
     with pytest.raises(ValueError, match="multiple of the memory chunk size"):
         tiny_config("mac", segment_size=6)
