@@ -193,6 +193,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny preset, 2 steps: a smoke run")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.address and args.pairs < 2:
+        parser.error("--address compares each query with the other pairs' keys: it needs --pairs >= 2")
 
     import dataclasses
 
@@ -210,6 +212,9 @@ def main(argv=None) -> dict:
         for seed in (int(s) for s in args.seeds.split(",")):
             config = apply_overrides(get_config(f"lc_{variant}"), overrides + [f"run.seed={seed}"])
             model_config = config.model_config(vocab_size=256)
+            if args.address and model_config.scan_layers:
+                raise SystemExit(f"--address reads the memory layers' inputs, which a model with scanned layers "
+                                 f"(scan_layers=True, lc_{variant} with these overrides) does not carry out")
             directory = out / variant / f"seed{seed}"
             print(f"[recall] {variant} seed {seed}: {config.run.steps} steps of {config.run.batch_size} x "
                   f"{config.run.seq_len}, {args.pairs} pairs per row; {directory}", flush=True)

@@ -113,3 +113,12 @@ def test_address_match_finds_planted_keys_and_sees_identical_ones():
     same = recall_probe.address_match(_PlantedMemory(mask, distance, same_keys=True), {}, ids, mask, distance)
     cell = same["block_0/memory"]
     assert cell["key_spread"] == pytest.approx(1.0) and cell["own"] == pytest.approx(cell["other"])
+
+
+def test_address_needs_two_pairs_and_unscanned_layers(tmp_path):
+    with pytest.raises(SystemExit):
+        recall_probe.main(["--quick", "--address", "--pairs", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="scan_layers"):
+        recall_probe.main(["--quick", "--variants", "lmm", "--address", "--set", "model.scan_layers=true",
+                           "--out", str(tmp_path)])
+    assert not (tmp_path / "lmm").exists()  # refused before any training
