@@ -84,17 +84,17 @@ def test_gate_trace_surprise_norms_are_the_tokens_gradients_at_their_chunk_start
         inputs = random_memory_inputs(5, 8, batch=1, heads=2, key_dim=4)
         norms = surprise_norms(params, inputs, config)
         keys, values = inputs[0], inputs[1]
+        inner_grad = jax.jit(jax.grad(mem.inner_loss), static_argnums=4)
+        chunk_start_weights = {0: mem.init_memory_state(params, 1, config).weights}
         for t in range(8):
             start = t - t % config.chunk_size
-            if start:
+            if start not in chunk_start_weights:  # the memory run over the tokens before the chunk
                 _, state = mem.memory_apply(params, *(x[:, :, :start] for x in inputs), config)
-                weights = state.weights
-            else:
-                weights = mem.init_memory_state(params, 1, config).weights
+                chunk_start_weights[start] = state.weights
             for h in range(2):
-                w = tuple({k: v[0, h] for k, v in layer.items()} for layer in weights)
+                w = tuple({k: v[0, h] for k, v in layer.items()} for layer in chunk_start_weights[start])
                 n = {k: v[h] for k, v in params["norm"].items()}
-                grads = jax.grad(mem.inner_loss)(w, n, keys[0, h, t], values[0, h, t], config)
+                grads = inner_grad(w, n, keys[0, h, t], values[0, h, t], config)
                 expected = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
                 assert abs(norms[0, h, t] - float(expected)) <= 1e-5 * float(expected)
 

@@ -52,14 +52,31 @@ def test_quick_grid_runs_every_phase_and_a_rerun_reuses_it(tmp_path, monkeypatch
     assert again["rows"] == first["rows"]
     report = lc.main(["--quick", "--report-only", "--out", str(out)])
     assert report["rows"] == first["rows"]
-    check_diagnostic_tools(out / "mac" / "seed0")
+    check_prompt_length_probe(out / "mac" / "seed0")
 
 
-def check_diagnostic_tools(run):
+def check_prompt_length_probe(run):
+    """prompt_length_probe on the quick grid's MAC run: one training-distribution example per
+    prompt length, greedy answer counted."""
+    from experiments import prompt_length_probe
+
+    probe = prompt_length_probe.main(["--run", str(run), "--lengths", "400,420", "--depths", "0,1", "--count", "1",
+                                      "--new-tokens", "2"])
+    assert probe.keys() == {(400, 0.0), (400, 1.0), (420, 0.0), (420, 1.0)}
+    # the needle at depth 0 is further from the question than at depth 1, by about the haystack
+    assert probe[(420, 0.0)][2] > probe[(420, 1.0)][2] > 0 and all(count == 1 for _, count, _ in probe.values())
+
+
+@pytest.mark.slow  # ~1.5 min: its own quick grid, then two tools that each compile the model's gradient
+def test_gate_trace_and_grad_spikes_on_a_quick_grid_run(tmp_path, monkeypatch):
     """The probe tools on the quick grid's MAC run. gate_trace: one row per window for every
     memory layer, the gates in their ranges, the gradient reach normalised to the last window."""
-    from experiments import gate_trace, grad_spikes, prompt_length_probe
+    from experiments import gate_trace, grad_spikes
 
+    monkeypatch.setenv("TITANS_JAX_CACHE", str(tmp_path / "cache"))
+    write_long_books(tmp_path / "cache")
+    lc.main(["--quick", "--out", str(tmp_path / "grid")])
+    run = tmp_path / "grid" / "mac" / "seed0"
     sets = sum((["--set", item] for item in lc.QUICK["train_overrides"]), [])
     report = gate_trace.main(["--run", str(run), "--config", "lc_mac", *sets, "--step", "2", "--window", "256"])
     layers = report[2]
@@ -75,12 +92,6 @@ def check_diagnostic_tools(run):
                              "--by-position"])
     assert [(lo, hi) for lo, hi, _ in rows] == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]
     assert all(0 < norm < float("inf") for _, _, norm in rows)
-    # prompt_length_probe: one training-distribution example per prompt length, greedy answer counted
-    probe = prompt_length_probe.main(["--run", str(run), "--lengths", "400,420", "--depths", "0,1", "--count", "1",
-                                      "--new-tokens", "2"])
-    assert probe.keys() == {(400, 0.0), (400, 1.0), (420, 0.0), (420, 1.0)}
-    # the needle at depth 0 is further from the question than at depth 1, by about the haystack
-    assert probe[(420, 0.0)][2] > probe[(420, 1.0)][2] > 0 and all(count == 1 for _, count, _ in probe.values())
 
 
 def test_cells_give_spread_over_seeds_or_a_binomial_interval():

@@ -136,8 +136,9 @@ def test_short_sequences():
         for impl in mem.IMPLEMENTATIONS:
             config = mem.MemoryConfig(residual_norm=False, key_dim=KEY_DIM, value_dim=KEY_DIM, chunk_size=16, impl=impl)
             params = make_params(config)
+            apply = jax.jit(lambda *inputs: mem.memory_apply(params, *inputs, config))
             for length in (1, 7):
-                out, state = mem.memory_apply(params, *make_inputs(6, length), config)
+                out, state = apply(*make_inputs(6, length))
                 assert out.shape == (BATCH, HEADS, length, KEY_DIM)
                 assert int(state.num_pending) == length
                 assert np.all(np.isfinite(np.asarray(out)))
@@ -214,10 +215,11 @@ def test_surprise_clip_above_every_norm_changes_nothing_and_bounds_writes():
         cap = 0.05
         config = dataclasses.replace(base, chunk_size=1, surprise_clip=cap)
         keys, values, queries, theta, _, _ = inputs
-        state, previous = None, mem.init_memory_state(params, BATCH, config).weights
+        state = mem.init_memory_state(params, BATCH, config)
+        previous = state.weights
+        one_token = jax.jit(lambda state, *piece: mem.memory_apply(params, *piece, None, None, config, state)[1])
         for t in range(keys.shape[2]):
-            piece = [x[:, :, t:t + 1] for x in (keys, values, queries, theta)]
-            _, state = mem.memory_apply(params, *piece, None, None, config, state)
+            state = one_token(state, *[x[:, :, t:t + 1] for x in (keys, values, queries, theta)])
             step = np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2, axis=tuple(range(2, np.ndim(a))))
                                for a, b in zip(jax.tree.leaves(state.weights), jax.tree.leaves(previous))))
             bound = np.asarray(theta[:, :, t]) * cap
@@ -304,7 +306,7 @@ def test_gates_switched_off_give_finite_gradients_in_float32():
     def loss(params, theta):
         return jnp.sum(mem.memory_apply(params, keys, values, queries, theta, None, None, config)[0] ** 2)
 
-    grads = jax.grad(loss, argnums=(0, 1))(params, theta)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, theta)
     for leaf in jax.tree.leaves(grads):
         assert np.all(np.isfinite(np.asarray(leaf)))
         assert float(jnp.max(jnp.abs(leaf))) > 0

@@ -1,6 +1,6 @@
 """TNT's local memory (titans_jax.tnt): the batched-periods path, the streaming path and a
 per-period reference agree, in float64; an LMM model with it streams exactly; bad configs are
-refused. Sequence-sharded equality is in tests/test_sharding.py."""
+refused. Sequence-sharded equality is in tests/test_sharding.py (slow tier)."""
 
 from __future__ import annotations
 
