@@ -25,7 +25,10 @@ query's ':' answers at any distance; SWA cannot beyond its window; Transformer++
 Each variant trains with the `lc_<variant>` config (experiments.configs: the mini preset, the
 same optimiser for all) on these rows only, with `--steps`, `--seq-len`, `--batch`; finished runs
 are skipped, interrupted ones resume. Evaluation is teacher-forced (a query's answer is one
-token), on fresh seeds, and written to <out>/<variant>/seed<k>/recall.json.
+token), on fresh seeds, and written to <out>/<variant>/seed<k>/recall.json; `--eval-lengths`
+also evaluates on rows longer than the training rows (the same pairs and queries, a longer
+filler between them), so recall is measured at distances the model never trained on -- the
+probe's form of Table 2's question. Rerunning a finished run evaluates it again (no training).
 """
 
 from __future__ import annotations
@@ -87,8 +90,13 @@ def recall_batch(seed: int, step: int, batch_size: int, seq_len: int, num_pairs:
 
 
 def distance_bins(seq_len: int, window: int) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of distance: half the window, the window, twice it, the rest of the row."""
-    edges = sorted({0, seq_len + 1} | {edge for edge in (window // 2, window, 2 * window) if 0 < edge < seq_len})
+    """[lo, hi) ranges of distance: half the window, the window, then doubling (2, 4, 8, ... times
+    the window) up to the end of the row."""
+    edges, edge = {0, seq_len + 1} | ({window // 2} if 0 < window // 2 < seq_len else set()), window
+    while 0 < edge < seq_len:
+        edges.add(edge)
+        edge *= 2
+    edges = sorted(edges)
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
@@ -185,6 +193,12 @@ def main(argv=None) -> dict:
                         help="train on the queries' values only (default) or on every next token (the pairs' "
                              "structure then rewards layers that represent the last few tokens)")
     parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--eval-lengths", default="",
+                        help="comma-separated row lengths beyond the training length to evaluate the trained "
+                             "model at too (the same pairs, a longer filler: recall at distances it never "
+                             "trained on)")
+    parser.add_argument("--long-eval-batches", type=int,
+                        help="batches per --eval-lengths length (default: --eval-batches)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="more overrides of the lc_<variant> configs (model., optim.)")
     parser.add_argument("--address", action="store_true",
@@ -195,6 +209,14 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.address and args.pairs < 2:
         parser.error("--address compares each query with the other pairs' keys: it needs --pairs >= 2")
+    try:
+        eval_lengths = [int(text) for text in args.eval_lengths.split(",") if text.strip()]
+    except ValueError:
+        parser.error(f"--eval-lengths must be comma-separated integers, got {args.eval_lengths!r}")
+    too_short = [length for length in eval_lengths if length < 2 * args.pairs * (PAIR + args.gap) - 1]
+    if too_short:
+        parser.error(f"--eval-lengths {too_short}: {args.pairs} pairs and their queries need "
+                     f"{2 * args.pairs * (PAIR + args.gap)} tokens a row")
 
     import dataclasses
 
@@ -240,6 +262,12 @@ def main(argv=None) -> dict:
                       "gap": args.gap, "set": args.set, "loss_on": args.loss_on,
                       "loss_last_100_steps": recent_loss(directory, 100),
                       "accuracy_by_distance": accuracy}
+            if eval_lengths:  # rows longer than any the model trained on, evaluated in one parallel pass
+                batches = args.long_eval_batches or args.eval_batches
+                record["accuracy_by_length"] = {
+                    str(length): evaluate(TitansLM(model_config), params, seed, batches, args.batch, length,
+                                          args.pairs, distance_bins(length, window), args.gap)
+                    for length in eval_lengths}
             if args.address:
                 import jax
 
@@ -259,6 +287,9 @@ def main(argv=None) -> dict:
             line = ", ".join(f"{k}: {v['correct']}/{v['count']} ({v['accuracy']:.2f})" for k, v in accuracy.items())
             print(f"[recall] {variant} seed {seed} (step {record['step']}, window {window}): accuracy by distance "
                   f"in tokens: {line}", flush=True)
+            for length, cells in record.get("accuracy_by_length", {}).items():
+                line = ", ".join(f"{k}: {v['correct']}/{v['count']} ({v['accuracy']:.2f})" for k, v in cells.items())
+                print(f"[recall] {variant} seed {seed}, rows of {length} tokens: {line}", flush=True)
     return results
 
 

@@ -65,7 +65,9 @@ def test_a_gap_separates_each_key_from_its_value_in_pairs_and_queries():
 
 def test_distance_bins_cover_the_row():
     assert distance_bins(256, 128) == [(0, 64), (64, 128), (128, 257)]
-    assert distance_bins(1024, 128) == [(0, 64), (64, 128), (128, 256), (256, 1025)]
+    assert distance_bins(1024, 128) == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1025)]
+    assert distance_bins(64, 128) == [(0, 65)] and distance_bins(40, 1) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16),
+                                                                       (16, 32), (32, 41)]
 
 
 @pytest.mark.slow  # trains two tiny models two steps (~1 min); the generator is tested above
@@ -79,6 +81,13 @@ def test_quick_probe_trains_evaluates_and_reuses_the_run(tmp_path):
     assert record["loss_last_100_steps"] == pytest.approx(sum(losses[-2:]) / 2) and record["set"] == []
     again = recall_probe.main(["--quick", "--variants", "lmm", "--out", str(tmp_path)])  # finished: not retrained
     assert again[("lmm", 0)] == record
+    # --eval-lengths: the finished run evaluated again on longer rows, every query counted once
+    longer = recall_probe.main(["--quick", "--variants", "lmm", "--eval-lengths", "512", "--long-eval-batches", "2",
+                                "--out", str(tmp_path)])[("lmm", 0)]
+    assert longer["step"] == 2 and list(longer["accuracy_by_length"]) == ["512"]
+    assert longer["accuracy_by_distance"] == record["accuracy_by_distance"]  # the training length: as before
+    cells = longer["accuracy_by_length"]["512"]
+    assert sum(cell["count"] for cell in cells.values()) == 2 * 16 * 8 and list(cells)[-1].endswith("-512")
     # --loss-on all: every next token is a target (most are random digits), so the loss differs
     everything = recall_probe.main(["--quick", "--variants", "lmm", "--loss-on", "all", "--out", str(tmp_path / "all")])
     assert everything[("lmm", 0)]["loss_on"] == "all" and record["loss_on"] == "answers"
@@ -113,6 +122,14 @@ def test_address_match_finds_planted_keys_and_sees_identical_ones():
     same = recall_probe.address_match(_PlantedMemory(mask, distance, same_keys=True), {}, ids, mask, distance)
     cell = same["block_0/memory"]
     assert cell["key_spread"] == pytest.approx(1.0) and cell["own"] == pytest.approx(cell["other"])
+
+
+def test_eval_lengths_must_hold_the_pairs_and_queries(tmp_path):
+    with pytest.raises(SystemExit):  # 8 pairs of 4 tokens and their queries: 64 tokens a row
+        recall_probe.main(["--quick", "--eval-lengths", "62", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        recall_probe.main(["--quick", "--eval-lengths", "1k", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # refused before anything was trained
 
 
 def test_address_needs_two_pairs_and_unscanned_layers(tmp_path):
