@@ -79,9 +79,15 @@ def _run_child(cases: list[dict], out: pathlib.Path, timeout: int) -> list[dict]
     return results
 
 
+def _batch_for(mesh: str) -> int:
+    """4 rows, or as many as the mesh's batch axes (data x fsdp) split the batch into."""
+    sizes = dict(item.split("=") for item in mesh.split(","))
+    return max(4, int(sizes.get("data", 1)) * int(sizes.get("fsdp", 1)))
+
+
 def _cases(equal_cases):
-    return [{"kind": "equal", "arch": arch, "overrides": overrides, "mesh": mesh, "length": length}
-            for _, arch, overrides, mesh, length in equal_cases]
+    return [{"kind": "equal", "arch": arch, "overrides": overrides, "mesh": mesh, "length": length,
+             "batch": _batch_for(mesh)} for _, arch, overrides, mesh, length in equal_cases]
 
 
 @pytest.fixture(scope="module")
