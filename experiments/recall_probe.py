@@ -215,8 +215,8 @@ def main(argv=None) -> dict:
         parser.error(f"--eval-lengths must be comma-separated integers, got {args.eval_lengths!r}")
     too_short = [length for length in eval_lengths if length < 2 * args.pairs * (PAIR + args.gap) - 1]
     if too_short:
-        parser.error(f"--eval-lengths {too_short}: {args.pairs} pairs and their queries need "
-                     f"{2 * args.pairs * (PAIR + args.gap)} tokens a row")
+        parser.error(f"--eval-lengths {too_short}: {args.pairs} pairs and their queries need rows of at least "
+                     f"{2 * args.pairs * (PAIR + args.gap) - 1} tokens")
 
     import dataclasses
 
