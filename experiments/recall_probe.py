@@ -28,7 +28,9 @@ are skipped, interrupted ones resume. Evaluation is teacher-forced (a query's an
 token), on fresh seeds, and written to <out>/<variant>/seed<k>/recall.json; `--eval-lengths`
 also evaluates on rows longer than the training rows (the same pairs and queries, a longer
 filler between them), so recall is measured at distances the model never trained on -- the
-probe's form of Table 2's question. Rerunning a finished run evaluates it again (no training).
+probe's form of Table 2's question. Rerunning a finished run evaluates it again (no training) and
+keeps what an earlier evaluation of it measured that this one did not (other lengths, --address);
+experiments.recall_table makes the table and curves from these files.
 """
 
 from __future__ import annotations
@@ -168,6 +170,44 @@ def address_match(model, params, ids: np.ndarray, mask: np.ndarray, distance: np
     return report
 
 
+def params_digest(params) -> str:
+    """A short hash of a parameter pytree (paths, dtypes, shapes and values): which trained run a
+    result belongs to."""
+    import hashlib
+
+    import jax
+
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def carry_over(record: dict, path: pathlib.Path) -> dict:
+    """The record with what an earlier evaluation of the same trained run (its recall.json at
+    `path`) measured and this one did not: lengths not evaluated again, the address measurement.
+    Same run: the same params_digest, or for files written before it existed, the same step and
+    the same training-length evaluation (deterministic for given parameters)."""
+    if not path.exists():
+        return record
+    earlier = json.loads(path.read_text())
+    if "params_digest" in earlier:
+        same = earlier["params_digest"] == record["params_digest"]
+    else:
+        same = (earlier.get("step"), earlier.get("accuracy_by_distance")) == (record["step"],
+                                                                           record["accuracy_by_distance"])
+    if not same:
+        return record
+    lengths = {**earlier.get("accuracy_by_length", {}), **record.get("accuracy_by_length", {})}
+    merged = {**record, **({"accuracy_by_length": dict(sorted(lengths.items(), key=lambda kv: int(kv[0])))}
+                           if lengths else {})}
+    if "address" in earlier and "address" not in record:
+        merged["address"] = earlier["address"]
+    return merged
+
+
 def recent_loss(directory: pathlib.Path, steps: int) -> float | None:
     """Mean training loss over the last `steps` steps of a run (its metrics.jsonl; a step logged
     twice, before and after a resume, counts once, with its last value)."""
@@ -257,7 +297,8 @@ def main(argv=None) -> dict:
             bins = distance_bins(args.seq_len, window)
             accuracy = evaluate(TitansLM(model_config), params, seed, args.eval_batches, args.batch, args.seq_len,
                                 args.pairs, bins, args.gap)
-            record = {"variant": variant, "seed": seed, "step": int(ckpt_meta["step"]), "window": window,
+            record = {"variant": variant, "seed": seed, "step": int(ckpt_meta["step"]),
+                      "params_digest": params_digest(params), "window": window,
                       "segment_size": model_config.segment_size, "pairs": args.pairs, "seq_len": args.seq_len,
                       "gap": args.gap, "set": args.set, "loss_on": args.loss_on,
                       "loss_last_100_steps": recent_loss(directory, 100),
@@ -282,6 +323,7 @@ def main(argv=None) -> dict:
                         print(f"[recall] {variant} seed {seed} {when} {name}: own pair's key first in "
                               f"{cell['top1']:.2f} (chance {1 / args.pairs:.2f}); cosine own {cell['own']:.2f}, "
                               f"other {cell['other']:.2f}; between keys {cell['key_spread']:.2f}", flush=True)
+            record = carry_over(record, directory / "recall.json")
             (directory / "recall.json").write_text(json.dumps(record, indent=1))
             results[(variant, seed)] = record
             line = ", ".join(f"{k}: {v['correct']}/{v['count']} ({v['accuracy']:.2f})" for k, v in accuracy.items())

@@ -88,6 +88,12 @@ def test_quick_probe_trains_evaluates_and_reuses_the_run(tmp_path):
     assert longer["accuracy_by_distance"] == record["accuracy_by_distance"]  # the training length: as before
     cells = longer["accuracy_by_length"]["512"]
     assert sum(cell["count"] for cell in cells.values()) == 2 * 16 * 8 and list(cells)[-1].endswith("-512")
+    assert longer["params_digest"] == record["params_digest"]
+    # evaluated again at another length: the file keeps the 512-token result beside the new one
+    more = recall_probe.main(["--quick", "--variants", "lmm", "--eval-lengths", "384", "--long-eval-batches", "1",
+                              "--out", str(tmp_path)])[("lmm", 0)]
+    assert list(more["accuracy_by_length"]) == ["384", "512"] and more["accuracy_by_length"]["512"] == cells
+    assert json.loads((tmp_path / "lmm" / "seed0" / "recall.json").read_text()) == more
     # --loss-on all: every next token is a target (most are random digits), so the loss differs
     everything = recall_probe.main(["--quick", "--variants", "lmm", "--loss-on", "all", "--out", str(tmp_path / "all")])
     assert everything[("lmm", 0)]["loss_on"] == "all" and record["loss_on"] == "answers"
@@ -139,3 +145,68 @@ def test_address_needs_two_pairs_and_unscanned_layers(tmp_path):
         recall_probe.main(["--quick", "--variants", "lmm", "--address", "--set", "model.scan_layers=true",
                            "--out", str(tmp_path)])
     assert not (tmp_path / "lmm").exists()  # refused before any training
+
+
+def _record(seed=0, digest="d0", lengths=None, **extra):
+    return {"variant": "lmm", "seed": seed, "step": 600, "params_digest": digest, "gap": 0, "set": [],
+            "loss_on": "answers", "seq_len": 256, "pairs": 8, "accuracy_by_distance": {"0-256": {
+                "correct": 9, "count": 10, "accuracy": 0.9}}, **({"accuracy_by_length": lengths} if lengths else {}),
+            **extra}
+
+
+def test_a_new_evaluation_keeps_what_an_earlier_one_of_the_same_run_measured(tmp_path):
+    path = tmp_path / "recall.json"
+    assert recall_probe.carry_over(_record(lengths={"1024": {"x": 1}}), path) == _record(lengths={"1024": {"x": 1}})
+    path.write_text(json.dumps(_record(lengths={"4096": {"y": 2}, "1024": {"old": 0}}, address={"a": 1})))
+    merged = recall_probe.carry_over(_record(lengths={"1024": {"x": 1}}), path)
+    assert merged["accuracy_by_length"] == {"1024": {"x": 1}, "4096": {"y": 2}}  # the new 1024 wins, sorted
+    assert list(merged["accuracy_by_length"]) == ["1024", "4096"] and merged["address"] == {"a": 1}
+    other = _record(digest="d1", lengths={"1024": {"x": 1}})  # retrained: nothing of the old file is kept
+    assert recall_probe.carry_over(other, path) == other
+    older = _record(lengths={"4096": {"y": 2}})
+    del older["params_digest"]  # written before the digest: the same step and training-length result
+    path.write_text(json.dumps(older))
+    assert list(recall_probe.carry_over(_record(), path)["accuracy_by_length"]) == ["4096"]
+    path.write_text(json.dumps({**older, "step": 500}))
+    assert "accuracy_by_length" not in recall_probe.carry_over(_record(), path)
+
+
+def _cells(*bins):
+    return {f"{lo}-{hi}": {"correct": c, "count": n, "accuracy": c / n} for lo, hi, c, n in bins}
+
+
+def test_recall_table_merges_runs_counts_beyond_the_training_rows_and_gives_spread(tmp_path, capsys):
+    from experiments import recall_table
+
+    files = {  # seed 0 evaluated at 1K, later again at 4K (two files); seed 1 at both; MAG one seed
+        "a.json": _record(0, "s0", {"1024": _cells((0, 255, 0, 50), (256, 1024, 30, 40))}),
+        "b.json": _record(0, "s0", {"4096": _cells((256, 4096, 20, 40))}),
+        "c.json": _record(1, "s1", {"1024": _cells((256, 1024, 10, 40)), "4096": _cells((512, 4096, 10, 20))}),
+        "d.json": {**_record(0, "m0", {"1024": _cells((256, 1024, 45, 50))}), "variant": "mag"},
+        "e.json": _record(2, "s2"),  # no long evaluation: left out
+        "notes.json": {"something": "else"},
+    }
+    for name, record in files.items():
+        (tmp_path / name).write_text(json.dumps(record))
+    text = recall_table.main([str(tmp_path), "--plot", str(tmp_path / "curves.png")])
+    assert capsys.readouterr().out.startswith(text) and (tmp_path / "curves.png").stat().st_size > 0
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+    rows = {row[0]: row for row in rows}
+    assert set(rows) == {"LMM", "MAG"}
+    lmm = rows["LMM"]
+    assert lmm[1] == "0, 1" and lmm[3] == "0.90 ± 0.00 (0.90, 0.90)"  # the training length: every query
+    assert lmm[4] == "0.50 ± 0.35 (0.75, 0.25)"  # 1K: only the bins >= 256 back (30/40 and 10/40)
+    assert lmm[5] == "0.50 ± 0.00 (0.50, 0.50)"
+    assert rows["MAG"][4].startswith("0.90 [0.79, 0.96] (n=50)") and rows["MAG"][5] == "-"
+    one = recall_table.format_cell({0: (45, 50), 1: (0, 0)})
+    assert one.startswith("0.90 [") and one.endswith("(n=50, seed 0 only)")
+    (tmp_path / "f.json").write_text(json.dumps(_record(1, "other", {"1024": _cells((256, 1024, 1, 40))})))
+    with pytest.raises(ValueError, match="two different trained runs of LMM seed 1"):
+        recall_table.main([str(tmp_path)])
+    (tmp_path / "f.json").write_text(json.dumps(_record(1, "s1", {"1024": _cells((256, 1024, 11, 40))})))
+    with pytest.raises(ValueError, match="evaluated twice at 1024 tokens"):
+        recall_table.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="no recall_probe results"):
+        recall_table.main([str(tmp_path / "e.json")])
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        recall_table.main([str(tmp_path / "missing.json")])

@@ -1,0 +1,190 @@
+"""The recall probe's form of Titans' Table 2: recall of a pair seen once, at row lengths far beyond
+the training rows, per model, with seeds and spread (from experiments.recall_probe's JSON).
+
+    python -m experiments.recall_table                                  # experiments/results/recall_probe/*.json
+    python -m experiments.recall_table runs/recall_probe_lengths --plot /tmp/recall_curves.png
+
+Inputs are recall.json files (or directories searched for *.json) written by
+`experiments.recall_probe --eval-lengths ...`. Files of one trained run (the same variant, seed,
+settings and parameters: the `params_digest` recall_probe records, or for older files an identical
+evaluation at the training length, which is deterministic for given parameters) are merged, so a
+run evaluated at 1K-16K and later again at 64K is one row. Runs without --eval-lengths results are
+left out. A cell is the recall of the queries whose pair lies at least one training row back
+(distance >= the training row length: a distance no training row had), except the training-length
+column, which counts every query of the training-length evaluation. Several seeds give
+mean +- sd with the per-seed values; one seed gives its Wilson 95% interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+from experiments.long_context_table import binomial_interval
+
+DEFAULT_INPUT = pathlib.Path(__file__).parent / "results" / "recall_probe"
+CHANCE = 1 / 26  # a value is one of 26 uppercase letters
+
+
+def load_records(paths: list[pathlib.Path]) -> list[dict]:
+    """Every recall_probe record under `paths` (files, or directories searched recursively)."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(path.rglob("*.json"))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or directory")
+    records = []
+    for file in files:
+        record = json.loads(file.read_text())
+        if not isinstance(record, dict) or "accuracy_by_distance" not in record:
+            continue  # not a recall_probe record (a training summary or another experiment's JSON)
+        records.append({**record, "_file": str(file)})
+    return records
+
+
+def setting_of(record: dict) -> tuple:
+    """What makes runs comparable across seeds: the variant and every setting but the seed."""
+    return (record["variant"], record.get("gap", 0), tuple(record.get("set", [])), record.get("loss_on", "answers"),
+            record["seq_len"], record["pairs"], record["step"])
+
+
+def label_of(setting: tuple) -> str:
+    variant, gap, overrides, loss_on, _, _, _ = setting
+    extras = [f"gap {gap}"] if gap else []
+    extras += [override.removeprefix("model.") for override in overrides]
+    extras += [f"loss on {loss_on}"] if loss_on != "answers" else []
+    return variant.upper() + (f" ({', '.join(extras)})" if extras else "")
+
+
+def merge_runs(records: list[dict]) -> dict[tuple, dict[int, dict]]:
+    """{setting: {seed: merged record}} over the records with accuracy_by_length. Two files of one
+    run merge their lengths; two different trainings of one setting and seed are refused (which of
+    them would the table show?)."""
+    runs: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for record in (r for r in records if r.get("accuracy_by_length")):
+        setting, seed = setting_of(record), record["seed"]
+        identity = record.get("params_digest") or json.dumps(record["accuracy_by_distance"], sort_keys=True)
+        known = runs[setting].get(seed)
+        if known is None:
+            runs[setting][seed] = {**record, "_identity": identity,
+                                   "accuracy_by_length": dict(record.get("accuracy_by_length", {}))}
+            continue
+        if known["_identity"] != identity:
+            raise ValueError(f"{known['_file']} and {record['_file']}: two different trained runs of "
+                             f"{label_of(setting)} seed {seed}; pass the files of one of them")
+        for length, cells in record.get("accuracy_by_length", {}).items():
+            if length in known["accuracy_by_length"] and known["accuracy_by_length"][length] != cells:
+                raise ValueError(f"{known['_file']} and {record['_file']}: the same run evaluated twice at "
+                                 f"{length} tokens with different results")
+            known["accuracy_by_length"][length] = cells
+    return dict(runs)
+
+
+def beyond(cells: dict, min_distance: int) -> tuple[int, int]:
+    """(correct, count) over the distance bins "lo-hi" with lo >= min_distance."""
+    picked = [cell for key, cell in cells.items() if int(key.split("-")[0]) >= min_distance]
+    return sum(cell["correct"] for cell in picked), sum(cell["count"] for cell in picked)
+
+
+def run_curve(record: dict) -> dict[int, tuple[int, int]]:
+    """{row length: (correct, count)}: every query at the training length, the queries at least
+    one training row back at the longer lengths."""
+    cells = record["accuracy_by_distance"]
+    curve = {record["seq_len"]: (sum(c["correct"] for c in cells.values()), sum(c["count"] for c in cells.values()))}
+    for length, cells in record["accuracy_by_length"].items():
+        curve[int(length)] = beyond(cells, record["seq_len"])
+    return curve
+
+
+def format_cell(counts_by_seed: dict[int, tuple[int, int]]) -> str:
+    """One seed: 'p [Wilson 95%] (n=...)'; several: 'mean ± sd (per-seed values)'. A cell that not
+    every seed of its row has names its seeds."""
+    counts = {seed: (c, n) for seed, (c, n) in counts_by_seed.items() if n}
+    if not counts:
+        return "-"
+    only = f", seed {', '.join(map(str, counts))} only" if len(counts) < len(counts_by_seed) else ""
+    if len(counts) == 1:
+        (c, n), = counts.values()
+        lo, hi = binomial_interval(c, n)
+        return f"{c / n:.2f} [{lo:.2f}, {hi:.2f}] (n={n}{only})"
+    rates = [c / n for c, n in counts.values()]
+    return f"{np.mean(rates):.2f} ± {np.std(rates, ddof=1):.2f} ({', '.join(f'{r:.2f}' for r in rates)}{only})"
+
+
+def table(runs: dict[tuple, dict[int, dict]]) -> str:
+    curves = {setting: {seed: run_curve(record) for seed, record in sorted(seeds.items())}
+              for setting, seeds in runs.items()}
+    lengths = sorted({length for seeds in curves.values() for curve in seeds.values() for length in curve})
+    head = ["model", "seeds", "loss (last 100 steps)"] + [f"{length:,}" + (" (training rows)" if i == 0 else "")
+                                                          for i, length in enumerate(lengths)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for setting in sorted(curves, key=lambda s: (s[0] not in ("lmm", "mag", "mac", "mal"), s)):
+        seeds = curves[setting]
+        losses = [runs[setting][seed].get("loss_last_100_steps") for seed in seeds]
+        loss = ", ".join("-" if x is None else f"{x:.2f}" for x in losses)
+        row = [label_of(setting), ", ".join(map(str, seeds)), loss]
+        row += [format_cell({seed: curve.get(length, (0, 0)) for seed, curve in seeds.items()}) for length in lengths]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict[tuple, dict[int, dict]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    for index, (setting, seeds) in enumerate(sorted(runs.items())):
+        colour = f"C{index % 10}"
+        by_length = defaultdict(list)
+        for record in seeds.values():
+            curve = run_curve(record)
+            xs = sorted(curve)
+            axes.plot(xs, [curve[x][0] / curve[x][1] for x in xs], color=colour, alpha=0.35, lw=0.8, marker=".")
+            for x in xs:
+                by_length[x].append(curve[x][0] / curve[x][1])
+        xs = sorted(x for x in by_length if len(by_length[x]) == len(seeds))  # the mean only where every seed is
+        axes.plot(xs, [np.mean(by_length[x]) for x in xs], color=colour, lw=2, marker="o",
+                  label=f"{label_of(setting)} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+    axes.axhline(CHANCE, color="grey", ls=":", lw=1, label="chance (1/26)")
+    axes.set_xscale("log", base=2)
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel("row length (tokens); the first point is the training length")
+    axes.set_ylabel("recall of pairs >= 1 training row back")
+    axes.set_title("Recall probe: a pair seen once, far beyond the training rows")
+    axes.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", type=pathlib.Path, default=[DEFAULT_INPUT],
+                        help="recall.json files or directories (default: the committed results)")
+    parser.add_argument("--plot", type=pathlib.Path, help="also write the accuracy-vs-length curves (PNG)")
+    args = parser.parse_args(argv)
+    runs = merge_runs(load_records(args.inputs))
+    if not runs:
+        sys.exit(f"no recall_probe results with --eval-lengths under {[str(p) for p in args.inputs]}: run "
+                 "`python -m experiments.recall_probe --eval-lengths 1024,4096 --out runs/recall_probe_lengths`")
+    text = table(runs)
+    print(text)
+    if args.plot:
+        plot(runs, args.plot)
+        print(f"\ncurves: {args.plot}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
