@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import time
 
 import numpy as np
 
@@ -102,16 +103,53 @@ def distance_bins(seq_len: int, window: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
+def stream_call(model):
+    """The jitted (params, tokens [B, T], cache) -> (logits at every position, cache) call."""
+    import jax
+
+    return jax.jit(lambda p, x, c: model.apply({"params": p}, x, c, logits_at="all"))
+
+
+def streamed_predictions(model, params, ids: np.ndarray, window: int, call=None) -> np.ndarray:
+    """argmax of the next-token logits at every position of ids [B, T], streamed through the
+    model's cache in pieces of at most `window` tokens (harness.window_pieces): memory stays
+    bounded by the window (and the recurrent state; full attention's cache grows with T), which
+    a 2M-token row needs. Equal to the parallel pass up to float rounding (tests/test_streaming).
+    `call`: a stream_call(model) to reuse (its compiled programs) across batches."""
+    import jax.numpy as jnp
+
+    from titans_jax.long_context.harness import window_pieces
+    from titans_jax.models import init_cache
+
+    batch, length = ids.shape
+    call = call or stream_call(model)
+    cache = init_cache(model, params, batch, length if model.config.arch == "transformer" else None)
+    out, offset = np.empty((batch, length), np.int32), 0
+    for piece in window_pieces(length, window):
+        logits, cache = call(params, jnp.asarray(ids[:, offset:offset + piece]), cache)
+        out[:, offset:offset + piece] = np.asarray(jnp.argmax(logits, -1))
+        offset += piece
+    return out
+
+
 def evaluate(model, params, seed: int, batches: int, batch_size: int, seq_len: int, num_pairs: int,
-             bins: list[tuple[int, int]], gap: int = 0) -> dict:
+             bins: list[tuple[int, int]], gap: int = 0, stream_window: int = 0) -> dict:
+    """Accuracy of the queries' values by distance bin over `batches` fresh batches, teacher-forced:
+    one parallel pass per batch, or streamed in pieces of stream_window tokens when the rows are
+    longer than that (stream_window > 0)."""
     import jax
     import jax.numpy as jnp
 
     predict = jax.jit(lambda ids: jnp.argmax(model.apply({"params": params}, ids), -1))
+    call = stream_call(model) if 0 < stream_window < seq_len else None
     correct, total = np.zeros(len(bins)), np.zeros(len(bins))
     for index in range(batches):
         ids, mask, distance = recall_batch(EVAL_SEED_OFFSET + seed, index, batch_size, seq_len, num_pairs, gap)
-        right = np.asarray(predict(jnp.asarray(ids[:, :-1]))) == ids[:, 1:]
+        if 0 < stream_window < seq_len:
+            predicted = streamed_predictions(model, params, ids[:, :-1], stream_window, call)
+        else:
+            predicted = np.asarray(predict(jnp.asarray(ids[:, :-1])))
+        right = predicted == ids[:, 1:]
         for b, (lo, hi) in enumerate(bins):
             where = mask & (distance >= lo) & (distance < hi)
             correct[b] += right[where].sum()
@@ -203,6 +241,9 @@ def carry_over(record: dict, path: pathlib.Path) -> dict:
     lengths = {**earlier.get("accuracy_by_length", {}), **record.get("accuracy_by_length", {})}
     merged = {**record, **({"accuracy_by_length": dict(sorted(lengths.items(), key=lambda kv: int(kv[0])))}
                            if lengths else {})}
+    timings = {**earlier.get("long_eval", {}), **record.get("long_eval", {})}
+    if timings:
+        merged["long_eval"] = dict(sorted(timings.items(), key=lambda kv: int(kv[0])))
     if "address" in earlier and "address" not in record:
         merged["address"] = earlier["address"]
     return merged
@@ -239,6 +280,12 @@ def main(argv=None) -> dict:
                              "trained on)")
     parser.add_argument("--long-eval-batches", type=int,
                         help="batches per --eval-lengths length (default: --eval-batches)")
+    parser.add_argument("--long-batch", type=int,
+                        help="rows per batch at the --eval-lengths lengths (default: --batch)")
+    parser.add_argument("--stream-window", type=int, default=0,
+                        help="stream --eval-lengths rows longer than this through the model's cache in pieces "
+                             "of this many tokens (bounded memory: 256K-2M-token rows) instead of one parallel "
+                             "pass (default 0: always the parallel pass)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="more overrides of the lc_<variant> configs (model., optim.)")
     parser.add_argument("--address", action="store_true",
@@ -253,6 +300,9 @@ def main(argv=None) -> dict:
         eval_lengths = [int(text) for text in args.eval_lengths.split(",") if text.strip()]
     except ValueError:
         parser.error(f"--eval-lengths must be comma-separated integers, got {args.eval_lengths!r}")
+    if args.stream_window < 0 or (args.long_batch is not None and args.long_batch < 1):
+        parser.error(f"--stream-window must be >= 0 and --long-batch >= 1, got {args.stream_window} and "
+                     f"{args.long_batch}")
     too_short = [length for length in eval_lengths if length < 2 * args.pairs * (PAIR + args.gap) - 1]
     if too_short:
         parser.error(f"--eval-lengths {too_short}: {args.pairs} pairs and their queries need rows of at least "
@@ -261,6 +311,7 @@ def main(argv=None) -> dict:
     import dataclasses
 
     from experiments.configs import apply_overrides, get_config
+    from titans_jax.long_context.harness import PeakRSS
     from titans_jax.models import TitansLM
     from titans_jax.training import load_trained, train
 
@@ -305,10 +356,18 @@ def main(argv=None) -> dict:
                       "accuracy_by_distance": accuracy}
             if eval_lengths:  # rows longer than any the model trained on, evaluated in one parallel pass
                 batches = args.long_eval_batches or args.eval_batches
-                record["accuracy_by_length"] = {
-                    str(length): evaluate(TitansLM(model_config), params, seed, batches, args.batch, length,
-                                          args.pairs, distance_bins(length, window), args.gap)
-                    for length in eval_lengths}
+                record["accuracy_by_length"] = {}
+                for length in eval_lengths:
+                    started, peak = time.perf_counter(), PeakRSS()
+                    with peak:
+                        cells = evaluate(TitansLM(model_config), params, seed, batches, args.long_batch or args.batch,
+                                         length, args.pairs, distance_bins(length, window), args.gap,
+                                         args.stream_window)
+                    record["accuracy_by_length"][str(length)] = cells
+                    record.setdefault("long_eval", {})[str(length)] = {
+                        "rows": batches * (args.long_batch or args.batch), "seconds": time.perf_counter() - started,
+                        "peak_rss_bytes": peak.peak, "stream_window": args.stream_window if
+                        0 < args.stream_window < length else None}
             if args.address:
                 import jax
 

@@ -91,8 +91,11 @@ def test_quick_probe_trains_evaluates_and_reuses_the_run(tmp_path):
     assert longer["params_digest"] == record["params_digest"]
     # evaluated again at another length: the file keeps the 512-token result beside the new one
     more = recall_probe.main(["--quick", "--variants", "lmm", "--eval-lengths", "384", "--long-eval-batches", "1",
-                              "--out", str(tmp_path)])[("lmm", 0)]
+                              "--long-batch", "3", "--stream-window", "128", "--out", str(tmp_path)])[("lmm", 0)]
     assert list(more["accuracy_by_length"]) == ["384", "512"] and more["accuracy_by_length"]["512"] == cells
+    assert sum(cell["count"] for cell in more["accuracy_by_length"]["384"].values()) == 3 * 8  # streamed, 3 rows
+    assert more["long_eval"]["384"]["stream_window"] == 128 and more["long_eval"]["384"]["rows"] == 3
+    assert more["long_eval"]["512"]["stream_window"] is None and more["long_eval"]["384"]["peak_rss_bytes"] > 0
     assert json.loads((tmp_path / "lmm" / "seed0" / "recall.json").read_text()) == more
     # --loss-on all: every next token is a target (most are random digits), so the loss differs
     everything = recall_probe.main(["--quick", "--variants", "lmm", "--loss-on", "all", "--out", str(tmp_path / "all")])
@@ -210,3 +213,27 @@ def test_recall_table_merges_runs_counts_beyond_the_training_rows_and_gives_spre
         recall_table.main([str(tmp_path / "e.json")])
     with pytest.raises(FileNotFoundError, match="missing.json"):
         recall_table.main([str(tmp_path / "missing.json")])
+
+
+# the plumbing (cache, pieces, where each prediction lands) with a windowed and a growing full attention
+# cache; a memory model's streaming itself is tested in test_streaming (its compile here costs ~30 s: slow)
+@pytest.mark.parametrize("variant", ["swa", "transformer", pytest.param("lmm", marks=pytest.mark.slow)])
+def test_streamed_evaluation_equals_the_parallel_pass(variant):
+    import jax
+
+    from experiments.configs import apply_overrides, get_config
+    from titans_jax.models import TitansLM
+
+    config = apply_overrides(get_config(f"lc_{variant}"), ["preset=tiny"]).model_config(vocab_size=256)
+    model = TitansLM(config)
+    params = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
+    ids, mask, distance = recall_batch(recall_probe.EVAL_SEED_OFFSET + 5, 0, 2, 200, 4)
+    streamed = recall_probe.streamed_predictions(model, params, ids[:, :-1], 50)  # four pieces of 50
+    parallel = np.asarray(jax.jit(lambda x: model.apply({"params": params}, x))(ids[:, :-1]).argmax(-1))
+    assert streamed.shape == (2, 200) and np.mean(streamed == parallel) == 1.0
+    bins = distance_bins(200, config.window)
+    cells = recall_probe.evaluate(model, params, 5, 1, 2, 200, 4, bins, stream_window=50)
+    right = parallel == ids[:, 1:]
+    for (lo, hi), cell in zip(bins, cells.values(), strict=True):
+        where = mask & (distance >= lo) & (distance < hi)
+        assert (cell["correct"], cell["count"]) == (right[where].sum(), where.sum())
