@@ -64,6 +64,14 @@ def label_of(setting: tuple) -> str:
     return variant.upper() + (f" ({', '.join(extras)})" if extras else "")
 
 
+def same_run(a: dict, b: dict) -> bool:
+    """Records of one trained run: the same params_digest where both have one, else (files written
+    before it) the same training-length evaluation, which is deterministic for given parameters."""
+    if "params_digest" in a and "params_digest" in b:
+        return a["params_digest"] == b["params_digest"]
+    return a["accuracy_by_distance"] == b["accuracy_by_distance"]
+
+
 def merge_runs(records: list[dict]) -> dict[tuple, dict[int, dict]]:
     """{setting: {seed: merged record}} over the records with accuracy_by_length. Two files of one
     run merge their lengths; two different trainings of one setting and seed are refused (which of
@@ -71,13 +79,11 @@ def merge_runs(records: list[dict]) -> dict[tuple, dict[int, dict]]:
     runs: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for record in (r for r in records if r.get("accuracy_by_length")):
         setting, seed = setting_of(record), record["seed"]
-        identity = record.get("params_digest") or json.dumps(record["accuracy_by_distance"], sort_keys=True)
         known = runs[setting].get(seed)
         if known is None:
-            runs[setting][seed] = {**record, "_identity": identity,
-                                   "accuracy_by_length": dict(record.get("accuracy_by_length", {}))}
+            runs[setting][seed] = {**record, "accuracy_by_length": dict(record.get("accuracy_by_length", {}))}
             continue
-        if known["_identity"] != identity:
+        if not same_run(known, record):
             raise ValueError(f"{known['_file']} and {record['_file']}: two different trained runs of "
                              f"{label_of(setting)} seed {seed}; pass the files of one of them")
         for length, cells in record.get("accuracy_by_length", {}).items():
@@ -102,6 +108,41 @@ def run_curve(record: dict) -> dict[int, tuple[int, int]]:
     for length, cells in record["accuracy_by_length"].items():
         curve[int(length)] = beyond(cells, record["seq_len"])
     return curve
+
+
+def distance_curve(record: dict) -> dict[int, tuple[int, int]]:
+    """{bin start: (correct, count)} over every evaluation of the run (the training length and the
+    longer rows), pooled by distance bin (the bins double from the window on, so rows of every
+    length share their starts), for the distances no training row had (>= the training length)."""
+    pooled: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for cells in [record["accuracy_by_distance"], *record["accuracy_by_length"].values()]:
+        for key, cell in cells.items():
+            lo = int(key.split("-")[0])
+            if lo >= record["seq_len"]:
+                pooled[lo][0] += cell["correct"]
+                pooled[lo][1] += cell["count"]
+    return {lo: (c, n) for lo, (c, n) in sorted(pooled.items()) if n}
+
+
+def _size(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens >= 1024 else str(tokens)
+
+
+def distance_table(runs: dict[tuple, dict[int, dict]]) -> str:
+    """Per run (setting and seed): recall by how far back the pair is, pooled over its evaluations:
+    the row-length table mixes distances (a query's distance is drawn anywhere in its row)."""
+    curves = {(setting, seed): distance_curve(record) for setting, seeds in runs.items()
+              for seed, record in seeds.items()}
+    starts = sorted({lo for curve in curves.values() for lo in curve})
+    head = ["model", "seed"] + [f"{_size(lo)}-{_size(2 * lo)}" for lo in starts]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (setting, seed), curve in sorted(curves.items(), key=lambda kv: (kv[0][0][0] not in ("lmm", "mag", "mac",
+                                                                                           "mal"), kv[0])):
+        row = [label_of(setting), str(seed)]
+        row += [f"{curve[lo][0]}/{curve[lo][1]} ({curve[lo][0] / curve[lo][1]:.2f})" if lo in curve else "-"
+                for lo in starts]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def format_cell(counts_by_seed: dict[int, tuple[int, int]]) -> str:
@@ -178,7 +219,8 @@ def main(argv=None) -> str:
     if not runs:
         sys.exit(f"no recall_probe results with --eval-lengths under {[str(p) for p in args.inputs]}: run "
                  "`python -m experiments.recall_probe --eval-lengths 1024,4096 --out runs/recall_probe_lengths`")
-    text = table(runs)
+    text = (table(runs) + "\n\nRecall by distance (tokens from the pair's value to the query's, pooled over every "
+            "evaluated row length; counts):\n\n" + distance_table(runs))
     print(text)
     if args.plot:
         plot(runs, args.plot)

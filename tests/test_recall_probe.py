@@ -193,7 +193,8 @@ def test_recall_table_merges_runs_counts_beyond_the_training_rows_and_gives_spre
         (tmp_path / name).write_text(json.dumps(record))
     text = recall_table.main([str(tmp_path), "--plot", str(tmp_path / "curves.png")])
     assert capsys.readouterr().out.startswith(text) and (tmp_path / "curves.png").stat().st_size > 0
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+    by_length, by_distance = text.split("\n\n")[0], text.split("\n\n")[-1]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in by_length.splitlines()[2:]]
     rows = {row[0]: row for row in rows}
     assert set(rows) == {"LMM", "MAG"}
     lmm = rows["LMM"]
@@ -201,8 +202,16 @@ def test_recall_table_merges_runs_counts_beyond_the_training_rows_and_gives_spre
     assert lmm[4] == "0.50 ± 0.35 (0.75, 0.25)"  # 1K: only the bins >= 256 back (30/40 and 10/40)
     assert lmm[5] == "0.50 ± 0.00 (0.50, 0.50)"
     assert rows["MAG"][4].startswith("0.90 [0.79, 0.96] (n=50)") and rows["MAG"][5] == "-"
+    # by distance, per run, pooled over its lengths (seed 0: 30/40 at 1K and 20/40 at 4K start at 256), >= 256
+    assert by_distance.splitlines()[0] == "| model | seed | 256-512 | 512-1K |"
+    expected = ["| LMM | 0 | 50/80 (0.62) | - |", "| LMM | 1 | 10/40 (0.25) | 10/20 (0.50) |",
+                "| MAG | 0 | 45/50 (0.90) | - |"]
+    assert by_distance.splitlines()[2:] == expected
+    assert lmm[5] == "0.50 ± 0.00 (0.50, 0.50)"  # seed 0's 4K: 256-4096 back (20/40); seed 1's: 512-4096 back
     one = recall_table.format_cell({0: (45, 50), 1: (0, 0)})
     assert one.startswith("0.90 [") and one.endswith("(n=50, seed 0 only)")
+    undigested = {key: value for key, value in files["b.json"].items() if key != "params_digest"}
+    assert recall_table.same_run(files["a.json"], undigested)  # an older file: the same training-length result
     (tmp_path / "f.json").write_text(json.dumps(_record(1, "other", {"1024": _cells((256, 1024, 1, 40))})))
     with pytest.raises(ValueError, match="two different trained runs of LMM seed 1"):
         recall_table.main([str(tmp_path)])
