@@ -56,12 +56,17 @@ def setting_of(record: dict) -> tuple:
             record["seq_len"], record["pairs"], record["step"])
 
 
+NAMES = {"transformer": "Transformer++", "swa": "SWA", "ttt": "TTT", "lmm_linear": "LMM, linear memory",
+         "lmm_no_momentum": "LMM w/o momentum", "lmm_no_forgetting": "LMM w/o forgetting",
+         "mag_no_persistent": "MAG w/o persistent memory"}
+
+
 def label_of(setting: tuple) -> str:
     variant, gap, overrides, loss_on, _, _, _ = setting
     extras = [f"gap {gap}"] if gap else []
     extras += [override.removeprefix("model.") for override in overrides]
     extras += [f"loss on {loss_on}"] if loss_on != "answers" else []
-    return variant.upper() + (f" ({', '.join(extras)})" if extras else "")
+    return NAMES.get(variant, variant.upper()) + (f" ({', '.join(extras)})" if extras else "")
 
 
 def same_run(a: dict, b: dict) -> bool:
