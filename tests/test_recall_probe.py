@@ -138,6 +138,9 @@ def test_eval_lengths_must_hold_the_pairs_and_queries(tmp_path):
         recall_probe.main(["--quick", "--eval-lengths", "62", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         recall_probe.main(["--quick", "--eval-lengths", "1k", "--out", str(tmp_path)])
+    for bad in (["--stream-window", "-1"], ["--long-batch", "0"]):
+        with pytest.raises(SystemExit):
+            recall_probe.main(["--quick", "--eval-lengths", "512", *bad, "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # refused before anything was trained
 
 
