@@ -1,0 +1,221 @@
+"""Why does the recall probe's recall fall beyond ~64K tokens? Interference from the filler's writes
+against decay, measured by changing only what lies between the pairs and their queries. For [C2].
+
+    python -m experiments.recall_interference --runs runs/recall_probe_lengths/lmm/seed0 \
+        --fillers digits,periodic,binary,constant --fillers-lengths 1024,16384,65536,262144 \
+        --json experiments/results/recall_probe/interference_lmm_seed0.json
+    python -m experiments.recall_interference --quick       # smoke: a tiny untrained model
+
+A trained recall-probe run (experiments.recall_probe) sees rows of the probe's form with one
+filler length F exactly (not drawn): 8 pairs "ab:X", F filler tokens, the 8 queries, so every
+query is F + 4 .. F + 60 tokens from its pair. The pairs, their order and the query order are the
+same for every filler kind at a given (row, F): the comparison between kinds is paired. Kinds, in
+order of how many distinct 4-token windows (what the causal conv turns into a write) they hold:
+
+    constant   "0000..."                                1 window: the memory writes one association
+    binary     random over {0, 1}                       16 windows
+    periodic   one random 64-digit block repeated       <= 64 windows
+    digits     random over 0-9, the training filler     10^4 windows
+
+Each step forgets by the same data-dependent gate whatever the filler, so if recall at a long F
+survives a low-diversity filler and falls with the training filler, the loss is interference
+(the filler's own associations overwriting the pairs' in a small memory), not decay; if it falls
+alike for every kind, it is decay (or drift of the state) along the context. Short F is the
+control: every kind should recall there (an out-of-distribution filler that confused the model
+would show up at F = 1024 already).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import time
+
+import numpy as np
+
+from experiments.recall_probe import DIGITS, EVAL_SEED_OFFSET, KEY_LETTERS, PAIR, VALUE_LETTERS
+
+FILLERS = ("constant", "binary", "periodic", "digits")
+PERIOD = 64
+
+
+def filler_tokens(kind: str, length: int, rng: np.random.Generator) -> np.ndarray:
+    """`length` filler bytes (int32) of one kind (see the module docstring)."""
+    if kind == "constant":
+        return np.full(length, DIGITS[0], np.int32)
+    if kind == "binary":
+        return DIGITS[rng.integers(0, 2, length)].astype(np.int32)
+    if kind == "periodic":
+        block = DIGITS[rng.integers(0, len(DIGITS), PERIOD)].astype(np.int32)
+        return np.resize(block, length)
+    if kind == "digits":
+        return DIGITS[rng.integers(0, len(DIGITS), length)].astype(np.int32)
+    raise ValueError(f"unknown filler kind {kind!r}; choose from {FILLERS}")
+
+
+def fixed_filler_row(seed: int, row: int, filler_length: int, num_pairs: int, kind: str
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids int32 [T + 1], mask bool [T], distance int32 [T]) of one row with exactly `filler_length`
+    filler tokens between the pairs and the queries, T + 1 = 2 * PAIR * num_pairs + filler_length.
+    The pairs and query order depend on (seed, row) only; the filler on (seed, row, length, kind)."""
+    if num_pairs < 1 or filler_length < 0:
+        raise ValueError(f"need at least one pair and a filler length >= 0, got {num_pairs} and {filler_length}")
+    pairs_rng = np.random.default_rng([seed, row])
+    codes = pairs_rng.choice(len(KEY_LETTERS) ** 2, num_pairs, replace=False)
+    values = VALUE_LETTERS[pairs_rng.integers(0, len(VALUE_LETTERS), num_pairs)]
+    order = pairs_rng.permutation(num_pairs)
+
+    def block(indices):
+        out = np.empty((len(indices), PAIR), np.int32)
+        out[:, 0] = KEY_LETTERS[codes[indices] // len(KEY_LETTERS)]
+        out[:, 1] = KEY_LETTERS[codes[indices] % len(KEY_LETTERS)]
+        out[:, 2] = ord(":")
+        out[:, 3] = values[indices]
+        return out.reshape(-1)
+
+    filler = filler_tokens(kind, filler_length, np.random.default_rng([seed, row, filler_length, FILLERS.index(kind)]))
+    ids = np.concatenate([block(np.arange(num_pairs)), filler, block(order)])
+    seq_len = len(ids) - 1
+    mask, distance = np.zeros(seq_len, bool), np.zeros(seq_len, np.int32)
+    query_start = PAIR * num_pairs + filler_length
+    for slot, index in enumerate(order):
+        colon = query_start + slot * PAIR + PAIR - 2
+        mask[colon] = True  # the target at the ':' is the query's value
+        distance[colon] = colon + 1 - (index * PAIR + PAIR - 1)
+    return ids, mask, distance
+
+
+def wilson(correct: int, count: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score 95% interval of a binomial proportion."""
+    if count == 0:
+        return (0.0, 1.0)
+    p = correct / count
+    centre = (p + z * z / (2 * count)) / (1 + z * z / count)
+    half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / (1 + z * z / count)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def measure(model, params, kinds, lengths, rows: int, batch: int, num_pairs: int, stream_window: int,
+            seed: int = EVAL_SEED_OFFSET + 7) -> dict:
+    """{kind: {filler length: {"correct", "count", "accuracy", "ci95", "seconds"}}}: teacher-forced
+    recall of the queries' values, one parallel pass per batch, or streamed through the cache in
+    pieces of stream_window tokens for rows longer than that."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.recall_probe import stream_call, streamed_predictions
+
+    predict = jax.jit(lambda ids: jnp.argmax(model.apply({"params": params}, ids), -1))
+    call = stream_call(model) if stream_window > 0 else None
+    out = {}
+    for kind in kinds:
+        out[kind] = {}
+        for length in lengths:
+            started, correct, count = time.perf_counter(), 0, 0
+            for first in range(0, rows, batch):
+                parts = [fixed_filler_row(seed, row, length, num_pairs, kind) for row in range(first, min(rows, first
+                                                                                                     + batch))]
+                ids, mask, _ = (np.stack(p) for p in zip(*parts, strict=True))
+                if 0 < stream_window < ids.shape[1] - 1:
+                    predicted = streamed_predictions(model, params, ids[:, :-1], stream_window, call)
+                else:
+                    predicted = np.asarray(predict(jnp.asarray(ids[:, :-1])))
+                correct += int((predicted == ids[:, 1:])[mask].sum())
+                count += int(mask.sum())
+            cell = {"correct": correct, "count": count, "accuracy": correct / count,
+                    "ci95": wilson(correct, count), "seconds": time.perf_counter() - started}
+            out[kind][str(length)] = cell
+            print(f"[interference] {kind:>9} filler of {length:>8} tokens: {correct}/{count} = {cell['accuracy']:.2f} "
+                  f"[{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}] ({cell['seconds']:.0f} s)", flush=True)
+    return out
+
+
+def table(results: dict) -> str:
+    """A markdown table: one row per (run, filler kind), one column per filler length."""
+    lengths = sorted({int(length) for record in results.values() for cells in record["recall"].values()
+                      for length in cells})
+    lines = ["| run | filler | " + " | ".join(f"F = {length:,}" for length in lengths) + " |",
+             "|---|---|" + "---|" * len(lengths)]
+    for name, record in results.items():
+        for kind, cells in record["recall"].items():
+            shown = []
+            for length in lengths:
+                cell = cells.get(str(length))
+                shown.append("-" if cell is None else
+                             f"{cell['accuracy']:.2f} [{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}]")
+            lines.append(f"| {name} | {kind} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="", help="comma-separated run directories of experiments.recall_probe")
+    parser.add_argument("--fillers", default=",".join(FILLERS))
+    parser.add_argument("--fillers-lengths", default="1024,16384,65536,262144")
+    parser.add_argument("--rows", type=int, default=8, help="rows per (kind, length); 8 queries each")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--stream-window", type=int, default=16384,
+                        help="stream rows longer than this through the cache in pieces of this many tokens (0: never)")
+    parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="a tiny untrained model, two short lengths: a smoke run")
+    args = parser.parse_args(argv)
+    kinds = [kind for kind in args.fillers.split(",") if kind]
+    unknown = [kind for kind in kinds if kind not in FILLERS]
+    if unknown or not kinds:
+        parser.error(f"--fillers {args.fillers!r}: choose from {', '.join(FILLERS)}")
+    try:
+        lengths = [int(text) for text in args.fillers_lengths.split(",") if text.strip()]
+    except ValueError:
+        parser.error(f"--fillers-lengths must be comma-separated integers, got {args.fillers_lengths!r}")
+    if not lengths or min(lengths) < 0 or args.rows < 1 or args.batch < 1 or args.pairs < 1 or args.stream_window < 0:
+        parser.error("need filler lengths >= 0, --rows, --batch and --pairs >= 1 and --stream-window >= 0")
+    runs = [pathlib.Path(text) for text in args.runs.split(",") if text]
+    if not runs and not args.quick:
+        parser.error("give --runs (directories of trained experiments.recall_probe runs) or --quick")
+    missing = [str(run) for run in runs if not (run / "recall.json").exists()]
+    if missing:
+        parser.error(f"not a finished recall-probe run (no recall.json): {', '.join(missing)}; train it with "
+                     f"python -m experiments.recall_probe --variants <variant> --out <dir>")
+
+    import jax
+
+    from experiments.recall_probe import params_digest
+    from titans_jax.models import ModelConfig, TitansLM
+    from titans_jax.training import load_trained
+
+    results = {}
+    if args.quick:
+        config = ModelConfig(vocab_size=256, d_model=32, num_layers=1, num_heads=2, arch="lmm", segment_size=16,
+                             window=16)
+        model = TitansLM(config)
+        ids, _, _ = fixed_filler_row(0, 0, 8, args.pairs, "digits")
+        params = model.init(jax.random.key(0), ids[None, :-1])["params"]
+        results["quick"] = {"recall": measure(model, params, kinds, lengths, args.rows, args.batch, args.pairs,
+                                              args.stream_window)}
+    for run in runs:
+        recorded = json.loads((run / "recall.json").read_text())
+        model_config, params, meta = load_trained(run)
+        digest = params_digest(params)
+        if recorded.get("params_digest") not in (None, digest):
+            raise SystemExit(f"{run}: its recall.json belongs to other parameters ({recorded['params_digest']} != "
+                             f"{digest}); evaluate the run again with experiments.recall_probe first")
+        print(f"[interference] {run}: {model_config.arch}, step {meta['step']}", flush=True)
+        name = f"{recorded['variant']} seed {recorded['seed']}"
+        results[name] = {"run": str(run), "params_digest": digest, "step": int(meta["step"]), "pairs": args.pairs,
+                         "rows": args.rows, "stream_window": args.stream_window,
+                         "recall": measure(TitansLM(model_config), params, kinds, lengths, args.rows, args.batch,
+                                           args.pairs, args.stream_window)}
+    print(table(results))
+    if args.json:
+        path = pathlib.Path(args.json)
+        earlier = json.loads(path.read_text()) if path.exists() else {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**earlier, **results}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import recall_interference
+from experiments.recall_interference import FILLERS, PERIOD, filler_tokens, fixed_filler_row, measure, wilson
+from experiments.recall_probe import PAIR
+
+
+def test_rows_differ_only_in_their_filler_and_mark_every_query_at_its_distance():
+    length, pairs = 300, 5
+    rows = {kind: fixed_filler_row(11, 2, length, pairs, kind) for kind in FILLERS}
+    for kind, (ids, mask, distance) in rows.items():
+        assert ids.shape == (2 * PAIR * pairs + length,) and mask.shape == distance.shape == (len(ids) - 1,)
+        text = bytes(ids.tolist())
+        stored = {text[i:i + 2]: text[i + 3:i + 4] for i in range(0, pairs * PAIR, PAIR)}
+        answered = {}
+        for t in np.flatnonzero(mask):
+            assert text[t:t + 1] == b":" and t >= pairs * PAIR + length
+            key = text[t - 2:t]
+            answered[key] = text[t + 1:t + 2]
+            assert text.index(key + b":") + 3 + distance[t] == t + 1
+            assert length + 1 <= distance[t] <= length + 2 * PAIR * pairs - PAIR + 1
+        assert answered == stored and len(stored) == pairs
+        assert not distance[~mask].any()
+    reference = rows["digits"][0]
+    for kind, (ids, mask, distance) in rows.items():  # paired: the same pairs and queries, another filler
+        np.testing.assert_array_equal(ids[:pairs * PAIR], reference[:pairs * PAIR])
+        np.testing.assert_array_equal(ids[-pairs * PAIR:], reference[-pairs * PAIR:])
+        np.testing.assert_array_equal(distance, rows["digits"][2])
+
+
+def test_filler_kinds_hold_the_stated_number_of_distinct_windows():
+    rng = np.random.default_rng(0)
+    windows = {}
+    for kind in FILLERS:
+        tokens = filler_tokens(kind, 4096, rng)
+        assert tokens.dtype == np.int32 and set(tokens.tolist()) <= set(b"0123456789")
+        windows[kind] = len({tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)})
+    assert windows["constant"] == 1 and windows["binary"] == 16
+    assert windows["periodic"] <= PERIOD and windows["digits"] > 3000
+    with pytest.raises(ValueError, match="unknown filler kind"):
+        filler_tokens("noise", 8, rng)
+
+
+def test_wilson_interval():
+    low, high = wilson(8, 10)
+    assert low < 0.8 < high and 0.0 <= low and high <= 1.0
+    assert wilson(0, 64)[0] == 0.0 and wilson(64, 64)[1] == 1.0
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+class _Oracle:
+    """A stand-in model that recalls by lookup: at a ':' preceded by a key, the value after the
+    key's first occurrence, if that lies within `reach` tokens (else a wrong letter)."""
+
+    def __init__(self, reach):
+        self.reach = reach
+
+    def apply(self, variables, ids):
+        length = ids.shape[1]
+        t = jnp.arange(length)
+        key_a, key_b = jnp.roll(ids, 2, 1), jnp.roll(ids, 1, 1)
+        same = (key_a[:, :, None] == key_a[:, None, :]) & (key_b[:, :, None] == key_b[:, None, :])
+        earlier = (t[None, :] < t[:, None]) & (t[:, None] - t[None, :] <= self.reach) & (t[None, :] >= 2)
+        found = same & earlier[None] & (ids[:, None, :] == ord(":"))
+        first = jnp.argmax(found, -1)
+        value = jnp.take_along_axis(jnp.pad(ids, ((0, 0), (0, 1)))[:, 1:], first, 1)
+        answer = jnp.where(found.any(-1), value, ord("?"))
+        return jnp.eye(256)[answer]
+
+
+def test_measure_counts_recall_by_filler_length(capsys):
+    perfect = measure(_Oracle(10**6), {}, ["digits", "constant"], [0, 100], rows=3, batch=2, num_pairs=4,
+                      stream_window=0)
+    for cells in perfect.values():
+        assert all(cell["accuracy"] == 1.0 and cell["count"] == 12 for cell in cells.values())
+    short = measure(_Oracle(60), {}, ["binary"], [0, 100], rows=3, batch=2, num_pairs=4, stream_window=0)
+    assert short["binary"]["0"]["accuracy"] == 1.0 and short["binary"]["100"]["accuracy"] == 0.0
+    assert "binary filler of" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    for argv in (["--quick", "--fillers", "noise"], ["--quick", "--fillers-lengths", "1k"], ["--quick", "--rows", "0"],
+                 [], ["--runs", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            recall_interference.main(argv)
+    assert "no recall.json" in capsys.readouterr().err
