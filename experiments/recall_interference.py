@@ -132,6 +132,59 @@ def measure(model, params, kinds, lengths, rows: int, batch: int, num_pairs: int
     return out
 
 
+def mechanism(model, params, kinds, filler_length: int, rows: int, num_pairs: int, horizon: int = 262144,
+              seed: int = EVAL_SEED_OFFSET + 7) -> dict:
+    """What each memory layer writes while it reads the filler: {kind: {layer: {...}}} over the
+    last half of a `filler_length`-token filler (its steady state), mean over rows and heads:
+    theta (inner step size), alpha (forgetting), keep_over_horizon (the fraction of a weight the
+    gate alone leaves after `horizon` filler tokens: exp(horizon * mean log(1 - alpha)) per head,
+    then averaged), surprise (median norm of a token's inner gradient at its chunk's start
+    weights, experiments.gate_trace.surprise_norms) and write (mean theta * surprise: the size of
+    each token's step before momentum). A filler the memory has learnt writes ~nothing."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.gate_trace import _memory_config, _stream, surprise_norms
+
+    collect = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["diagnostics"])[1])
+    config = _memory_config(model.config)
+    out = {}
+    for kind in kinds:
+        parts = [fixed_filler_row(seed, row, filler_length, num_pairs, kind) for row in range(rows)]
+        ids = np.stack([p[0] for p in parts])
+        found = jax.tree_util.tree_flatten_with_path(
+            collect(params, jnp.asarray(ids[:, :-1])).get("diagnostics", {}),
+            is_leaf=lambda x: isinstance(x, tuple) and len(x) == 1)[0]
+        if not found:
+            raise ValueError("this model has no memory layer to measure")
+        out[kind] = {}
+        for path, inputs in found:
+            inputs = _stream(inputs)
+            names = [getattr(entry, "key", str(entry)) for entry in path]
+            layer = names[: names.index("memory_inputs")]
+            node = params
+            for name in layer:
+                node = node[name]
+            keys, _, _, theta, _, log_keep = inputs
+            prefix = keys.shape[2] - (ids.shape[1] - 1)  # tokens seen before the row (persistent memory)
+            start = prefix + PAIR * num_pairs
+            steady = slice(start + filler_length // 2, start + filler_length)
+            surprise = surprise_norms(node["memory"], inputs, config)[..., steady]
+            theta = np.asarray(theta, np.float64)[..., steady]
+            cell = {"theta": float(theta.mean()), "surprise": float(np.median(surprise)),
+                    "write": float(np.mean(theta * surprise))}
+            if log_keep is not None:
+                log_keep = np.asarray(log_keep, np.float64)[..., steady]
+                cell["alpha"] = float(np.mean(-np.expm1(log_keep)))
+                cell["keep_over_horizon"] = float(np.mean(np.exp(horizon * log_keep.mean(-1))))
+            out[kind]["/".join(layer)] = cell
+            print(f"[interference] {kind:>9} filler, {'/'.join(layer)}: theta {cell['theta']:.3g}, surprise "
+                  f"{cell['surprise']:.3g}, write {cell['write']:.3g}"
+                  + (f", alpha {cell['alpha']:.2e}, kept over {horizon:,} tokens {cell['keep_over_horizon']:.3g}"
+                     if "alpha" in cell else ""), flush=True)
+    return out
+
+
 def table(results: dict) -> str:
     """A markdown table: one row per (run, filler kind), one column per filler length."""
     lengths = sorted({int(length) for record in results.values() for cells in record["recall"].values()
@@ -149,6 +202,24 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_results(earlier: dict, new: dict) -> dict:
+    """The results file after a new measurement: a run measured again (same params digest) keeps
+    the cells it measured before that the new one does not (other kinds, lengths, the mechanism);
+    a run trained again replaces its entry."""
+    merged = dict(earlier)
+    for name, record in new.items():
+        before = earlier.get(name)
+        if before is None or before.get("params_digest") != record.get("params_digest"):
+            merged[name] = record
+            continue
+        recall = {kind: {**before.get("recall", {}).get(kind, {}), **cells}
+                  for kind, cells in record.get("recall", {}).items()}
+        merged[name] = {**before, **record, "recall": {**before.get("recall", {}), **recall},
+                        **({"mechanism": {**before.get("mechanism", {}), **record["mechanism"]}}
+                           if "mechanism" in record else {})}
+    return merged
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="", help="comma-separated run directories of experiments.recall_probe")
@@ -159,6 +230,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--stream-window", type=int, default=16384,
                         help="stream rows longer than this through the cache in pieces of this many tokens (0: never)")
+    parser.add_argument("--mechanism-length", type=int, default=4096,
+                        help="measure gates and write sizes over a filler this long (2 rows; 0: skip)")
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--quick", action="store_true", help="a tiny untrained model, two short lengths: a smoke run")
     args = parser.parse_args(argv)
@@ -170,8 +243,10 @@ def main(argv=None) -> dict:
         lengths = [int(text) for text in args.fillers_lengths.split(",") if text.strip()]
     except ValueError:
         parser.error(f"--fillers-lengths must be comma-separated integers, got {args.fillers_lengths!r}")
-    if not lengths or min(lengths) < 0 or args.rows < 1 or args.batch < 1 or args.pairs < 1 or args.stream_window < 0:
-        parser.error("need filler lengths >= 0, --rows, --batch and --pairs >= 1 and --stream-window >= 0")
+    if not lengths or min(lengths) < 0 or args.rows < 1 or args.batch < 1 or args.pairs < 1 or args.stream_window < 0 \
+            or args.mechanism_length < 0:
+        parser.error("need filler lengths >= 0, --rows, --batch and --pairs >= 1, --stream-window >= 0 and "
+                     "--mechanism-length >= 0")
     runs = [pathlib.Path(text) for text in args.runs.split(",") if text]
     if not runs and not args.quick:
         parser.error("give --runs (directories of trained experiments.recall_probe runs) or --quick")
@@ -195,6 +270,8 @@ def main(argv=None) -> dict:
         params = model.init(jax.random.key(0), ids[None, :-1])["params"]
         results["quick"] = {"recall": measure(model, params, kinds, lengths, args.rows, args.batch, args.pairs,
                                               args.stream_window)}
+        if args.mechanism_length:
+            results["quick"]["mechanism"] = mechanism(model, params, kinds, args.mechanism_length, 2, args.pairs)
     for run in runs:
         recorded = json.loads((run / "recall.json").read_text())
         model_config, params, meta = load_trained(run)
@@ -208,12 +285,15 @@ def main(argv=None) -> dict:
                          "rows": args.rows, "stream_window": args.stream_window,
                          "recall": measure(TitansLM(model_config), params, kinds, lengths, args.rows, args.batch,
                                            args.pairs, args.stream_window)}
+        if args.mechanism_length:
+            results[name]["mechanism"] = mechanism(TitansLM(model_config), params, kinds, args.mechanism_length, 2,
+                                                   args.pairs)
     print(table(results))
     if args.json:
         path = pathlib.Path(args.json)
         earlier = json.loads(path.read_text()) if path.exists() else {}
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**earlier, **results}, indent=1))
+        path.write_text(json.dumps(merge_results(earlier, results), indent=1))
     return results
 
 

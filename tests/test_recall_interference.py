@@ -86,3 +86,33 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit):
             recall_interference.main(argv)
     assert "no recall.json" in capsys.readouterr().err
+
+
+def test_merging_keeps_what_an_earlier_measurement_of_the_same_run_had():
+    cell = {"correct": 1, "count": 2, "accuracy": 0.5, "ci95": [0.1, 0.9], "seconds": 1.0}
+    earlier = {"lmm seed 0": {"params_digest": "a", "recall": {"digits": {"1024": cell, "65536": cell}},
+                              "mechanism": {"digits": {"m": {}}}}}
+    again = {"lmm seed 0": {"params_digest": "a", "recall": {"digits": {"1024": {**cell, "correct": 2}},
+                                                             "constant": {"1024": cell}}}}
+    merged = recall_interference.merge_results(earlier, again)["lmm seed 0"]
+    assert set(merged["recall"]["digits"]) == {"1024", "65536"} and merged["recall"]["digits"]["1024"]["correct"] == 2
+    assert "constant" in merged["recall"] and merged["mechanism"] == {"digits": {"m": {}}}
+    retrained = {"lmm seed 0": {"params_digest": "b", "recall": {"constant": {"1024": cell}}}}
+    assert recall_interference.merge_results(earlier, retrained) == retrained
+
+
+def test_mechanism_sees_a_learnt_filler_write_less():
+    import jax
+
+    from titans_jax.models import ModelConfig, TitansLM
+
+    model = TitansLM(ModelConfig(vocab_size=256, d_model=32, num_layers=1, num_heads=2, arch="lmm", segment_size=16,
+                                 window=16))
+    ids = fixed_filler_row(0, 0, 8, 4, "digits")[0]
+    params = model.init(jax.random.key(0), ids[None, :-1])["params"]
+    report = recall_interference.mechanism(model, params, ["constant", "digits"], 64, 2, 4, horizon=1000)
+    (layer,) = report["constant"]
+    for kind in ("constant", "digits"):
+        cell = report[kind][layer]
+        assert 0 < cell["alpha"] < 1 and 0 < cell["keep_over_horizon"] < 1 and cell["theta"] > 0
+    assert report["constant"][layer]["surprise"] < report["digits"][layer]["surprise"]
