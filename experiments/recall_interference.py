@@ -132,13 +132,13 @@ def measure(model, params, kinds, lengths, rows: int, batch: int, num_pairs: int
     return out
 
 
-def mechanism(model, params, kinds, filler_length: int, rows: int, num_pairs: int, horizon: int = 262144,
-              seed: int = EVAL_SEED_OFFSET + 7) -> dict:
+def mechanism(model, params, kinds, filler_length: int, rows: int, num_pairs: int,
+              horizons: tuple[int, ...] = (16384, 65536, 262144), seed: int = EVAL_SEED_OFFSET + 7) -> dict:
     """What each memory layer writes while it reads the filler: {kind: {layer: {...}}} over the
     last half of a `filler_length`-token filler (its steady state), mean over rows and heads:
-    theta (inner step size), alpha (forgetting), keep_over_horizon (the fraction of a weight the
-    gate alone leaves after `horizon` filler tokens: exp(horizon * mean log(1 - alpha)) per head,
-    then averaged), surprise (median norm of a token's inner gradient at its chunk's start
+    theta (inner step size), alpha (forgetting), keep {h: the fraction of a weight the gate alone
+    leaves after h filler tokens, exp(h * mean log(1 - alpha)) per row and head, then averaged}
+    for h in `horizons`, surprise (median norm of a token's inner gradient at its chunk's start
     weights, experiments.gate_trace.surprise_norms) and write (mean theta * surprise: the size of
     each token's step before momentum). A filler the memory has learnt writes ~nothing."""
     import jax
@@ -176,12 +176,13 @@ def mechanism(model, params, kinds, filler_length: int, rows: int, num_pairs: in
             if log_keep is not None:
                 log_keep = np.asarray(log_keep, np.float64)[..., steady]
                 cell["alpha"] = float(np.mean(-np.expm1(log_keep)))
-                cell["keep_over_horizon"] = float(np.mean(np.exp(horizon * log_keep.mean(-1))))
+                cell["keep"] = {str(h): float(np.mean(np.exp(h * log_keep.mean(-1)))) for h in horizons}
             out[kind]["/".join(layer)] = cell
             print(f"[interference] {kind:>9} filler, {'/'.join(layer)}: theta {cell['theta']:.3g}, surprise "
                   f"{cell['surprise']:.3g}, write {cell['write']:.3g}"
-                  + (f", alpha {cell['alpha']:.2e}, kept over {horizon:,} tokens {cell['keep_over_horizon']:.3g}"
-                     if "alpha" in cell else ""), flush=True)
+                  + (f", alpha {cell['alpha']:.2e}, kept by the gate over " + ", ".join(
+                      f"{int(h):,}: {v:.3g}" for h, v in cell["keep"].items()) + " tokens" if "alpha" in cell else ""),
+                  flush=True)
     return out
 
 

@@ -110,9 +110,9 @@ def test_mechanism_sees_a_learnt_filler_write_less():
                                  window=16))
     ids = fixed_filler_row(0, 0, 8, 4, "digits")[0]
     params = model.init(jax.random.key(0), ids[None, :-1])["params"]
-    report = recall_interference.mechanism(model, params, ["constant", "digits"], 64, 2, 4, horizon=1000)
+    report = recall_interference.mechanism(model, params, ["constant", "digits"], 64, 2, 4, horizons=(10, 1000))
     (layer,) = report["constant"]
     for kind in ("constant", "digits"):
         cell = report[kind][layer]
-        assert 0 < cell["alpha"] < 1 and 0 < cell["keep_over_horizon"] < 1 and cell["theta"] > 0
+        assert 0 < cell["alpha"] < 1 and 1 > cell["keep"]["10"] > cell["keep"]["1000"] > 0 and cell["theta"] > 0
     assert report["constant"][layer]["surprise"] < report["digits"][layer]["surprise"]
