@@ -233,6 +233,9 @@ def main(argv=None) -> dict:
                         help="stream rows longer than this through the cache in pieces of this many tokens (0: never)")
     parser.add_argument("--mechanism-length", type=int, default=4096,
                         help="measure gates and write sizes over a filler this long (2 rows; 0: skip)")
+    parser.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="evaluate the trained weights under a changed model setting (e.g. "
+                             "lmm.memory.norm_eps=1e-30); the results are named after the change")
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--quick", action="store_true", help="a tiny untrained model, two short lengths: a smoke run")
     args = parser.parse_args(argv)
@@ -259,14 +262,25 @@ def main(argv=None) -> dict:
     import jax
 
     from experiments.recall_probe import params_digest
+    from titans_jax import config_tree
     from titans_jax.models import ModelConfig, TitansLM
     from titans_jax.training import load_trained
+
+    changes = {}
+    for item in args.eval_set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            parser.error(f"--eval-set takes KEY=VALUE, got {item!r}")
+        try:
+            changes[key] = config_tree.parse_value(text, config_tree.annotation_at(ModelConfig, key), key)
+        except ValueError as error:
+            parser.error(f"--eval-set {item!r}: {error}")
 
     results = {}
     if args.quick:
         config = ModelConfig(vocab_size=256, d_model=32, num_layers=1, num_heads=2, arch="lmm", segment_size=16,
                              window=16)
-        model = TitansLM(config)
+        model = TitansLM(config_tree.replace(config, changes))
         ids, _, _ = fixed_filler_row(0, 0, 8, args.pairs, "digits")
         params = model.init(jax.random.key(0), ids[None, :-1])["params"]
         results["quick"] = {"recall": measure(model, params, kinds, lengths, args.rows, args.batch, args.pairs,
@@ -276,13 +290,16 @@ def main(argv=None) -> dict:
     for run in runs:
         recorded = json.loads((run / "recall.json").read_text())
         model_config, params, meta = load_trained(run)
+        model_config = config_tree.replace(model_config, changes)
         digest = params_digest(params)
         if recorded.get("params_digest") not in (None, digest):
             raise SystemExit(f"{run}: its recall.json belongs to other parameters ({recorded['params_digest']} != "
                              f"{digest}); evaluate the run again with experiments.recall_probe first")
         print(f"[interference] {run}: {model_config.arch}, step {meta['step']}", flush=True)
-        name = f"{recorded['variant']} seed {recorded['seed']}"
-        results[name] = {"run": str(run), "params_digest": digest, "step": int(meta["step"]), "pairs": args.pairs,
+        name = f"{recorded['variant']} seed {recorded['seed']}" + (
+            f" ({', '.join(args.eval_set)})" if args.eval_set else "")
+        results[name] = {"run": str(run), "params_digest": digest, "eval_set": args.eval_set,
+                         "step": int(meta["step"]), "pairs": args.pairs,
                          "rows": args.rows, "stream_window": args.stream_window,
                          "recall": measure(TitansLM(model_config), params, kinds, lengths, args.rows, args.batch,
                                            args.pairs, args.stream_window)}

@@ -82,7 +82,8 @@ def test_measure_counts_recall_by_filler_length(capsys):
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
     for argv in (["--quick", "--fillers", "noise"], ["--quick", "--fillers-lengths", "1k"], ["--quick", "--rows", "0"],
-                 [], ["--runs", str(tmp_path)]):
+                 [], ["--runs", str(tmp_path)], ["--quick", "--eval-set", "lmm.memory.norm_eps"],
+                 ["--quick", "--eval-set", "lmm.nothing=1"]):
         with pytest.raises(SystemExit):
             recall_interference.main(argv)
     assert "no recall.json" in capsys.readouterr().err
