@@ -203,6 +203,24 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def mechanism_table(results: dict) -> str:
+    """A markdown table of the mechanism measurements: one row per (run, memory layer, filler kind)."""
+    lines = ["| run | memory layer | filler | theta | median surprise | write (theta x surprise) | alpha | "
+             "kept by the gate over 16K / 64K / 256K tokens |", "|---|---|---|---|---|---|---|---|"]
+    for name, record in results.items():
+        layers = sorted({layer for cells in record.get("mechanism", {}).values() for layer in cells})
+        for layer in layers:
+            for kind, cells in record["mechanism"].items():
+                cell = cells.get(layer)
+                if cell is None:
+                    continue
+                keep = " / ".join(f"{value:.2g}" for value in cell.get("keep", {}).values()) or "-"
+                alpha = f"{cell['alpha']:.1e}" if "alpha" in cell else "- (no gate)"
+                lines.append(f"| {name} | {layer.removesuffix('/memory')} | {kind} | {cell['theta']:.2g} | "
+                             f"{cell['surprise']:.2g} | {cell['write']:.2g} | {alpha} | {keep} |")
+    return "\n".join(lines)
+
+
 def merge_results(earlier: dict, new: dict) -> dict:
     """The results file after a new measurement: a run measured again (same params digest) keeps
     the cells it measured before that the new one does not (other kinds, lengths, the mechanism);
@@ -236,7 +254,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
                         help="evaluate the trained weights under a changed model setting (e.g. "
                              "lmm.memory.norm_eps=1e-30); the results are named after the change")
-    parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--json", default="", help="write the results here (merged into what the file holds)")
+    parser.add_argument("--show", default="", help="print the tables of a results file and exit")
     parser.add_argument("--quick", action="store_true", help="a tiny untrained model, two short lengths: a smoke run")
     args = parser.parse_args(argv)
     kinds = [kind for kind in args.fillers.split(",") if kind]
@@ -251,6 +270,10 @@ def main(argv=None) -> dict:
             or args.mechanism_length < 0:
         parser.error("need filler lengths >= 0, --rows, --batch and --pairs >= 1, --stream-window >= 0 and "
                      "--mechanism-length >= 0")
+    if args.show:
+        shown = json.loads(pathlib.Path(args.show).read_text())
+        print(table(shown) + "\n\n" + mechanism_table(shown))
+        return shown
     runs = [pathlib.Path(text) for text in args.runs.split(",") if text]
     if not runs and not args.quick:
         parser.error("give --runs (directories of trained experiments.recall_probe runs) or --quick")
@@ -306,7 +329,7 @@ def main(argv=None) -> dict:
         if args.mechanism_length:
             results[name]["mechanism"] = mechanism(TitansLM(model_config), params, kinds, args.mechanism_length, 2,
                                                    args.pairs)
-    print(table(results))
+    print(table(results) + "\n\n" + mechanism_table(results))
     if args.json:
         path = pathlib.Path(args.json)
         earlier = json.loads(path.read_text()) if path.exists() else {}
