@@ -3,7 +3,8 @@ against decay, measured by changing only what lies between the pairs and their q
 
     python -m experiments.recall_interference --runs runs/recall_probe_lengths/lmm/seed0 \
         --fillers digits,periodic,binary,constant --fillers-lengths 1024,16384,65536,262144 \
-        --json experiments/results/recall_probe/interference_lmm_seed0.json
+        --json experiments/results/recall_probe/interference.json
+    python -m experiments.recall_interference --show experiments/results/recall_probe/interference.json
     python -m experiments.recall_interference --quick       # smoke: a tiny untrained model
 
 A trained recall-probe run (experiments.recall_probe) sees rows of the probe's form with one
@@ -17,10 +18,12 @@ order of how many distinct 4-token windows (what the causal conv turns into a wr
     periodic   one random 64-digit block repeated       <= 64 windows
     digits     random over 0-9, the training filler     10^4 windows
 
-Each step forgets by the same data-dependent gate whatever the filler, so if recall at a long F
-survives a low-diversity filler and falls with the training filler, the loss is interference
-(the filler's own associations overwriting the pairs' in a small memory), not decay; if it falls
-alike for every kind, it is decay (or drift of the state) along the context. Short F is the
+A filler the memory has learnt (constant) writes almost nothing once learnt, so recall across it
+measures what the forgetting gate (and any drift of the state) alone removes; if recall at a
+long F survives it and falls with the diverse fillers, the loss is interference (the filler's own
+associations overwriting the pairs' in a small memory). The gate is data-dependent, so
+--mechanism-length reports, per filler and memory layer, the gates and write sizes that decide
+between the two (and what the gate alone keeps of a weight over 16K-256K tokens). Short F is the
 control: every kind should recall there (an out-of-distribution filler that confused the model
 would show up at F = 1024 already).
 """
@@ -115,8 +118,8 @@ def measure(model, params, kinds, lengths, rows: int, batch: int, num_pairs: int
         for length in lengths:
             started, correct, count = time.perf_counter(), 0, 0
             for first in range(0, rows, batch):
-                parts = [fixed_filler_row(seed, row, length, num_pairs, kind) for row in range(first, min(rows, first
-                                                                                                     + batch))]
+                chunk = range(first, min(rows, first + batch))
+                parts = [fixed_filler_row(seed, row, length, num_pairs, kind) for row in chunk]
                 ids, mask, _ = (np.stack(p) for p in zip(*parts, strict=True))
                 if 0 < stream_window < ids.shape[1] - 1:
                     predicted = streamed_predictions(model, params, ids[:, :-1], stream_window, call)
