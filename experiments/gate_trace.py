@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +138,17 @@ def main(argv=None) -> dict:
     return reports
 
 
+def memory_layers(diagnostics) -> list[tuple[list[str], tuple]]:
+    """(the layer's path in the params tree, its (keys, values, queries, theta, log_eta, log_keep)
+    [B, H, T, ...]) for every memory layer in a model's sown "diagnostics" collection."""
+    found = jax.tree_util.tree_flatten_with_path(diagnostics, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 1)[0]
+    layers = []
+    for path, inputs in found:
+        names = [getattr(entry, "key", str(entry)) for entry in path]
+        layers.append((names[: names.index("memory_inputs")], _stream(inputs)))
+    return layers
+
+
 def _stream(inputs):
     """The memory inputs of one layer as sown (a tuple of its calls; MAC's one call per segment
     stacked on a leading axis) -> (keys, values, queries, theta, log_eta, log_keep) [B, H, T, ...]."""
@@ -167,16 +180,9 @@ def analyse(args, programs, params, batch, step) -> dict:
     if "diagnostics" not in collected:
         raise SystemExit("this model has no memory layer to trace")
 
-    found = jax.tree_util.tree_flatten_with_path(collected["diagnostics"],
-                                                 is_leaf=lambda x: isinstance(x, tuple) and len(x) == 1)[0]
     report = {}
-    for path, inputs in found:
-        inputs = _stream(inputs)
-        names = [getattr(entry, "key", str(entry)) for entry in path]
-        layer_path = names[: names.index("memory_inputs")]
-        node = params
-        for name in layer_path:
-            node = node[name]
+    for layer_path, inputs in memory_layers(collected["diagnostics"]):
+        node = functools.reduce(operator.getitem, layer_path, params)
         mem_config = _memory_config(programs.model.config)
         if args.reach_gradient != "run":
             mem_config = dataclasses.replace(mem_config, surprise_gradient=args.reach_gradient)

@@ -31,8 +31,9 @@ would show up at F = 1024 already).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
+import operator
 import pathlib
 import time
 
@@ -90,16 +91,6 @@ def fixed_filler_row(seed: int, row: int, filler_length: int, num_pairs: int, ki
     return ids, mask, distance
 
 
-def wilson(correct: int, count: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score 95% interval of a binomial proportion."""
-    if count == 0:
-        return (0.0, 1.0)
-    p = correct / count
-    centre = (p + z * z / (2 * count)) / (1 + z * z / count)
-    half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / (1 + z * z / count)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def measure(model, params, kinds, lengths, rows: int, batch: int, num_pairs: int, stream_window: int,
             seed: int = EVAL_SEED_OFFSET + 7) -> dict:
     """{kind: {filler length: {"correct", "count", "accuracy", "ci95", "seconds"}}}: teacher-forced
@@ -108,6 +99,7 @@ def measure(model, params, kinds, lengths, rows: int, batch: int, num_pairs: int
     import jax
     import jax.numpy as jnp
 
+    from experiments.long_context_table import binomial_interval
     from experiments.recall_probe import stream_call, streamed_predictions
 
     predict = jax.jit(lambda ids: jnp.argmax(model.apply({"params": params}, ids), -1))
@@ -128,7 +120,7 @@ def measure(model, params, kinds, lengths, rows: int, batch: int, num_pairs: int
                 correct += int((predicted == ids[:, 1:])[mask].sum())
                 count += int(mask.sum())
             cell = {"correct": correct, "count": count, "accuracy": correct / count,
-                    "ci95": wilson(correct, count), "seconds": time.perf_counter() - started}
+                    "ci95": binomial_interval(correct, count), "seconds": time.perf_counter() - started}
             out[kind][str(length)] = cell
             print(f"[interference] {kind:>9} filler of {length:>8} tokens: {correct}/{count} = {cell['accuracy']:.2f} "
                   f"[{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}] ({cell['seconds']:.0f} s)", flush=True)
@@ -147,7 +139,7 @@ def mechanism(model, params, kinds, filler_length: int, rows: int, num_pairs: in
     import jax
     import jax.numpy as jnp
 
-    from experiments.gate_trace import _memory_config, _stream, surprise_norms
+    from experiments.gate_trace import _memory_config, memory_layers, surprise_norms
 
     collect = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["diagnostics"])[1])
     config = _memory_config(model.config)
@@ -155,19 +147,12 @@ def mechanism(model, params, kinds, filler_length: int, rows: int, num_pairs: in
     for kind in kinds:
         parts = [fixed_filler_row(seed, row, filler_length, num_pairs, kind) for row in range(rows)]
         ids = np.stack([p[0] for p in parts])
-        found = jax.tree_util.tree_flatten_with_path(
-            collect(params, jnp.asarray(ids[:, :-1])).get("diagnostics", {}),
-            is_leaf=lambda x: isinstance(x, tuple) and len(x) == 1)[0]
+        found = memory_layers(collect(params, jnp.asarray(ids[:, :-1])).get("diagnostics", {}))
         if not found:
             raise ValueError("this model has no memory layer to measure")
         out[kind] = {}
-        for path, inputs in found:
-            inputs = _stream(inputs)
-            names = [getattr(entry, "key", str(entry)) for entry in path]
-            layer = names[: names.index("memory_inputs")]
-            node = params
-            for name in layer:
-                node = node[name]
+        for layer, inputs in found:
+            node = functools.reduce(operator.getitem, layer, params)
             keys, _, _, theta, _, log_keep = inputs
             prefix = keys.shape[2] - (ids.shape[1] - 1)  # tokens seen before the row (persistent memory)
             start = prefix + PAIR * num_pairs

@@ -172,16 +172,13 @@ def address_match(model, params, ids: np.ndarray, mask: np.ndarray, distance: np
     import jax
     import jax.numpy as jnp
 
-    from experiments.gate_trace import _stream
+    from experiments.gate_trace import memory_layers
 
     collected = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["diagnostics"])[1])(
         params, jnp.asarray(ids[:, :-1]))
-    found = jax.tree_util.tree_flatten_with_path(collected.get("diagnostics", {}),
-                                                 is_leaf=lambda x: isinstance(x, tuple) and len(x) == 1)[0]
     report = {}
-    for path, inputs in found:
-        keys, _, queries = (np.asarray(x, np.float64) for x in _stream(inputs)[:3])  # [B, H, T, E]
-        names = [getattr(entry, "key", str(entry)) for entry in path]
+    for names, inputs in memory_layers(collected.get("diagnostics", {})):
+        keys, _, queries = (np.asarray(x, np.float64) for x in inputs[:3])  # [B, H, T, E]
         prefix = keys.shape[2] - mask.shape[1]  # tokens the layer sees before the row (persistent memory)
         if prefix < 0:
             raise ValueError(f"memory layer {names} saw {keys.shape[2]} tokens of a {mask.shape[1]}-token row")
@@ -201,7 +198,7 @@ def address_match(model, params, ids: np.ndarray, mask: np.ndarray, distance: np
             own.append(np.diagonal(cos, axis1=1, axis2=2))
             other.append(cos[:, off])
             spread.append(between[:, off])
-        report["/".join(names[: names.index("memory_inputs")])] = {
+        report["/".join(names)] = {
             "top1": float(np.mean(np.concatenate(top1, axis=1))), "own": float(np.mean(np.concatenate(own, axis=1))),
             "other": float(np.mean(np.concatenate(other, axis=1))),
             "key_spread": float(np.mean(np.concatenate(spread, axis=1)))}

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from experiments import recall_interference
-from experiments.recall_interference import FILLERS, PERIOD, filler_tokens, fixed_filler_row, measure, wilson
+from experiments.recall_interference import FILLERS, PERIOD, filler_tokens, fixed_filler_row, measure
 from experiments.recall_probe import PAIR
 
 
@@ -41,13 +41,6 @@ def test_filler_kinds_hold_the_stated_number_of_distinct_windows():
     assert windows["periodic"] <= PERIOD and windows["digits"] > 3000
     with pytest.raises(ValueError, match="unknown filler kind"):
         filler_tokens("noise", 8, rng)
-
-
-def test_wilson_interval():
-    low, high = wilson(8, 10)
-    assert low < 0.8 < high and 0.0 <= low and high <= 1.0
-    assert wilson(0, 64)[0] == 0.0 and wilson(64, 64)[1] == 1.0
-    assert wilson(0, 0) == (0.0, 1.0)
 
 
 class _Oracle:
