@@ -28,12 +28,17 @@ Array = jax.Array
 
 
 def rope(x: Array, positions: Array, base: float = 10000.0) -> Array:
-    """Rotate-half RoPE (titans_jax.primitives.rope). x: [B, T, H, E] (E even); positions: [T] or
-    [B, T] int; the inverse frequencies are computed in x's compute dtype."""
+    """Rotate-half RoPE (titans_jax.primitives). x: [B, T, H, E] (E even); positions: [T] or [B, T]
+    int. float64 inputs take the plain angles p * f in float64 (exact enough at any position);
+    float32 and half precision take `primitives.rope_phase_angles`, reduced modulo 2 pi in integer
+    arithmetic, because the float32 product loses up to 0.125 rad at 2M tokens, which the streamed
+    2M-token contexts reach."""
     if x.shape[-1] % 2:
         raise ValueError(f"RoPE needs an even head dim, got {x.shape[-1]}")
-    return primitives.rope(x, positions, primitives.rope_inverse_frequencies(
-        x.shape[-1], base, primitives.compute_dtype(x.dtype)))
+    compute = primitives.compute_dtype(x.dtype)
+    if compute == jnp.float64:
+        return primitives.rope(x, positions, primitives.rope_inverse_frequencies(x.shape[-1], base, compute))
+    return primitives.rope_at_angles(x, primitives.rope_phase_angles(positions, x.shape[-1], base))
 
 
 # ----------------------------------------------------------------------------------------------

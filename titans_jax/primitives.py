@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -41,12 +42,35 @@ def rope_inverse_frequencies(head_dim: int, base: float, dtype=jnp.float32) -> A
     return base ** (-jnp.arange(half, dtype=dtype) / half)
 
 
+def rope_phase_angles(positions: Array, head_dim: int, base: float) -> Array:
+    """RoPE's angles p * base^(-2i/E) reduced modulo 2 pi, exact to ~1e-6 rad at any int32 position.
+
+    The plain float32 product p * f rounds to the float32 grid at p * f, which is 0.125 rad wide
+    at p = 2M and f = 1, and the rounding differs between a query and a key, so their relative
+    rotation carries that error into attention scores (3e-2 on unit q, k at 2M tokens against
+    3e-5 at 1K: `tests/test_attention.py`). Here each frequency is a fixed-point fraction of a
+    turn, F_i = round(f_i / 2 pi * 2^32) (from float64 at trace time), and p * F_i is formed in
+    uint32, whose wrap-around is exactly the reduction modulo one turn. Errors: the frequency is
+    off by at most 2 pi 2^-33 = 7.3e-10 rad per token (the same for every position, so a relative
+    offset d moves by <= 7.3e-10 d: 1.5e-3 rad at d = 2M), and the phase's conversion to float32
+    adds <= 2 pi 2^-25 = 1.9e-7 rad. Returns float32 angles in [-pi, pi), shape positions.shape +
+    (E/2,). Negative positions (empty cache slots) give finite angles of no meaning."""
+    half = head_dim // 2
+    frequencies = float(base) ** (-np.arange(half, dtype=np.float64) / half)
+    turns = np.round(frequencies / (2 * np.pi) * 2.0**32).astype(np.uint64) % 2**32  # f <= 1 rad: < 2^32
+    phase = positions.astype(jnp.int32).astype(jnp.uint32)[..., None] * jnp.asarray(turns.astype(np.uint32))
+    signed = jax.lax.bitcast_convert_type(phase, jnp.int32)  # a turn's fraction in [-1/2, 1/2) times 2^32
+    return signed.astype(jnp.float32) * jnp.float32(2 * np.pi / 2.0**32)
+
+
 def rope(x: Array, positions: Array, inverse_frequencies: Array, layout: str = "half") -> Array:
     """Rotary embedding of x [B, T, heads, E] at integer positions [T] or [B, T].
 
     layout "half" rotates (x[i], x[i + E/2]) (Hugging Face, titans_jax); "pairs" rotates
     (x[2i], x[2i + 1]) (GGUF's Q/K row order). The two are the same map up to a fixed
-    permutation of the E coordinates."""
+    permutation of the E coordinates. The angles are positions x inverse_frequencies in the
+    compute dtype, as Hugging Face forms them (t2_jax matches transformers bit for bit); see
+    `rope_phase_angles` and `rope_at_angles` for angles exact at millions of positions."""
     E = x.shape[-1]
     if E % 2:
         raise ValueError(f"RoPE needs an even head dim, got {E}")
@@ -54,6 +78,19 @@ def rope(x: Array, positions: Array, inverse_frequencies: Array, layout: str = "
         raise ValueError(f"inverse_frequencies must have shape ({E // 2},), got {inverse_frequencies.shape}")
     compute = compute_dtype(x.dtype)
     angles = positions.astype(compute)[..., None] * inverse_frequencies.astype(compute)  # [(B,) T, E/2]
+    return rope_at_angles(x, angles, layout)
+
+
+def rope_at_angles(x: Array, angles: Array, layout: str = "half") -> Array:
+    """Rotate x [B, T, heads, E] by angles [T, E/2] or [B, T, E/2] (`rope`'s two layouts), in x's
+    compute dtype; returns x's dtype."""
+    E = x.shape[-1]
+    if E % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {E}")
+    if angles.shape[-1] != E // 2:
+        raise ValueError(f"angles must end in E/2 = {E // 2}, got shape {angles.shape}")
+    compute = compute_dtype(x.dtype)
+    angles = angles.astype(compute)
     if angles.ndim == 2:
         angles = angles[None]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
