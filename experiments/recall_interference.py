@@ -209,6 +209,16 @@ def mechanism_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def entry_name(recorded: dict, eval_set: list[str]) -> str:
+    """A run's name in the results file: variant and seed, the run's training settings
+    (recall_probe --set) in brackets and the evaluation's changes in parentheses, so that two runs
+    of one variant and seed never replace each other's results (merge_results replaces an entry
+    whose parameters changed)."""
+    trained = [override.removeprefix("model.") for override in recorded.get("set", [])]
+    return (f"{recorded['variant']} seed {recorded['seed']}" + (f" [{', '.join(trained)}]" if trained else "")
+            + (f" ({', '.join(eval_set)})" if eval_set else ""))
+
+
 def merge_results(earlier: dict, new: dict) -> dict:
     """The results file after a new measurement: a run measured again (same params digest) keeps
     the cells it measured before that the new one does not (other kinds, lengths, the mechanism);
@@ -307,8 +317,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{run}: its recall.json belongs to other parameters ({recorded['params_digest']} != "
                              f"{digest}); evaluate the run again with experiments.recall_probe first")
         print(f"[interference] {run}: {model_config.arch}, step {meta['step']}", flush=True)
-        name = f"{recorded['variant']} seed {recorded['seed']}" + (
-            f" ({', '.join(args.eval_set)})" if args.eval_set else "")
+        name = entry_name(recorded, args.eval_set)
         results[name] = {"run": str(run), "params_digest": digest, "eval_set": args.eval_set,
                          "step": int(meta["step"]), "pairs": args.pairs,
                          "rows": args.rows, "stream_window": args.stream_window,

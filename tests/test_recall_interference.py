@@ -95,6 +95,15 @@ def test_merging_keeps_what_an_earlier_measurement_of_the_same_run_had():
     assert recall_interference.merge_results(earlier, retrained) == retrained
 
 
+def test_runs_of_one_variant_and_seed_with_other_settings_get_other_names():
+    plain = {"variant": "ttt", "seed": 0}
+    small = {"variant": "ttt", "seed": 0, "set": ["model.lmm.theta_max=0.003"]}
+    assert recall_interference.entry_name(plain, []) == "ttt seed 0"
+    assert recall_interference.entry_name(small, []) == "ttt seed 0 [lmm.theta_max=0.003]"
+    assert recall_interference.entry_name(small, ["lmm.memory.norm_eps=1e-12"]) == (
+        "ttt seed 0 [lmm.theta_max=0.003] (lmm.memory.norm_eps=1e-12)")
+
+
 def test_mechanism_sees_a_learnt_filler_write_less():
     import jax
 
