@@ -139,3 +139,22 @@ def test_memory_profile_classifies_instructions_by_their_metadata():
     assert memory_profile.classify("add.1", table["add.1"]) == ("recompute", "chunk scan", "elementwise")
     # the memory's inner-gradient VJP inside the forward pass is forward work
     assert memory_profile.classify("mul.2", table["mul.2"]) == ("forward", "chunk scan", "elementwise")
+
+
+@pytest.mark.slow  # a benchmark's smoke run (~25 s); the kernel it times is tested in test_pallas_memory
+def test_kernel_bench_quick_mode_prints_its_table(capsys, tmp_path):
+    import json
+
+    from experiments import kernel_bench
+
+    out_file = tmp_path / "k.json"
+    kernel_bench.main(["--quick", "--json", str(out_file)])
+    printed = capsys.readouterr().out
+    assert "float32 matmul rate" in printed and "| 48 | fused, highest |" in printed
+    result = json.loads(out_file.read_text())
+    paths = result["results"][0]["paths"]
+    assert set(paths) == {"xla, default precision", "xla, highest", "fused, tf32", "fused, highest",
+                          "fused, tf32, 4 warps, 1 stages"}
+    assert all(entry["fwd"]["tokens_per_s"] > 0 for entry in paths.values())
+    errors = result["results"][0]["errors_vs_float64"]
+    assert max(errors.values()) < 1e-5  # float32 against float64: the kernel computes the same function

@@ -597,6 +597,23 @@ def _streaming_chunk_slice(chunk_weights, weights, momentum, norm, keys, values,
 _CHUNK_FNS = {"chunked": _chunk_step, "associative": _associative_chunk_step}
 
 
+def prepare_inputs(keys, values, queries, theta, log_eta, log_keep, dtype):
+    """(keys, values, queries, gates [B, H, T, 3] = (theta, log_eta, log_keep)) in the state's
+    dtype, after checking that no input loses precision on the way; a missing gate is switched
+    off (log_eta = -inf: no momentum; log_keep = 0: no forgetting)."""
+    for name, x in (("keys", keys), ("values", values), ("queries", queries), ("theta", theta),
+                    ("log_eta", log_eta), ("log_keep", log_keep)):
+        if x is not None:
+            check_lossless_dtype(name, x.dtype, dtype)
+    if log_eta is None:
+        log_eta = jnp.full(theta.shape, -jnp.inf, dtype)
+    if log_keep is None:
+        log_keep = jnp.zeros(theta.shape, dtype)
+    gates = jnp.stack([theta, log_eta, log_keep], axis=-1).astype(dtype)
+    keys, values, queries = (x.astype(dtype) for x in (keys, values, queries))
+    return keys, values, queries, gates
+
+
 # ----------------------------------------------------------------------------------------------
 # Public entry point
 
@@ -641,17 +658,8 @@ def memory_apply(
         state = init_memory_state(params, batch, config)
     else:
         _check_state(state, batch, heads, config)
-    dtype = state.weights[0]["w"].dtype
-    for name, x in (("keys", keys), ("values", values), ("queries", queries), ("theta", theta),
-                    ("log_eta", log_eta), ("log_keep", log_keep)):
-        if x is not None:
-            check_lossless_dtype(name, x.dtype, dtype)
-    if log_eta is None:
-        log_eta = jnp.full(theta.shape, -jnp.inf, dtype)
-    if log_keep is None:
-        log_keep = jnp.zeros(theta.shape, dtype)
-    gates = jnp.stack([theta, log_eta, log_keep], axis=-1).astype(dtype)
-    keys, values, queries = (x.astype(dtype) for x in (keys, values, queries))
+    keys, values, queries, gates = prepare_inputs(keys, values, queries, theta, log_eta, log_keep,
+                                                  state.weights[0]["w"].dtype)
     chunk = config.chunk_size
     norm = params.get("norm")
 

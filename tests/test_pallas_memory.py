@@ -1,0 +1,110 @@
+"""The fused Pallas kernel of the linear memory (titans_jax.pallas_memory): on CPU it runs in
+Pallas' interpret mode, in float64, against the token-by-token reference; its Triton lowering is
+checked without a GPU (experiments.kernel_bench times it compiled on one)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from titans_jax import memory as mem
+from titans_jax import pallas_memory as pm
+from titans_jax.testing import (max_relative_difference, objective_and_grads, random_memory_inputs,
+                                random_memory_params)
+
+VARIANTS = {  # name: (MemoryConfig changes, drop log_eta, drop log_keep)
+    "residual_norm": ({}, False, False),
+    "plain": ({"residual_norm": False}, False, False),
+    "surprise_clip": ({"surprise_clip": 0.3}, False, False),
+    "no_momentum": ({}, True, False),
+    "no_forgetting": ({"residual_norm": False}, False, True),
+    "mean_loss": ({"loss_scale": 1 / 6}, False, False),
+}
+
+
+def case(variant, chunk_size, length, key_dim=6):
+    changes, no_eta, no_keep = VARIANTS[variant]
+    config = mem.MemoryConfig(key_dim=key_dim, value_dim=key_dim, depth=1, chunk_size=chunk_size, **changes)
+    params = random_memory_params(config)
+    keys, values, queries, theta, log_eta, log_keep = random_memory_inputs(3, length, key_dim=key_dim)
+    inputs = (keys, values, queries, 3 * theta, None if no_eta else log_eta, None if no_keep else log_keep)
+    return config, params, inputs
+
+
+def fused_objective(config):
+    """objective_and_grads' scalar, with the fused kernel (interpret mode) in place of memory_apply."""
+    def objective(params, keys, values, queries, theta, log_eta, log_keep):
+        out, state = pm.fused_memory_apply(params, keys, values, queries, theta, log_eta, log_keep, config,
+                                           interpret=True)
+        total = jnp.sum(jnp.sin(3 * out))
+        total += jnp.sum(jnp.cos(state.weights[0]["w"])) + jnp.sum(state.momentum[0]["w"] ** 2)
+        return total, out
+
+    return jax.jit(jax.value_and_grad(objective, argnums=tuple(range(7)), has_aux=True))
+
+
+@pytest.mark.parametrize("variant,chunk_size,length", [
+    ("residual_norm", 5, 23), ("plain", 4, 16), ("surprise_clip", 16, 16), ("no_momentum", 3, 10),
+    ("no_forgetting", 7, 9), ("mean_loss", 1, 5), ("residual_norm", 16, 7)])
+def test_fused_kernel_matches_the_reference_forward_and_state(variant, chunk_size, length):
+    """Outputs and every part of the returned state (running weights and momentum, the weights
+    at the last chunk boundary, pending count) equal the token-by-token reference to float64
+    rounding; lengths with a short last chunk and shorter than one chunk included."""
+    with jax.enable_x64(True):
+        config, params, inputs = case(variant, chunk_size, length)
+        ref_out, ref_state = mem.memory_apply(params, *inputs, dataclasses.replace(config, impl="reference"))
+        out, state = pm.fused_memory_apply(params, *inputs, config, interpret=True)
+        assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
+        assert max_relative_difference(out, ref_out) < 1e-12
+        for name in ("weights", "momentum", "chunk_weights"):
+            assert max_relative_difference(getattr(state, name), getattr(ref_state, name)) < 1e-12, name
+        assert int(state.num_pending) == int(ref_state.num_pending) == length % chunk_size
+
+
+@pytest.mark.parametrize("variant", ["residual_norm", "surprise_clip"])
+def test_fused_kernel_gradients_are_the_chunked_paths(variant):
+    """The custom_vjp's backward (the XLA chunked path, recomputed) gives the reference's
+    gradients w.r.t. M_0, the norm, keys, values, queries and all three gates."""
+    with jax.enable_x64(True):
+        config, params, inputs = case(variant, 4, 11)
+        (_, ref_out), ref_grads = jax.jit(objective_and_grads(dataclasses.replace(config, impl="reference")))(
+            params, *inputs)
+        (_, out), grads = fused_objective(config)(params, *inputs)
+        assert max_relative_difference(out, ref_out) < 1e-12
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+        assert max_relative_difference(grads, ref_grads) < 1e-11
+
+
+def test_fused_kernel_lowers_to_triton_without_a_gpu():
+    """Every operation of the kernel has a Triton lowering (shapes of the benchmark: 64 x 64
+    state, chunk 64, a number of chunks that is not a power of two, clip and norm on)."""
+    config = mem.MemoryConfig(key_dim=64, value_dim=64, depth=1, chunk_size=64, surprise_clip=10.0)
+    params = random_memory_params(config, heads=2, dtype=jnp.float32)
+    inputs = random_memory_inputs(0, 200, batch=1, heads=2, key_dim=64, dtype=jnp.float32)
+    text = pm.lower_for_gpu(params, *inputs, config)
+    assert "xla.gpu.triton" in text and "titans_linear_memory_forward" in text
+
+
+def test_fused_kernel_rejects_what_it_does_not_cover():
+    base = mem.MemoryConfig(key_dim=16, value_dim=16, depth=1, chunk_size=16)
+    inputs = random_memory_inputs(0, 16, key_dim=16, dtype=jnp.float32)
+    deep = dataclasses.replace(base, depth=2)
+    with pytest.raises(ValueError, match="depth=1"):
+        pm.fused_memory_apply(random_memory_params(deep, dtype=jnp.float32), *inputs, deep)
+    biased = dataclasses.replace(base, use_bias=True)
+    with pytest.raises(ValueError, match="use_bias"):
+        pm.fused_memory_apply(random_memory_params(biased, dtype=jnp.float32), *inputs, biased)
+    odd = dataclasses.replace(base, chunk_size=12)
+    with pytest.raises(ValueError, match="chunk_size a power of two"):
+        pm.fused_memory_apply(random_memory_params(odd, dtype=jnp.float32), *inputs, odd)
+    with pytest.raises(ValueError, match="precision"):
+        pm.fused_memory_apply(random_memory_params(base, dtype=jnp.float32), *inputs, base, precision="fp8")
+    with jax.enable_x64(True):
+        params64 = random_memory_params(base, dtype=jnp.float64)
+        inputs64 = random_memory_inputs(0, 16, key_dim=16, dtype=jnp.float64)
+        with pytest.raises(ValueError, match="float32"):
+            pm.fused_memory_apply(params64, *inputs64, base)
+    with pytest.raises(ValueError, match="keys"):  # the shared input checks of memory_apply
+        pm.fused_memory_apply(random_memory_params(base, dtype=jnp.float32), inputs[0][..., :8], *inputs[1:], base)
