@@ -8,15 +8,16 @@ forgetting: the "linear" preset's memory), on random unit-norm keys and gates in
 ranges. Prints per length, in one run:
   * forward and forward+backward tokens/s and compiled peak memory of XLA's chunked path (at the
     default float32 matmul precision, which lets XLA use TF32 on a GPU, and at "highest") and of
-    fused_memory_apply (precision "tf32" and "highest"); the fused path's backward is the XLA
+    fused_memory_apply (precision "tf32", "tf32x3" and "highest", default launch settings; then
+    the forward under other warps x stages); the fused path's backward is the XLA
     chunked path recomputed (the kernel is forward-only), so its fwd+bwd shows what the forward
     saves inside a training step, not a fused backward;
   * the kernel's model FLOP rate as a fraction of this machine's float32 matmul rate (a 2048^3
     jitted matmul in the same run; at default precision, so on a GPU the TF32 rate). Model FLOPs
     per token and head: 10 K V + 2 C (K + V) (the seven products of a chunk, elementwise work not
     counted); XLA's cost analysis does not see inside a Pallas call;
-  * errors of float32 outputs (max |a - b| / max |b|): fused and XLA (both "highest") against the
-    float64 chunked path, and fused "tf32" against it, at the first length.
+  * errors of float32 outputs (max |a - b| / max |b|) of every path against the float64 chunked
+    path, at the first length.
 On CPU the kernel runs in Pallas' interpret mode: those times say nothing about the kernel.
 """
 
@@ -35,7 +36,7 @@ from titans_jax import pallas_memory as pm
 from titans_jax.testing import max_absolute_difference, random_memory_inputs, random_memory_params
 
 PATHS = (("xla, default precision", "xla", None), ("xla, highest", "xla", "highest"),
-         ("fused, tf32", "fused", "tf32"), ("fused, highest", "fused", "highest"))
+         ("fused, tf32", "fused", "tf32"), ("fused, tf32x3", "fused", "tf32x3"), ("fused, highest", "fused", "highest"))
 
 
 def make_case(args, length: int, dtype):
@@ -45,7 +46,7 @@ def make_case(args, length: int, dtype):
     return config, params, inputs
 
 
-def path_functions(kind: str, precision: str | None, config, interpret: bool, num_warps=None, num_stages=1):
+def path_functions(kind: str, precision: str | None, config, interpret: bool, num_warps=None, num_stages=2):
     """Jitted forward (outputs) and forward+backward (mean square of the outputs, gradients
     w.r.t. M_0, the norm, keys, values, queries and the three gates)."""
     if kind == "xla":
@@ -84,21 +85,20 @@ def measure(args, length: int, rate: float, interpret: bool) -> dict:
     for label, kind, precision in PATHS:
         forward, forward_backward = path_functions(kind, precision, config, interpret)
         # XLA's matmuls (all of the xla path, the fused path's backward) at the path's precision
-        with jax.default_matmul_precision("highest" if precision == "highest" else "default"):
+        with jax.default_matmul_precision("default" if precision in (None, "tf32") else "highest"):
             entry = {name: timed(fn, args_list, args.batch, length, args.repeats)
-                     for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward))}
+                     for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward))[:1 if args.no_backward else 2]}
             outputs[label] = forward(*args_list)
         if kind == "fused":
             entry["fwd"]["model_flops_fraction"] = model_flops / entry["fwd"]["seconds"] / rate
         result["paths"][label] = entry
-        print(f"[kernel_bench] T={length} {label}: fwd {entry['fwd']['tokens_per_s']:.0f} tok/s, "
-              f"fwd+bwd {entry['fwd+bwd']['tokens_per_s']:.0f} tok/s", flush=True)
-    for warps, stages in args.variants:  # forward only: Triton launch settings of the tf32 kernel
-        forward, _ = path_functions("fused", "tf32", config, interpret, warps, stages)
+        print(f"[kernel_bench] T={length} {label}: fwd {entry['fwd']['tokens_per_s']:.0f} tok/s", flush=True)
+    for precision, warps, stages in args.variants:  # forward only: other Triton launch settings
+        forward, _ = path_functions("fused", precision, config, interpret, warps, stages)
         entry = {"fwd": timed(forward, args_list, args.batch, length, args.repeats)}
         entry["fwd"]["model_flops_fraction"] = model_flops / entry["fwd"]["seconds"] / rate
-        result["paths"][f"fused, tf32, {warps} warps, {stages} stages"] = entry
-        print(f"[kernel_bench] T={length} fused tf32 {warps} warps {stages} stages: fwd "
+        result["paths"][f"fused, {precision}, {warps} warps, {stages} stages"] = entry
+        print(f"[kernel_bench] T={length} fused {precision} {warps} warps {stages} stages: fwd "
               f"{entry['fwd']['tokens_per_s']:.0f} tok/s", flush=True)
     if args.check_float64:
         with jax.enable_x64(True):
@@ -128,6 +128,15 @@ def table(results: list[dict], rate: float) -> list[str]:
     return lines
 
 
+def parse_variant(text: str, parser: argparse.ArgumentParser) -> tuple[str, int, int]:
+    """'tf32x3:4x2' -> ('tf32x3', 4, 2)."""
+    precision, _, launch = text.partition(":")
+    warps, _, stages = launch.partition("x")
+    if precision not in pm.PRECISIONS or not (warps.isdigit() and stages.isdigit()):
+        parser.error(f"--variants: expected PRECISION:WARPSxSTAGES with PRECISION in {pm.PRECISIONS}, got {text!r}")
+    return precision, int(warps), int(stages)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)
@@ -136,15 +145,16 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--lengths", default="4096,65536", help="comma-separated sequence lengths")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variants", default="4x1,8x2",
-                        help="extra forward-only runs of the tf32 kernel, WARPSxSTAGES comma list ('' for none)")
+    parser.add_argument("--variants", default="tf32x3:8x2,tf32:4x2,tf32:8x1",
+                        help="extra forward-only runs of the kernel, PRECISION:WARPSxSTAGES comma list ('' for none)")
+    parser.add_argument("--no-backward", action="store_true", help="time the forward only")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: a smoke run")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.heads, args.head_dim, args.chunk, args.lengths, args.repeats = 1, 2, 16, 16, "48", 1
-        args.variants = "4x1"
-    args.variants = [tuple(int(n) for n in v.split("x")) for v in args.variants.split(",") if v]
+        args.variants = "tf32:4x1"
+    args.variants = [parse_variant(v, parser) for v in args.variants.split(",") if v]
     lengths = [int(x) for x in args.lengths.split(",") if x]
     interpret = jax.default_backend() != "gpu"
     args.check_float64 = True
