@@ -8,10 +8,9 @@ forgetting: the "linear" preset's memory), on random unit-norm keys and gates in
 ranges. Prints per length, in one run:
   * forward and forward+backward tokens/s and compiled peak memory of XLA's chunked path (at the
     default float32 matmul precision, which lets XLA use TF32 on a GPU, and at "highest") and of
-    fused_memory_apply (precision "tf32", "tf32x3" and "highest", default launch settings; then
-    the forward under other warps x stages); the fused path's backward is the XLA
-    chunked path recomputed (the kernel is forward-only), so its fwd+bwd shows what the forward
-    saves inside a training step, not a fused backward;
+    fused_memory_apply (precision "tf32", "tf32x3" and "highest", default launch settings, its
+    reverse chunk-scan backward kernel; "tf32x3" also with backward="xla", jax.vjp of the XLA
+    chunked path; then the forward under other warps x stages);
   * the kernel's model FLOP rate as a fraction of this machine's float32 matmul rate (a 2048^3
     jitted matmul in the same run; at default precision, so on a GPU the TF32 rate). Model FLOPs
     per token and head: 10 K V + 2 C (K + V) (the seven products of a chunk, elementwise work not
@@ -35,8 +34,9 @@ from titans_jax import memory as mem
 from titans_jax import pallas_memory as pm
 from titans_jax.testing import max_absolute_difference, random_memory_inputs, random_memory_params
 
-PATHS = (("xla, default precision", "xla", None), ("xla, highest", "xla", "highest"),
-         ("fused, tf32", "fused", "tf32"), ("fused, tf32x3", "fused", "tf32x3"), ("fused, highest", "fused", "highest"))
+PATHS = (("xla, default precision", "xla", None, None), ("xla, highest", "xla", "highest", None),
+         ("fused, tf32", "fused", "tf32", "fused"), ("fused, tf32x3", "fused", "tf32x3", "fused"),
+         ("fused, tf32x3, xla backward", "fused", "tf32x3", "xla"), ("fused, highest", "fused", "highest", "fused"))
 
 
 def make_case(args, length: int, dtype):
@@ -46,7 +46,8 @@ def make_case(args, length: int, dtype):
     return config, params, inputs
 
 
-def path_functions(kind: str, precision: str | None, config, interpret: bool, num_warps=None, num_stages=2):
+def path_functions(kind: str, precision: str | None, config, interpret: bool, num_warps=None, num_stages=2,
+                   backward: str | None = "fused"):
     """Jitted forward (outputs) and forward+backward (mean square of the outputs, gradients
     w.r.t. M_0, the norm, keys, values, queries and the three gates)."""
     if kind == "xla":
@@ -55,7 +56,7 @@ def path_functions(kind: str, precision: str | None, config, interpret: bool, nu
     else:
         def apply(params, *inputs):
             return pm.fused_memory_apply(params, *inputs, config, interpret=interpret, precision=precision,
-                                         num_warps=num_warps, num_stages=num_stages)[0]
+                                         num_warps=num_warps, num_stages=num_stages, backward=backward)[0]
 
     def loss(params, *inputs):
         return jnp.mean(apply(params, *inputs) ** 2)
@@ -82,8 +83,8 @@ def measure(args, length: int, rate: float, interpret: bool) -> dict:
     result = {"length": length, "model_flops_fwd": model_flops, "paths": {}}
     outputs = {}
     args_list = (params, *inputs)
-    for label, kind, precision in PATHS:
-        forward, forward_backward = path_functions(kind, precision, config, interpret)
+    for label, kind, precision, backward in PATHS:
+        forward, forward_backward = path_functions(kind, precision, config, interpret, backward=backward)
         # XLA's matmuls (all of the xla path, the fused path's backward) at the path's precision
         with jax.default_matmul_precision("default" if precision in (None, "tf32") else "highest"):
             entry = {name: timed(fn, args_list, args.batch, length, args.repeats)

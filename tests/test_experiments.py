@@ -153,8 +153,8 @@ def test_kernel_bench_quick_mode_prints_its_table(capsys, tmp_path):
     assert "float32 matmul rate" in printed and "| 48 | fused, highest |" in printed
     result = json.loads(out_file.read_text())
     paths = result["results"][0]["paths"]
-    assert set(paths) == {"xla, default precision", "xla, highest", "fused, tf32", "fused, tf32x3", "fused, highest",
-                          "fused, tf32, 4 warps, 1 stages"}
+    assert set(paths) == {"xla, default precision", "xla, highest", "fused, tf32", "fused, tf32x3",
+                          "fused, tf32x3, xla backward", "fused, highest", "fused, tf32, 4 warps, 1 stages"}
     assert all(entry["fwd"]["tokens_per_s"] > 0 for entry in paths.values())
     errors = result["results"][0]["errors_vs_float64"]
     assert max(errors.values()) < 1e-5  # float32 against float64: the kernel computes the same function

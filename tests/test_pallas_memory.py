@@ -3,6 +3,7 @@ Pallas' interpret mode, in float64, against the token-by-token reference; its Tr
 checked without a GPU (experiments.kernel_bench times it compiled on one)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,7 @@ import pytest
 
 from titans_jax import memory as mem
 from titans_jax import pallas_memory as pm
-from titans_jax.testing import (max_relative_difference, objective_and_grads, random_memory_inputs,
-                                random_memory_params)
+from titans_jax.testing import max_relative_difference, random_memory_inputs, random_memory_params
 
 VARIANTS = {  # name: (MemoryConfig changes, drop log_eta, drop log_keep)
     "residual_norm": ({}, False, False),
@@ -21,6 +21,7 @@ VARIANTS = {  # name: (MemoryConfig changes, drop log_eta, drop log_keep)
     "no_momentum": ({}, True, False),
     "no_forgetting": ({"residual_norm": False}, False, True),
     "mean_loss": ({"loss_scale": 1 / 6}, False, False),
+    "first_order": ({"surprise_gradient": "first_order"}, False, False),
 }
 
 
@@ -33,13 +34,13 @@ def case(variant, chunk_size, length, key_dim=6):
     return config, params, inputs
 
 
-def fused_objective(config):
-    """objective_and_grads' scalar, with the fused kernel (interpret mode) in place of memory_apply."""
+def value_and_grads(apply):
+    """jit(value_and_grad) of a scalar over the outputs and every part of the state (weights,
+    momentum, the weights at the last chunk boundary) w.r.t. params and all six inputs."""
     def objective(params, keys, values, queries, theta, log_eta, log_keep):
-        out, state = pm.fused_memory_apply(params, keys, values, queries, theta, log_eta, log_keep, config,
-                                           interpret=True)
-        total = jnp.sum(jnp.sin(3 * out))
-        total += jnp.sum(jnp.cos(state.weights[0]["w"])) + jnp.sum(state.momentum[0]["w"] ** 2)
+        out, state = apply(params, keys, values, queries, theta, log_eta, log_keep)
+        total = jnp.sum(jnp.sin(3 * out)) + jnp.sum(jnp.cos(state.weights[0]["w"]))
+        total += jnp.sum(state.momentum[0]["w"] ** 2) + jnp.sum(jnp.sin(2 * state.chunk_weights[0]["w"]))
         return total, out
 
     return jax.jit(jax.value_and_grad(objective, argnums=tuple(range(7)), has_aux=True))
@@ -63,28 +64,37 @@ def test_fused_kernel_matches_the_reference_forward_and_state(variant, chunk_siz
         assert int(state.num_pending) == int(ref_state.num_pending) == length % chunk_size
 
 
-@pytest.mark.parametrize("variant", ["residual_norm", "surprise_clip"])
-def test_fused_kernel_gradients_are_the_chunked_paths(variant):
-    """The custom_vjp's backward (the XLA chunked path, recomputed) gives the reference's
-    gradients w.r.t. M_0, the norm, keys, values, queries and all three gates."""
+GRADIENT_CASES = [("residual_norm", 4, 11, "fused"), ("residual_norm", 4, 11, "xla"), ("plain", 4, 12, "fused"),
+                  ("surprise_clip", 3, 10, "fused"), ("no_momentum", 5, 9, "fused"), ("no_forgetting", 1, 4, "fused"),
+                  ("first_order", 4, 9, "fused"), ("residual_norm", 16, 7, "fused")]
+
+
+@pytest.mark.parametrize("variant,chunk_size,length,backward", GRADIENT_CASES)
+def test_fused_kernel_gradients_match_the_reference(variant, chunk_size, length, backward):
+    """Both backward passes (the reverse chunk-scan kernel, and jax.vjp of the XLA chunked path)
+    give the reference's gradients w.r.t. M_0, the norm, keys, values, queries and all three
+    gates, through the outputs and every part of the returned state; short last chunks, one
+    chunk shorter than C, chunk size 1 and the first-order surprise gradient included."""
     with jax.enable_x64(True):
-        config, params, inputs = case(variant, 4, 11)
-        (_, ref_out), ref_grads = jax.jit(objective_and_grads(dataclasses.replace(config, impl="reference")))(
-            params, *inputs)
-        (_, out), grads = fused_objective(config)(params, *inputs)
+        config, params, inputs = case(variant, chunk_size, length)
+        reference = functools.partial(mem.memory_apply, config=dataclasses.replace(config, impl="reference"))
+        fused = functools.partial(pm.fused_memory_apply, config=config, interpret=True, backward=backward)
+        (_, ref_out), ref_grads = value_and_grads(reference)(params, *inputs)
+        (_, out), grads = value_and_grads(fused)(params, *inputs)
         assert max_relative_difference(out, ref_out) < 1e-12
         assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
         assert max_relative_difference(grads, ref_grads) < 1e-11
 
 
-def test_fused_kernel_lowers_to_triton_without_a_gpu():
-    """Every operation of the kernel has a Triton lowering (shapes of the benchmark: 64 x 64
+def test_fused_kernels_lower_to_triton_without_a_gpu():
+    """Every operation of both kernels has a Triton lowering (shapes of the benchmark: 64 x 64
     state, chunk 64, a number of chunks that is not a power of two, clip and norm on)."""
     config = mem.MemoryConfig(key_dim=64, value_dim=64, depth=1, chunk_size=64, surprise_clip=10.0)
     params = random_memory_params(config, heads=2, dtype=jnp.float32)
     inputs = random_memory_inputs(0, 200, batch=1, heads=2, key_dim=64, dtype=jnp.float32)
-    text = pm.lower_for_gpu(params, *inputs, config)
-    assert "xla.gpu.triton" in text and "titans_linear_memory_forward" in text
+    text = pm.lower_for_gpu(params, *inputs, config, with_backward=True)
+    assert text.count("xla.gpu.triton") == 2
+    assert "titans_linear_memory_forward" in text and "titans_linear_memory_backward" in text
 
 
 def test_fused_kernel_rejects_what_it_does_not_cover():
@@ -99,6 +109,8 @@ def test_fused_kernel_rejects_what_it_does_not_cover():
     odd = dataclasses.replace(base, chunk_size=12)
     with pytest.raises(ValueError, match="chunk_size a power of two"):
         pm.fused_memory_apply(random_memory_params(odd, dtype=jnp.float32), *inputs, odd)
+    with pytest.raises(ValueError, match="backward"):
+        pm.fused_memory_apply(random_memory_params(base, dtype=jnp.float32), *inputs, base, backward="autodiff")
     with pytest.raises(ValueError, match="precision"):
         pm.fused_memory_apply(random_memory_params(base, dtype=jnp.float32), *inputs, base, precision="fp8")
     with jax.enable_x64(True):
