@@ -46,7 +46,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments.memory_bench import compiled_stats, matmul_rate
-from titans_jax.models import TitansLM, init_params, param_count
+from titans_jax import config_tree
+from titans_jax.models import ModelConfig, TitansLM, init_params, param_count
 from titans_jax.presets import preset
 
 ARCHS = ("transformer", "swa", "ttt", "linear", "lmm", "mac", "mag", "mal")
@@ -116,8 +117,25 @@ def short_reason(err: BaseException) -> str:
     return reason if len(reason) <= 60 else reason[:57] + "..."
 
 
+def parse_changes(items: list[str]) -> dict:
+    """--set KEY=VALUE items -> {dotted ModelConfig path: value of the field's type}."""
+    changes = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        changes[key] = config_tree.parse_value(text, config_tree.annotation_at(ModelConfig, key), key)
+    return changes
+
+
+def changes_for(arch: str, changes: dict) -> dict:
+    """The --set changes that apply to arch: those under lmm. only where the model has a memory."""
+    has_memory = preset("tiny", arch).arch not in ("transformer", "swa")
+    return {key: value for key, value in changes.items() if has_memory or not key.startswith("lmm.")}
+
+
 def bench_arch(arch: str, args, lengths: list[int], log) -> dict:
-    config = preset(args.preset, arch)
+    config = preset(args.preset, arch, changes_for(arch, args.changes))
     model = TitansLM(config)
     options = {"xla_backend_optimization_level": 0} if args.fast_compile else None
     # jitted: eager Flax init dispatches (and compiles) op by op, ~15 s for MAC even at the tiny preset
@@ -220,10 +238,17 @@ def main(argv=None):
     parser.add_argument("--fast-compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile with XLA backend optimisation level 0 (about half the compile time, "
                              "slower code; default: on with --quick only)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a ModelConfig change for every arch, e.g. lmm.memory.impl=fused (lmm.* only where "
+                             "the model has a memory)")
     parser.add_argument("--json", help="write all numbers to this file")
     parser.add_argument("--out", help="also write the printed tables to this file")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    try:
+        args.changes = parse_changes(args.set)
+    except ValueError as err:
+        parser.error(str(err))
     if args.fast_compile is None:
         args.fast_compile = args.quick
     for key, value in (QUICK if args.quick else DEFAULTS).items():

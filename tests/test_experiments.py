@@ -158,3 +158,16 @@ def test_kernel_bench_quick_mode_prints_its_table(capsys, tmp_path):
     assert all(entry["fwd"]["tokens_per_s"] > 0 for entry in paths.values())
     errors = result["results"][0]["errors_vs_float64"]
     assert max(errors.values()) < 1e-5  # float32 against float64: the kernel computes the same function
+
+
+def test_arch_bench_set_parses_typed_changes_and_keeps_lmm_ones_to_memory_models():
+    from experiments import arch_bench
+
+    changes = arch_bench.parse_changes(["lmm.memory.impl=fused", "lmm.memory.chunk_size=32"])
+    assert changes == {"lmm.memory.impl": "fused", "lmm.memory.chunk_size": 32}
+    assert arch_bench.changes_for("swa", changes) == {}
+    assert arch_bench.changes_for("linear", changes) == changes
+    with pytest.raises(ValueError, match="expected an integer"):
+        arch_bench.parse_changes(["lmm.memory.chunk_size=big"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        arch_bench.parse_changes(["lmm.memory.impl"])

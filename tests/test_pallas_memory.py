@@ -120,3 +120,40 @@ def test_fused_kernel_rejects_what_it_does_not_cover():
             pm.fused_memory_apply(params64, *inputs64, base)
     with pytest.raises(ValueError, match="keys"):  # the shared input checks of memory_apply
         pm.fused_memory_apply(random_memory_params(base, dtype=jnp.float32), inputs[0][..., :8], *inputs[1:], base)
+
+
+def test_impl_fused_in_memory_apply_and_streaming():
+    """MemoryConfig(impl="fused"): memory_apply takes the kernel for a fresh state and the
+    chunked form for a carried one, so a stream split into calls equals one call."""
+    with jax.enable_x64(True):
+        config = mem.MemoryConfig(key_dim=6, value_dim=6, depth=1, chunk_size=4, impl="fused")
+        params = random_memory_params(config)
+        inputs = random_memory_inputs(5, 14)
+        whole, whole_state = mem.memory_apply(params, *inputs, config)
+        ref, ref_state = mem.memory_apply(params, *inputs, dataclasses.replace(config, impl="reference"))
+        assert max_relative_difference(whole, ref) < 1e-12
+        assert max_relative_difference(whole_state, ref_state) < 1e-12
+        first, state = mem.memory_apply(params, *(x[:, :, :9] for x in inputs), config)
+        rest, state = mem.memory_apply(params, *(x[:, :, 9:] for x in inputs), config, state=state)
+        assert max_relative_difference(jnp.concatenate([first, rest], axis=2), ref) < 1e-12
+        assert max_relative_difference(state, ref_state) < 1e-12
+    with pytest.raises(ValueError, match="impl='fused'.*depth 1"):
+        mem.MemoryConfig(depth=2, impl="fused")
+
+
+def test_linear_model_with_the_fused_memory_trains_like_the_chunked_one():
+    """A whole model (the tiny "linear" preset) with lmm.memory.impl="fused": the same loss and
+    gradients as with the chunked memory (float32, interpreted kernel on CPU)."""
+    from experiments.arch_bench import next_token_loss
+    from titans_jax.models import TitansLM, init_params
+    from titans_jax.presets import preset
+
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 40), 0, 256, jnp.int32)
+    results = {}
+    for impl in ("chunked", "fused"):
+        config = preset("tiny", "linear", {"lmm.memory.impl": impl})
+        params = init_params(config, jax.random.PRNGKey(0))
+        results[impl] = jax.jit(jax.value_and_grad(next_token_loss(TitansLM(config))))(params, tokens)
+    (loss_chunked, grads_chunked), (loss_fused, grads_fused) = results["chunked"], results["fused"]
+    assert abs(float(loss_fused) - float(loss_chunked)) < 1e-5
+    assert max_relative_difference(grads_fused, grads_chunked) < 1e-4

@@ -60,7 +60,8 @@ import numpy as np
 Array = jax.Array
 PyTree = Any
 
-IMPLEMENTATIONS = ("chunked", "reference", "associative")
+IMPLEMENTATIONS = ("chunked", "reference", "associative")  # every configuration
+KERNEL_IMPLEMENTATIONS = ("fused",)  # titans_jax.pallas_memory: the linear memory, fresh state (module doc)
 SURPRISE_GRADIENTS = ("full", "first_order")
 NORM_EPS = 1e-6  # the one default epsilon of every norm (model RMSNorms, LMM output norm, memory LayerNorm)
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -88,7 +89,9 @@ class MemoryConfig:
       chunk_size: tokens per inner mini-batch (a model hyperparameter, see module doc).
       loss_scale: l = loss_scale * ||M(k) - v||^2 (0.5 gives the delta rule for L_M = 1).
       remat_every: checkpoint the chunk scan every this many chunks (0 = no remat).
-      impl: one of IMPLEMENTATIONS.
+      impl: one of IMPLEMENTATIONS, or "fused": the Pallas/Triton kernels of
+        titans_jax.pallas_memory for a fresh state (depth 1, no bias; compiled on a GPU,
+        interpreted elsewhere, which is slow), the chunked form for a carried state.
       norm_eps: epsilon of the residual LayerNorm. None: the enclosing layer's norm_eps
         (NORM_EPS when used on its own).
       surprise_gradient: how the outer gradient treats the weights W_0 at which a chunk's
@@ -146,8 +149,12 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.remat_every must be an integer >= 0, got {self.remat_every!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"MemoryConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if self.impl not in IMPLEMENTATIONS:
-            raise ValueError(f"MemoryConfig.impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
+        if self.impl not in IMPLEMENTATIONS + KERNEL_IMPLEMENTATIONS:
+            raise ValueError(f"MemoryConfig.impl must be one of {IMPLEMENTATIONS + KERNEL_IMPLEMENTATIONS}, "
+                             f"got {self.impl!r}")
+        if self.impl == "fused" and (self.depth != 1 or self.use_bias):
+            raise ValueError(f"MemoryConfig.impl='fused' (titans_jax.pallas_memory) covers the linear memory: "
+                             f"depth 1 without biases, got depth {self.depth}, use_bias {self.use_bias}")
         if self.surprise_gradient not in SURPRISE_GRADIENTS:
             raise ValueError(f"MemoryConfig.surprise_gradient must be one of {SURPRISE_GRADIENTS}, "
                              f"got {self.surprise_gradient!r}")
@@ -594,7 +601,7 @@ def _streaming_chunk_slice(chunk_weights, weights, momentum, norm, keys, values,
     return jax.lax.dynamic_slice_in_dim(outputs, offset, length, axis=0), chunk_weights, weights, momentum
 
 
-_CHUNK_FNS = {"chunked": _chunk_step, "associative": _associative_chunk_step}
+_CHUNK_FNS = {"chunked": _chunk_step, "associative": _associative_chunk_step, "fused": _chunk_step}
 
 
 def prepare_inputs(keys, values, queries, theta, log_eta, log_keep, dtype):
@@ -678,6 +685,12 @@ def memory_apply(
             fn = functools.partial(_reference_slice, config=config)
             outputs, chunk_weights, weights, momentum = over_slices(
                 fn, 3, state.weights, state.weights, state.momentum, keys, values, queries, gates, 0, length)
+        elif config.impl == "fused":
+            from titans_jax import pallas_memory  # imports this module
+
+            return pallas_memory.fused_memory_apply(
+                params, keys, values, queries, gates[..., 0], gates[..., 1], gates[..., 2], config,
+                interpret=jax.default_backend() != "gpu")
         else:
             fn = functools.partial(_fresh_chunk_slice, config=config, chunk_fn=_CHUNK_FNS[config.impl])
             outputs, chunk_weights, weights, momentum = over_slices(
