@@ -46,9 +46,13 @@ def value_and_grads(apply):
     return jax.jit(jax.value_and_grad(objective, argnums=tuple(range(7)), has_aux=True))
 
 
+SLOW = pytest.mark.slow  # the gradient cases below check these forwards too; -m slow runs every case
+
+
 @pytest.mark.parametrize("variant,chunk_size,length", [
-    ("residual_norm", 5, 23), ("plain", 4, 16), ("surprise_clip", 16, 16), ("no_momentum", 3, 10),
-    ("no_forgetting", 7, 9), ("mean_loss", 1, 5), ("residual_norm", 16, 7)])
+    ("residual_norm", 5, 23), ("plain", 4, 16), ("residual_norm", 16, 7),
+    pytest.param("surprise_clip", 16, 16, marks=SLOW), pytest.param("no_momentum", 3, 10, marks=SLOW),
+    pytest.param("no_forgetting", 7, 9, marks=SLOW), pytest.param("mean_loss", 1, 5, marks=SLOW)])
 def test_fused_kernel_matches_the_reference_forward_and_state(variant, chunk_size, length):
     """Outputs and every part of the returned state (running weights and momentum, the weights
     at the last chunk boundary, pending count) equal the token-by-token reference to float64
@@ -64,9 +68,10 @@ def test_fused_kernel_matches_the_reference_forward_and_state(variant, chunk_siz
         assert int(state.num_pending) == int(ref_state.num_pending) == length % chunk_size
 
 
-GRADIENT_CASES = [("residual_norm", 4, 11, "fused"), ("residual_norm", 4, 11, "xla"), ("plain", 4, 12, "fused"),
-                  ("surprise_clip", 3, 10, "fused"), ("no_momentum", 5, 9, "fused"), ("no_forgetting", 1, 4, "fused"),
-                  ("first_order", 4, 9, "fused"), ("residual_norm", 16, 7, "fused")]
+GRADIENT_CASES = [("residual_norm", 4, 11, "fused"), ("residual_norm", 4, 11, "xla"), ("surprise_clip", 3, 10, "fused"),
+                  ("no_momentum", 5, 9, "fused"), ("first_order", 4, 9, "fused"), ("residual_norm", 16, 7, "fused"),
+                  pytest.param("plain", 4, 12, "fused", marks=SLOW),
+                  pytest.param("no_forgetting", 1, 4, "fused", marks=SLOW)]
 
 
 @pytest.mark.parametrize("variant,chunk_size,length,backward", GRADIENT_CASES)
@@ -141,6 +146,7 @@ def test_impl_fused_in_memory_apply_and_streaming():
         mem.MemoryConfig(depth=2, impl="fused")
 
 
+@pytest.mark.slow  # 25 s: a whole model twice; test_impl_fused_in_memory_apply_and_streaming covers the routing
 def test_linear_model_with_the_fused_memory_trains_like_the_chunked_one():
     """A whole model (the tiny "linear" preset) with lmm.memory.impl="fused": the same loss and
     gradients as with the chunked memory (float32, interpreted kernel on CPU)."""
