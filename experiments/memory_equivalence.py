@@ -12,7 +12,6 @@ run in Pallas' interpret mode on CPU) over chunk sizes and the variants that app
 from __future__ import annotations
 
 import argparse
-
 import dataclasses
 
 import jax
@@ -31,6 +30,7 @@ FUSED_VARIANTS = {
     "first_order": ({"surprise_gradient": "first_order"}, None),
     "surprise_clip": ({"surprise_clip": 0.5}, None),
 }
+
 
 def compare(depth: int, chunk_size: int, variant: str) -> dict[str, tuple[float, float]]:
     results = run_all_implementations(depth, chunk_size, variant)
