@@ -119,13 +119,7 @@ def short_reason(err: BaseException) -> str:
 
 def parse_changes(items: list[str]) -> dict:
     """--set KEY=VALUE items -> {dotted ModelConfig path: value of the field's type}."""
-    changes = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        changes[key] = config_tree.parse_value(text, config_tree.annotation_at(ModelConfig, key), key)
-    return changes
+    return config_tree.parse_assignments(ModelConfig, items)
 
 
 def changes_for(arch: str, changes: dict) -> dict:

@@ -287,15 +287,10 @@ def main(argv=None) -> dict:
     from titans_jax.models import ModelConfig, TitansLM
     from titans_jax.training import load_trained
 
-    changes = {}
-    for item in args.eval_set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            parser.error(f"--eval-set takes KEY=VALUE, got {item!r}")
-        try:
-            changes[key] = config_tree.parse_value(text, config_tree.annotation_at(ModelConfig, key), key)
-        except ValueError as error:
-            parser.error(f"--eval-set {item!r}: {error}")
+    try:
+        changes = config_tree.parse_assignments(ModelConfig, args.eval_set)
+    except ValueError as error:
+        parser.error(f"--eval-set {error}")
 
     results = {}
     if args.quick:

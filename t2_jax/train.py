@@ -25,16 +25,10 @@ from titans_jax import config_tree
 def parse_overrides(pairs: list[str]) -> dict:
     from t2_jax import ExpertConfig
 
-    changes = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes FIELD=VALUE, got {pair!r}")
-        try:
-            changes[key] = config_tree.parse_value(text, config_tree.annotation_at(ExpertConfig, key), key)
-        except ValueError as error:
-            raise SystemExit(f"--set {pair}: {error}") from None
-    return changes
+    try:
+        return config_tree.parse_assignments(ExpertConfig, pairs)
+    except ValueError as error:
+        raise SystemExit(f"--set {error}") from None
 
 
 def load_base(gguf: str | None):

@@ -100,3 +100,12 @@ def test_tree_comparisons_fail_on_mismatched_empty_or_nan_trees():
     with pytest.raises(ValueError, match="nothing to compare"):
         max_relative_difference([np.zeros((0, 3))], [np.zeros((0, 3))])
     assert max_relative_difference([jnp.array([1.0, jnp.nan])], [jnp.array([1.0, jnp.nan])]) == float("inf")
+
+
+def test_parse_assignments_types_values_and_names_the_bad_item():
+    assert config_tree.parse_assignments(ModelConfig, ["lmm.memory.depth=3", "lmm.memory.impl=fused"]) == {
+        "lmm.memory.depth": 3, "lmm.memory.impl": "fused"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        config_tree.parse_assignments(ModelConfig, ["lmm.memory.depth"])
+    with pytest.raises(ValueError, match="'lmm.memory.depth=deep'.*expected an integer"):
+        config_tree.parse_assignments(ModelConfig, ["lmm.memory.depth=deep"])

@@ -171,3 +171,5 @@ def test_arch_bench_set_parses_typed_changes_and_keeps_lmm_ones_to_memory_models
         arch_bench.parse_changes(["lmm.memory.chunk_size=big"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         arch_bench.parse_changes(["lmm.memory.impl"])
+    with pytest.raises(ValueError, match="no field 'impll'"):
+        arch_bench.parse_changes(["lmm.memory.impll=fused"])

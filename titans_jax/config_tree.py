@@ -137,6 +137,21 @@ def parse_value(text: str, annotation, key: str = "value") -> Any:
     raise ValueError(f"{key}: cannot parse a value of type {_type_name(annotation)} from the command line")
 
 
+def parse_assignments(cls, items: list[str]) -> dict[str, Any]:
+    """Command-line ``KEY=VALUE`` items -> {dotted field path of cls: value of that field's type};
+    a ValueError naming the item otherwise (missing '=', unknown field, unparsable value)."""
+    changes = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            changes[key] = parse_value(text, annotation_at(cls, key), key)
+        except ValueError as error:
+            raise ValueError(f"{item!r}: {error}") from None
+    return changes
+
+
 def diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Human-readable differences between two nested dicts / configs: ["a.b: 1 -> 2", ...]."""
     old = dataclasses.asdict(old) if _is_config(old) else old
