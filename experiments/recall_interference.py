@@ -26,6 +26,13 @@ associations overwriting the pairs' in a small memory). The gate is data-depende
 between the two (and what the gate alone keeps of a weight over 16K-256K tokens). Short F is the
 control: every kind should recall there (an out-of-distribution filler that confused the model
 would show up at F = 1024 already).
+
+Text kinds (S-NIAH's haystacks, for a run trained with recall_probe --filler books:train): the
+filler is a window of a text haystack, every ':' read as ';' (recall_probe.TextFiller):
+
+    noise      RULER's noise block, repeated             ~90 windows, as periodic
+    essays     Paul Graham's essays (RULER's haystack)   natural text
+    books      the books' test split (1.34 MB; books:validation+test, 2.67 MB, for 2M-token rows)
 """
 
 from __future__ import annotations
@@ -36,17 +43,31 @@ import json
 import operator
 import pathlib
 import time
+import zlib
 
 import numpy as np
 
-from experiments.recall_probe import DIGITS, EVAL_SEED_OFFSET, KEY_LETTERS, PAIR, VALUE_LETTERS
+from experiments.recall_probe import DIGITS, EVAL_SEED_OFFSET, KEY_LETTERS, PAIR, VALUE_LETTERS, text_filler
 
 FILLERS = ("constant", "binary", "periodic", "digits")
+TEXT_FILLERS = ("noise", "essays", "books")  # and books:<split>+<split>
 PERIOD = 64
+
+
+def is_filler_kind(kind: str) -> bool:
+    return kind in FILLERS or kind in TEXT_FILLERS or kind.startswith("books:")
+
+
+def _kind_seed(kind: str) -> int:
+    """The filler's part of a row's seed: the kind's index for the digit kinds (as before the text
+    kinds existed), a checksum of the name for the text kinds."""
+    return FILLERS.index(kind) if kind in FILLERS else zlib.crc32(kind.encode())
 
 
 def filler_tokens(kind: str, length: int, rng: np.random.Generator) -> np.ndarray:
     """`length` filler bytes (int32) of one kind (see the module docstring)."""
+    if kind in TEXT_FILLERS or kind.startswith("books:"):
+        return text_filler(kind).window(length, rng)
     if kind == "constant":
         return np.full(length, DIGITS[0], np.int32)
     if kind == "binary":
@@ -56,7 +77,7 @@ def filler_tokens(kind: str, length: int, rng: np.random.Generator) -> np.ndarra
         return np.resize(block, length)
     if kind == "digits":
         return DIGITS[rng.integers(0, len(DIGITS), length)].astype(np.int32)
-    raise ValueError(f"unknown filler kind {kind!r}; choose from {FILLERS}")
+    raise ValueError(f"unknown filler kind {kind!r}; choose from {FILLERS + TEXT_FILLERS} or books:<split>")
 
 
 def fixed_filler_row(seed: int, row: int, filler_length: int, num_pairs: int, kind: str
@@ -79,7 +100,7 @@ def fixed_filler_row(seed: int, row: int, filler_length: int, num_pairs: int, ki
         out[:, 3] = values[indices]
         return out.reshape(-1)
 
-    filler = filler_tokens(kind, filler_length, np.random.default_rng([seed, row, filler_length, FILLERS.index(kind)]))
+    filler = filler_tokens(kind, filler_length, np.random.default_rng([seed, row, filler_length, _kind_seed(kind)]))
     ids = np.concatenate([block(np.arange(num_pairs)), filler, block(order)])
     seq_len = len(ids) - 1
     mask, distance = np.zeros(seq_len, bool), np.zeros(seq_len, np.int32)
@@ -257,9 +278,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a tiny untrained model, two short lengths: a smoke run")
     args = parser.parse_args(argv)
     kinds = [kind for kind in args.fillers.split(",") if kind]
-    unknown = [kind for kind in kinds if kind not in FILLERS]
+    unknown = [kind for kind in kinds if not is_filler_kind(kind)]
     if unknown or not kinds:
-        parser.error(f"--fillers {args.fillers!r}: choose from {', '.join(FILLERS)}")
+        parser.error(f"--fillers {args.fillers!r}: choose from {', '.join(FILLERS + TEXT_FILLERS)} or books:<split>")
     try:
         lengths = [int(text) for text in args.fillers_lengths.split(",") if text.strip()]
     except ValueError:
@@ -268,6 +289,15 @@ def main(argv=None) -> dict:
             or args.mechanism_length < 0:
         parser.error("need filler lengths >= 0, --rows, --batch and --pairs >= 1, --stream-window >= 0 and "
                      "--mechanism-length >= 0")
+    for kind in kinds:  # a text filler must be fetched and hold the longest filler (it is never repeated)
+        if kind not in FILLERS:
+            try:
+                source = text_filler(kind)
+            except (ValueError, FileNotFoundError) as error:
+                parser.error(f"--fillers {kind}: {error}")
+            if not source.repeating and len(source.data) < max(lengths):
+                parser.error(f"--fillers {kind}: {len(source.data):,} bytes of text, fewer than the longest filler "
+                             f"({max(lengths):,}); use books:validation+test or essays for longer ones")
     if args.show:
         shown = json.loads(pathlib.Path(args.show).read_text())
         print(table(shown) + "\n\n" + mechanism_table(shown))

@@ -31,11 +31,20 @@ filler between them), so recall is measured at distances the model never trained
 probe's form of Table 2's question. Rerunning a finished run evaluates it again (no training) and
 keeps what an earlier evaluation of it measured that this one did not (other lengths, --address);
 experiments.recall_table makes the table and curves from these files.
+
+`--filler` replaces the random digits by text (a haystack of titans_jax.long_context.haystacks:
+`books:train` to train on, `books` (the test split), `essays` or `noise` to evaluate on): the
+filler is then a random window of that text, every ':' in it read as ';' so that no filler window
+looks like a pair's "ab:". A model trained this way has seen real text between its pairs, as the
+paper's models see in S-NIAH's haystacks; `--eval-filler` picks the evaluation's text (by default
+the books' test split for a books-trained run, else the training filler).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -49,14 +58,65 @@ DIGITS = np.frombuffer(b"0123456789", np.uint8)
 EVAL_SEED_OFFSET = 10**9  # evaluation rows use seeds from here (training: (seed, step))
 
 
-def recall_row(rng: np.random.Generator, seq_len: int, num_pairs: int, gap: int = 0
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextFiller:
+    """Text to fill a row with instead of random digits: `data` (uint8 bytes, no ':') is read as a
+    window from a random offset; a `repeating` source (RULER's noise block) is tiled to any length,
+    any other is never repeated inside one row (ValueError when a row needs more than it holds)."""
+
+    name: str
+    data: np.ndarray
+    repeating: bool = False
+
+    @classmethod
+    def from_text(cls, name: str, text: str, repeating: bool = False) -> TextFiller:
+        data = np.frombuffer(text.encode("utf-8"), np.uint8).copy()
+        if not len(data):
+            raise ValueError(f"text filler {name!r} is empty")
+        data[data == ord(":")] = ord(";")  # no filler window reads as a key's "ab:"
+        data.flags.writeable = False
+        return cls(name, data, repeating)
+
+    def window(self, length: int, rng: np.random.Generator) -> np.ndarray:
+        """`length` consecutive filler bytes (int32) from an offset drawn with rng."""
+        size = len(self.data)
+        if self.repeating:
+            start = int(rng.integers(0, size))
+            return np.resize(np.roll(self.data, -start), length).astype(np.int32)
+        if length > size:
+            raise ValueError(f"filler {self.name!r} holds {size:,} bytes of text, fewer than the {length:,} a row "
+                             f"needs (text is not repeated inside a row): choose a shorter row or a larger text "
+                             f"(books:validation+test holds 2.67 MB, essays 3.1 MB)")
+        start = int(rng.integers(0, size - length + 1))
+        return self.data[start:start + length].astype(np.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def text_filler(name: str) -> TextFiller:
+    """A haystack of titans_jax.long_context.haystacks (noise, essays, books, books:train, ...) as a
+    filler: its documents joined by its joiner (a blank line between documents), UTF-8 bytes.
+    FileNotFoundError names the fetch command when the text is not fetched."""
+    from titans_jax.long_context.haystacks import get_haystack
+
+    haystack = get_haystack(name)
+    if haystack.repeating:
+        return TextFiller.from_text(name, haystack.documents[0][1] + haystack.joiner, repeating=True)
+    return TextFiller.from_text(name, "\n\n".join(text for _, text in haystack.documents))
+
+
+def filler_named(name: str) -> TextFiller | None:
+    """None for the random digits ("digits"), else text_filler(name)."""
+    return None if name == "digits" else text_filler(name)
+
+
+def recall_row(rng: np.random.Generator, seq_len: int, num_pairs: int, gap: int = 0,
+               filler: TextFiller | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids int32 [seq_len + 1], mask bool [seq_len], distance int32 [seq_len]) of one row: mask[t]
     marks the targets ids[t + 1] that are a query's value, distance[t] the tokens from that
     pair's value to it (0 elsewhere). Distinct keys per row; the filler fills the rest. gap:
     filler digits between each key and its ':' (in pairs and queries alike), so that key and value
     no longer fit one conv window (width 4) once gap >= 1: binding them then needs attention or
-    depth."""
+    depth. filler: text to fill the row with (a TextFiller window; None: random digits)."""
     if num_pairs < 1 or gap < 0:
         raise ValueError(f"need at least one pair and a gap >= 0, got {num_pairs} pairs and gap {gap}")
     span = PAIR + gap
@@ -66,8 +126,11 @@ def recall_row(rng: np.random.Generator, seq_len: int, num_pairs: int, gap: int 
     codes = rng.choice(len(KEY_LETTERS) ** 2, num_pairs, replace=False)
     keys = np.stack([KEY_LETTERS[codes // len(KEY_LETTERS)], KEY_LETTERS[codes % len(KEY_LETTERS)]], 1)
     values = VALUE_LETTERS[rng.integers(0, len(VALUE_LETTERS), num_pairs)]
-    filler = int(rng.integers(0, seq_len + 1 - used + 1))
-    ids = DIGITS[rng.integers(0, len(DIGITS), seq_len + 1)].astype(np.int32)  # the filler everywhere first
+    filler_length = int(rng.integers(0, seq_len + 1 - used + 1))
+    if filler is None:  # the filler everywhere first
+        ids = DIGITS[rng.integers(0, len(DIGITS), seq_len + 1)].astype(np.int32)
+    else:
+        ids = filler.window(seq_len + 1, rng)
     value_at = np.zeros(num_pairs, np.int64)
     for index in range(num_pairs):
         start = index * span
@@ -76,7 +139,7 @@ def recall_row(rng: np.random.Generator, seq_len: int, num_pairs: int, gap: int 
         value_at[index] = start + span - 1
     mask = np.zeros(seq_len, bool)
     distance = np.zeros(seq_len, np.int32)
-    query_start = num_pairs * span + filler
+    query_start = num_pairs * span + filler_length
     for slot, index in enumerate(rng.permutation(num_pairs)):
         start = query_start + slot * span
         ids[start:start + 2] = keys[index]
@@ -86,9 +149,11 @@ def recall_row(rng: np.random.Generator, seq_len: int, num_pairs: int, gap: int 
     return ids, mask, distance
 
 
-def recall_batch(seed: int, step: int, batch_size: int, seq_len: int, num_pairs: int, gap: int = 0):
-    """(ids [B, T + 1], mask [B, T], distance [B, T]): a pure function of (seed, step)."""
-    rows = [recall_row(np.random.default_rng([seed, step, row]), seq_len, num_pairs, gap) for row in range(batch_size)]
+def recall_batch(seed: int, step: int, batch_size: int, seq_len: int, num_pairs: int, gap: int = 0,
+                 filler: TextFiller | None = None):
+    """(ids [B, T + 1], mask [B, T], distance [B, T]): a pure function of (seed, step) and the filler."""
+    rows = [recall_row(np.random.default_rng([seed, step, row]), seq_len, num_pairs, gap, filler)
+            for row in range(batch_size)]
     return tuple(np.stack(parts) for parts in zip(*rows, strict=True))
 
 
@@ -133,10 +198,11 @@ def streamed_predictions(model, params, ids: np.ndarray, window: int, call=None)
 
 
 def evaluate(model, params, seed: int, batches: int, batch_size: int, seq_len: int, num_pairs: int,
-             bins: list[tuple[int, int]], gap: int = 0, stream_window: int = 0) -> dict:
+             bins: list[tuple[int, int]], gap: int = 0, stream_window: int = 0,
+             filler: TextFiller | None = None) -> dict:
     """Accuracy of the queries' values by distance bin over `batches` fresh batches, teacher-forced:
     one parallel pass per batch, or streamed in pieces of stream_window tokens when the rows are
-    longer than that (stream_window > 0)."""
+    longer than that (stream_window > 0). filler: the rows' text filler (None: digits)."""
     import jax
     import jax.numpy as jnp
 
@@ -144,7 +210,8 @@ def evaluate(model, params, seed: int, batches: int, batch_size: int, seq_len: i
     call = stream_call(model) if 0 < stream_window < seq_len else None
     correct, total = np.zeros(len(bins)), np.zeros(len(bins))
     for index in range(batches):
-        ids, mask, distance = recall_batch(EVAL_SEED_OFFSET + seed, index, batch_size, seq_len, num_pairs, gap)
+        ids, mask, distance = recall_batch(EVAL_SEED_OFFSET + seed, index, batch_size, seq_len, num_pairs, gap,
+                                           filler)
         if 0 < stream_window < seq_len:
             predicted = streamed_predictions(model, params, ids[:, :-1], stream_window, call)
         else:
@@ -224,7 +291,8 @@ def carry_over(record: dict, path: pathlib.Path) -> dict:
     """The record with what an earlier evaluation of the same trained run (its recall.json at
     `path`) measured and this one did not: lengths not evaluated again, the address measurement.
     Same run: the same params_digest, or for files written before it existed, the same step and
-    the same training-length evaluation (deterministic for given parameters)."""
+    the same training-length evaluation (deterministic for given parameters); an evaluation on another
+    filler keeps nothing."""
     if not path.exists():
         return record
     earlier = json.loads(path.read_text())
@@ -233,8 +301,8 @@ def carry_over(record: dict, path: pathlib.Path) -> dict:
     else:
         same = (earlier.get("step"), earlier.get("accuracy_by_distance")) == (record["step"],
                                                                            record["accuracy_by_distance"])
-    if not same:
-        return record
+    if not same or earlier.get("eval_filler", "digits") != record.get("eval_filler", "digits"):
+        return record  # another run, or another evaluation filler: nothing to keep
     lengths = {**earlier.get("accuracy_by_length", {}), **record.get("accuracy_by_length", {})}
     merged = {**record, **({"accuracy_by_length": dict(sorted(lengths.items(), key=lambda kv: int(kv[0])))}
                            if lengths else {})}
@@ -267,6 +335,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--gap", type=int, default=0, help="filler digits between each key and its ':' (see recall_row)")
+    parser.add_argument("--filler", default="digits",
+                        help="what fills the rows in training: random digits (default) or a text haystack "
+                             "(books:train, or noise / essays / books:<split>; see TextFiller)")
+    parser.add_argument("--eval-filler",
+                        help="what fills the evaluation rows (default: books, the held-out test split, for a "
+                             "run trained on books:<split>; else the training filler)")
     parser.add_argument("--loss-on", choices=("answers", "all"), default="answers",
                         help="train on the queries' values only (default) or on every next token (the pairs' "
                              "structure then rewards layers that represent the last few tokens)")
@@ -305,7 +379,17 @@ def main(argv=None) -> dict:
         parser.error(f"--eval-lengths {too_short}: {args.pairs} pairs and their queries need rows of at least "
                      f"{2 * args.pairs * (PAIR + args.gap) - 1} tokens")
 
-    import dataclasses
+    eval_filler_name = args.eval_filler or ("books" if args.filler.startswith("books") else args.filler)
+    try:
+        train_filler, eval_filler = filler_named(args.filler), filler_named(eval_filler_name)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(f"--filler / --eval-filler: {error}")
+    longest = max([args.seq_len, *eval_lengths]) + 1
+    for name, filler, needed in ((args.filler, train_filler, args.seq_len + 1),
+                                 (eval_filler_name, eval_filler, longest)):
+        if filler is not None and not filler.repeating and len(filler.data) < needed:
+            parser.error(f"filler {name!r} holds {len(filler.data):,} bytes, fewer than the {needed:,} of its "
+                         f"longest row; choose a larger text (e.g. books:validation+test or essays)")
 
     from experiments.configs import apply_overrides, get_config
     from titans_jax.long_context.harness import PeakRSS
@@ -329,11 +413,12 @@ def main(argv=None) -> dict:
             print(f"[recall] {variant} seed {seed}: {config.run.steps} steps of {config.run.batch_size} x "
                   f"{config.run.seq_len}, {args.pairs} pairs per row; {directory}", flush=True)
             def batch(step, seed=seed):
-                ids, mask, _ = recall_batch(seed, step, args.batch, args.seq_len, args.pairs, args.gap)
+                ids, mask, _ = recall_batch(seed, step, args.batch, args.seq_len, args.pairs, args.gap, train_filler)
                 return ids, (mask if args.loss_on == "answers" else np.ones_like(mask))
 
+            text = {"filler": args.filler} if train_filler is not None else {}
             meta = {"recall_probe": {"pairs": args.pairs, "seq_len": args.seq_len, "data_seed": seed,
-                                     **({"gap": args.gap} if args.gap else {}),
+                                     **({"gap": args.gap} if args.gap else {}), **text,
                                      **({"loss_on": args.loss_on} if args.loss_on != "answers" else {})}}
             record = {"experiment": f"recall_probe lc_{variant}", "overrides": overrides, "recall_probe": vars(args),
                       "config": dataclasses.asdict(config), "model_config": dataclasses.asdict(model_config)}
@@ -344,11 +429,12 @@ def main(argv=None) -> dict:
             window = model_config.window
             bins = distance_bins(args.seq_len, window)
             accuracy = evaluate(TitansLM(model_config), params, seed, args.eval_batches, args.batch, args.seq_len,
-                                args.pairs, bins, args.gap)
+                                args.pairs, bins, args.gap, filler=eval_filler)
             record = {"variant": variant, "seed": seed, "step": int(ckpt_meta["step"]),
                       "params_digest": params_digest(params), "window": window,
                       "segment_size": model_config.segment_size, "pairs": args.pairs, "seq_len": args.seq_len,
-                      "gap": args.gap, "set": args.set, "loss_on": args.loss_on,
+                      "gap": args.gap, "set": args.set, "loss_on": args.loss_on, **text,
+                      **({"eval_filler": eval_filler_name} if eval_filler is not None else {}),
                       "loss_last_100_steps": recent_loss(directory, 100),
                       "accuracy_by_distance": accuracy}
             if eval_lengths:  # rows longer than any the model trained on, evaluated in one parallel pass
@@ -359,7 +445,7 @@ def main(argv=None) -> dict:
                     with peak:
                         cells = evaluate(TitansLM(model_config), params, seed, batches, args.long_batch or args.batch,
                                          length, args.pairs, distance_bins(length, window), args.gap,
-                                         args.stream_window)
+                                         args.stream_window, eval_filler)
                     record["accuracy_by_length"][str(length)] = cells
                     record.setdefault("long_eval", {})[str(length)] = {
                         "rows": batches * (args.long_batch or args.batch), "seconds": time.perf_counter() - started,
@@ -369,7 +455,7 @@ def main(argv=None) -> dict:
                 import jax
 
                 ids, mask, distance = recall_batch(EVAL_SEED_OFFSET + seed, 0, args.batch, args.seq_len, args.pairs,
-                                                   args.gap)
+                                                   args.gap, eval_filler)
                 model = TitansLM(model_config)
                 fresh = model.init(jax.random.key(seed), ids[:1, :-1])["params"]
                 record["address"] = {"trained": address_match(model, params, ids, mask, distance),

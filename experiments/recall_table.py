@@ -53,7 +53,8 @@ def load_records(paths: list[pathlib.Path]) -> list[dict]:
 def setting_of(record: dict) -> tuple:
     """What makes runs comparable across seeds: the variant and every setting but the seed."""
     return (record["variant"], record.get("gap", 0), tuple(record.get("set", [])), record.get("loss_on", "answers"),
-            record["seq_len"], record["pairs"], record["step"])
+            record["seq_len"], record["pairs"], record["step"], record.get("filler", "digits"),
+            record.get("eval_filler", "digits"))
 
 
 NAMES = {"transformer": "Transformer++", "swa": "SWA", "ttt": "TTT", "lmm_linear": "LMM, linear memory",
@@ -62,8 +63,10 @@ NAMES = {"transformer": "Transformer++", "swa": "SWA", "ttt": "TTT", "lmm_linear
 
 
 def label_of(setting: tuple) -> str:
-    variant, gap, overrides, loss_on, _, _, _ = setting
+    variant, gap, overrides, loss_on, _, _, _, filler, eval_filler = setting
     extras = [f"gap {gap}"] if gap else []
+    extras += [f"text filler: trained on {filler}, evaluated on {eval_filler}"] if filler != "digits" else []
+    extras += [f"evaluated on {eval_filler}"] if filler == "digits" and eval_filler != "digits" else []
     extras += [override.removeprefix("model.") for override in overrides]
     extras += [f"loss on {loss_on}"] if loss_on != "answers" else []
     return NAMES.get(variant, variant.upper()) + (f" ({', '.join(extras)})" if extras else "")

@@ -4,7 +4,7 @@ import pytest
 
 from experiments import recall_interference
 from experiments.recall_interference import FILLERS, PERIOD, filler_tokens, fixed_filler_row, measure
-from experiments.recall_probe import PAIR
+from experiments.recall_probe import PAIR, TextFiller
 
 
 def test_rows_differ_only_in_their_filler_and_mark_every_query_at_its_distance():
@@ -40,7 +40,26 @@ def test_filler_kinds_hold_the_stated_number_of_distinct_windows():
     assert windows["constant"] == 1 and windows["binary"] == 16
     assert windows["periodic"] <= PERIOD and windows["digits"] > 3000
     with pytest.raises(ValueError, match="unknown filler kind"):
-        filler_tokens("noise", 8, rng)
+        filler_tokens("nonsense", 8, rng)
+
+
+def test_text_fillers_are_windows_of_their_text_paired_with_the_digit_rows(monkeypatch):
+    source = TextFiller.from_text("books", "Thus: the king's men, all of them; and so on. " * 40)
+    monkeypatch.setattr(recall_interference, "text_filler", {"books": source, "noise": TextFiller.from_text(
+        "noise", "The grass is green.\n", repeating=True)}.__getitem__)
+    length, pairs = 300, 5
+    digits = fixed_filler_row(11, 2, length, pairs, "digits")
+    for kind in ("books", "noise"):
+        ids, mask, distance = fixed_filler_row(11, 2, length, pairs, kind)
+        np.testing.assert_array_equal(ids[:pairs * PAIR], digits[0][:pairs * PAIR])
+        np.testing.assert_array_equal(ids[-pairs * PAIR:], digits[0][-pairs * PAIR:])
+        np.testing.assert_array_equal(mask, digits[1])
+        np.testing.assert_array_equal(distance, digits[2])
+        filler = bytes(ids[pairs * PAIR:-pairs * PAIR].tolist())
+        assert len(filler) == length and b":" not in filler
+        assert filler in (bytes(source.data.tolist()) if kind == "books" else b"The grass is green.\n" * 40)
+    np.testing.assert_array_equal(fixed_filler_row(11, 2, length, pairs, "books")[0],
+                                  fixed_filler_row(11, 2, length, pairs, "books")[0])
 
 
 class _Oracle:
@@ -74,7 +93,8 @@ def test_measure_counts_recall_by_filler_length(capsys):
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
-    for argv in (["--quick", "--fillers", "noise"], ["--quick", "--fillers-lengths", "1k"], ["--quick", "--rows", "0"],
+    for argv in (["--quick", "--fillers", "nonsense"], ["--quick", "--fillers", "books:nosplit"],
+                 ["--quick", "--fillers-lengths", "1k"], ["--quick", "--rows", "0"],
                  [], ["--runs", str(tmp_path)], ["--quick", "--eval-set", "lmm.memory.norm_eps"],
                  ["--quick", "--eval-set", "lmm.nothing=1"]):
         with pytest.raises(SystemExit):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from experiments import recall_probe
-from experiments.recall_probe import PAIR, distance_bins, recall_batch, recall_row
+from experiments.recall_probe import PAIR, TextFiller, distance_bins, recall_batch, recall_row
 
 
 def test_a_row_queries_every_pair_once_and_marks_only_the_values():
@@ -61,6 +61,33 @@ def test_a_gap_separates_each_key_from_its_value_in_pairs_and_queries():
         recall_row(np.random.default_rng(0), 70, 4, gap)
     with pytest.raises(ValueError, match="gap >= 0"):
         recall_row(np.random.default_rng(0), 256, 4, -1)
+
+
+def test_a_text_filler_fills_the_row_with_a_window_of_its_text_and_no_colon():
+    text = "KING. Hear me: the crown is mine; ask of me what you will, lords. " * 30
+    source = TextFiller.from_text("play", text)
+    plain = bytes(source.data.tolist())
+    assert plain == text.replace(":", ";").encode() and not source.data.flags.writeable
+    for seed in range(5):
+        ids, mask, distance = recall_row(np.random.default_rng(seed), 256, 6, filler=source)
+        digits = recall_row(np.random.default_rng(seed), 256, 6)
+        np.testing.assert_array_equal(ids[:6 * PAIR], digits[0][:6 * PAIR])  # the same pairs as the digit row
+        row = bytes(ids.tolist())
+        queries = np.flatnonzero(mask)
+        assert len(queries) == 6 and all(row.index(row[t - 2:t + 1]) + 3 + distance[t] == t + 1 for t in queries)
+        assert {row[t - 2:t + 2] for t in queries} == {row[i:i + PAIR] for i in range(0, 6 * PAIR, PAIR)}
+        between = row[6 * PAIR:queries.min() - 2]  # the filler between the pairs and the first query
+        assert between in plain and row.count(b":") == 12  # the 6 pairs' and 6 queries' colons only
+    again = recall_batch(4, 2, 3, 256, 6, filler=source)
+    np.testing.assert_array_equal(again[0], recall_batch(4, 2, 3, 256, 6, filler=source)[0])
+    with pytest.raises(ValueError, match="fewer than the 4,097 a row needs"):
+        recall_row(np.random.default_rng(0), 4096, 6, filler=source)
+    noise = TextFiller.from_text("noise", "The grass is green. ", repeating=True)
+    ids, mask, _ = recall_row(np.random.default_rng(0), 4096, 6, filler=noise)
+    tiled = bytes(ids[6 * PAIR:np.flatnonzero(mask).min() - 2].tolist())
+    assert len(tiled) > 1000 and tiled in b"The grass is green. " * 300  # a repeating text is tiled to any length
+    with pytest.raises(ValueError, match="empty"):
+        TextFiller.from_text("nothing", "")
 
 
 def test_distance_bins_cover_the_row():
@@ -169,12 +196,24 @@ def test_a_new_evaluation_keeps_what_an_earlier_one_of_the_same_run_measured(tmp
     assert list(merged["accuracy_by_length"]) == ["1024", "4096"] and merged["address"] == {"a": 1}
     other = _record(digest="d1", lengths={"1024": {"x": 1}})  # retrained: nothing of the old file is kept
     assert recall_probe.carry_over(other, path) == other
+    on_text = _record(lengths={"1024": {"x": 1}}, eval_filler="essays")  # evaluated on another filler: nothing kept
+    assert recall_probe.carry_over(on_text, path) == on_text
     older = _record(lengths={"4096": {"y": 2}})
     del older["params_digest"]  # written before the digest: the same step and training-length result
     path.write_text(json.dumps(older))
     assert list(recall_probe.carry_over(_record(), path)["accuracy_by_length"]) == ["4096"]
     path.write_text(json.dumps({**older, "step": 500}))
     assert "accuracy_by_length" not in recall_probe.carry_over(_record(), path)
+
+
+def test_runs_on_a_text_filler_are_their_own_setting_in_the_recall_table():
+    from experiments import recall_table
+
+    digits, text = _record(), _record(filler="books:train", eval_filler="books")
+    assert recall_table.setting_of(digits) != recall_table.setting_of(text)
+    assert recall_table.label_of(recall_table.setting_of(digits)) == "LMM"
+    assert recall_table.label_of(recall_table.setting_of(text)) == (
+        "LMM (text filler: trained on books:train, evaluated on books)")
 
 
 def _cells(*bins):
