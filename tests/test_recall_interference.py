@@ -120,6 +120,8 @@ def test_runs_of_one_variant_and_seed_with_other_settings_get_other_names():
     small = {"variant": "ttt", "seed": 0, "set": ["model.lmm.theta_max=0.003"]}
     assert recall_interference.entry_name(plain, []) == "ttt seed 0"
     assert recall_interference.entry_name(small, []) == "ttt seed 0 [lmm.theta_max=0.003]"
+    on_books = {**small, "filler": "books:train"}
+    assert recall_interference.entry_name(on_books, []) == "ttt seed 0 [lmm.theta_max=0.003, filler books:train]"
     assert recall_interference.entry_name(small, ["lmm.memory.norm_eps=1e-12"]) == (
         "ttt seed 0 [lmm.theta_max=0.003] (lmm.memory.norm_eps=1e-12)")
 
