@@ -65,8 +65,8 @@ NAMES = {"transformer": "Transformer++", "swa": "SWA", "ttt": "TTT", "lmm_linear
 def label_of(setting: tuple) -> str:
     variant, gap, overrides, loss_on, _, _, _, filler, eval_filler = setting
     extras = [f"gap {gap}"] if gap else []
-    extras += [f"text filler: trained on {filler}, evaluated on {eval_filler}"] if filler != "digits" else []
-    extras += [f"evaluated on {eval_filler}"] if filler == "digits" and eval_filler != "digits" else []
+    extras += [f"filler {filler}, eval {eval_filler}"] if filler != "digits" else []
+    extras += [f"eval filler {eval_filler}"] if filler == "digits" and eval_filler != "digits" else []
     extras += [override.removeprefix("model.") for override in overrides]
     extras += [f"loss on {loss_on}"] if loss_on != "answers" else []
     return NAMES.get(variant, variant.upper()) + (f" ({', '.join(extras)})" if extras else "")

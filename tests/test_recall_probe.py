@@ -213,7 +213,7 @@ def test_runs_on_a_text_filler_are_their_own_setting_in_the_recall_table():
     assert recall_table.setting_of(digits) != recall_table.setting_of(text)
     assert recall_table.label_of(recall_table.setting_of(digits)) == "LMM"
     assert recall_table.label_of(recall_table.setting_of(text)) == (
-        "LMM (text filler: trained on books:train, evaluated on books)")
+        "LMM (filler books:train, eval books)")
 
 
 def _cells(*bins):
