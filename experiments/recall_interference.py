@@ -156,7 +156,9 @@ def mechanism(model, params, kinds, filler_length: int, rows: int, num_pairs: in
     leaves after h filler tokens, exp(h * mean log(1 - alpha)) per row and head, then averaged}
     for h in `horizons`, surprise (median norm of a token's inner gradient at its chunk's start
     weights, experiments.gate_trace.surprise_norms) and write (mean theta * surprise: the size of
-    each token's step before momentum). A filler the memory has learnt writes ~nothing."""
+    each token's step before momentum). A filler the memory has learnt writes ~nothing. "pairs"
+    holds theta, surprise and write at the pairs' value tokens (where the conv sees "ab:X"): a
+    memory that singles out what it must keep writes more there than in the filler."""
     import jax
     import jax.numpy as jnp
 
@@ -178,17 +180,23 @@ def mechanism(model, params, kinds, filler_length: int, rows: int, num_pairs: in
             prefix = keys.shape[2] - (ids.shape[1] - 1)  # tokens seen before the row (persistent memory)
             start = prefix + PAIR * num_pairs
             steady = slice(start + filler_length // 2, start + filler_length)
-            surprise = surprise_norms(node["memory"], inputs, config)[..., steady]
-            theta = np.asarray(theta, np.float64)[..., steady]
+            surprise_all = surprise_norms(node["memory"], inputs, config)
+            theta_all = np.asarray(theta, np.float64)
+            surprise, theta = surprise_all[..., steady], theta_all[..., steady]
             cell = {"theta": float(theta.mean()), "surprise": float(np.median(surprise)),
                     "write": float(np.mean(theta * surprise))}
+            values_at = prefix + PAIR * np.arange(num_pairs) + PAIR - 1
+            cell["pairs"] = {"theta": float(theta_all[..., values_at].mean()),
+                             "surprise": float(np.median(surprise_all[..., values_at])),
+                             "write": float(np.mean(theta_all[..., values_at] * surprise_all[..., values_at]))}
             if log_keep is not None:
                 log_keep = np.asarray(log_keep, np.float64)[..., steady]
                 cell["alpha"] = float(np.mean(-np.expm1(log_keep)))
                 cell["keep"] = {str(h): float(np.mean(np.exp(h * log_keep.mean(-1)))) for h in horizons}
             out[kind]["/".join(layer)] = cell
             print(f"[interference] {kind:>9} filler, {'/'.join(layer)}: theta {cell['theta']:.3g}, surprise "
-                  f"{cell['surprise']:.3g}, write {cell['write']:.3g}"
+                  f"{cell['surprise']:.3g}, write {cell['write']:.3g} (at the pairs' values: theta "
+                  f"{cell['pairs']['theta']:.3g}, write {cell['pairs']['write']:.3g})"
                   + (f", alpha {cell['alpha']:.2e}, kept by the gate over " + ", ".join(
                       f"{int(h):,}: {v:.3g}" for h, v in cell["keep"].items()) + " tokens" if "alpha" in cell else ""),
                   flush=True)
@@ -215,7 +223,8 @@ def table(results: dict) -> str:
 def mechanism_table(results: dict) -> str:
     """A markdown table of the mechanism measurements: one row per (run, memory layer, filler kind)."""
     lines = ["| run | memory layer | filler | theta | median surprise | write (theta x surprise) | alpha | "
-             "kept by the gate over 16K / 64K / 256K tokens |", "|---|---|---|---|---|---|---|---|"]
+             "kept by the gate over 16K / 64K / 256K tokens | at the pairs' values: theta / write |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, record in results.items():
         layers = sorted({layer for cells in record.get("mechanism", {}).values() for layer in cells})
         for layer in layers:
@@ -225,8 +234,10 @@ def mechanism_table(results: dict) -> str:
                     continue
                 keep = " / ".join(f"{value:.2g}" for value in cell.get("keep", {}).values()) or "-"
                 alpha = f"{cell['alpha']:.1e}" if "alpha" in cell else "- (no gate)"
+                pairs = (f"{cell['pairs']['theta']:.2g} / {cell['pairs']['write']:.2g}" if "pairs" in cell
+                         else "-")
                 lines.append(f"| {name} | {layer.removesuffix('/memory')} | {kind} | {cell['theta']:.2g} | "
-                             f"{cell['surprise']:.2g} | {cell['write']:.2g} | {alpha} | {keep} |")
+                             f"{cell['surprise']:.2g} | {cell['write']:.2g} | {alpha} | {keep} | {pairs} |")
     return "\n".join(lines)
 
 

@@ -141,6 +141,8 @@ def test_mechanism_sees_a_learnt_filler_write_less():
         cell = report[kind][layer]
         assert 0 < cell["alpha"] < 1 and 1 > cell["keep"]["10"] > cell["keep"]["1000"] > 0 and cell["theta"] > 0
     assert report["constant"][layer]["surprise"] < report["digits"][layer]["surprise"]
+    pairs = report["digits"][layer]["pairs"]
+    assert pairs["theta"] > 0 and pairs["surprise"] > 0 and pairs["write"] > 0
 
 
 def test_show_prints_both_tables_of_a_results_file(tmp_path, capsys):
@@ -149,11 +151,12 @@ def test_show_prints_both_tables_of_a_results_file(tmp_path, capsys):
             "keep": {"16384": 0.98, "65536": 0.92, "262144": 0.72}}
     results = {"lmm seed 0": {"params_digest": "a", "recall": {"digits": {"65536": cell}},
                               "mechanism": {"digits": {"block_0/memory": mech}, "constant": {"block_0/memory": {
-                                  "theta": 0.01, "surprise": 3e-5, "write": 3e-8}}}}}
+                                  "theta": 0.01, "surprise": 3e-5, "write": 3e-8,
+                                  "pairs": {"theta": 0.02, "surprise": 2.5, "write": 0.05}}}}}}
     path = tmp_path / "interference.json"
     path.write_text(recall_interference.json.dumps(results))
     assert recall_interference.main(["--show", str(path)]) == results
     out = capsys.readouterr().out
     assert "| lmm seed 0 | digits | 0.75 [0.63, 0.84] |" in out
-    assert "| lmm seed 0 | block_0 | digits | 0.01 | 2.5 | 0.0035 | 1.3e-06 | 0.98 / 0.92 / 0.72 |" in out
-    assert "| lmm seed 0 | block_0 | constant | 0.01 | 3e-05 | 3e-08 | - (no gate) | - |" in out
+    assert "| lmm seed 0 | block_0 | digits | 0.01 | 2.5 | 0.0035 | 1.3e-06 | 0.98 / 0.92 / 0.72 | - |" in out
+    assert "| lmm seed 0 | block_0 | constant | 0.01 | 3e-05 | 3e-08 | - (no gate) | - | 0.02 / 0.05 |" in out
