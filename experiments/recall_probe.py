@@ -114,7 +114,7 @@ def recall_row(rng: np.random.Generator, seq_len: int, num_pairs: int, gap: int 
     """(ids int32 [seq_len + 1], mask bool [seq_len], distance int32 [seq_len]) of one row: mask[t]
     marks the targets ids[t + 1] that are a query's value, distance[t] the tokens from that
     pair's value to it (0 elsewhere). Distinct keys per row; the filler fills the rest. gap:
-    filler digits between each key and its ':' (in pairs and queries alike), so that key and value
+    filler tokens between each key and its ':' (in pairs and queries alike), so that key and value
     no longer fit one conv window (width 4) once gap >= 1: binding them then needs attention or
     depth. filler: text to fill the row with (a TextFiller window; None: random digits)."""
     if num_pairs < 1 or gap < 0:

@@ -187,21 +187,24 @@ def table(runs: dict[tuple, dict[int, dict]]) -> str:
 
 def plot(runs: dict[tuple, dict[int, dict]], path: pathlib.Path) -> None:
     """Two panels: recall by row length (each seed faint, the mean over seeds bold where every seed
-    has the length) and recall by distance per run (Wilson 95% bars, pooled over its lengths)."""
+    has the length) and recall by distance per run (Wilson 95% bars, pooled over its lengths); one
+    colour per setting in both, dashed where the filler was text, one legend beside the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (by_length_axes, by_distance_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (by_length_axes, by_distance_axes) = plt.subplots(1, 2, figsize=(15, 5))
+    palette = plt.get_cmap("tab20")
     for index, (setting, seeds) in enumerate(sorted(runs.items())):
-        colour = f"C{index % 10}"
+        colour = palette(index % 20)
+        style = "--" if setting[7] != "digits" else "-"
         by_length = defaultdict(list)
         for seed, record in sorted(seeds.items()):
             curve = run_curve(record)
             xs = sorted(curve)
             by_length_axes.plot(xs, [curve[x][0] / curve[x][1] for x in xs], color=colour, alpha=0.35, lw=0.8,
-                                marker=".")
+                                marker=".", ls=style)
             for x in xs:
                 by_length[x].append(curve[x][0] / curve[x][1])
             near = distance_curve(record)
@@ -210,22 +213,22 @@ def plot(runs: dict[tuple, dict[int, dict]], path: pathlib.Path) -> None:
             bounds = [binomial_interval(c, n) for c, n in near.values()]
             errors = [[r - lo for r, (lo, _) in zip(rates, bounds)], [hi - r for r, (_, hi) in zip(rates, bounds)]]
             by_distance_axes.errorbar(centres, rates, yerr=errors, color=colour, marker="o", ms=3, lw=1, capsize=2,
-                                      alpha=0.8, label=f"{label_of(setting)} seed {seed}")
+                                      alpha=0.8, ls=style)
         xs = sorted(x for x in by_length if len(by_length[x]) == len(seeds))  # the mean only where every seed is
-        by_length_axes.plot(xs, [np.mean(by_length[x]) for x in xs], color=colour, lw=2, marker="o",
+        by_length_axes.plot(xs, [np.mean(by_length[x]) for x in xs], color=colour, lw=2, marker="o", ls=style,
                             label=f"{label_of(setting)} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
     for axes in (by_length_axes, by_distance_axes):
-        axes.axhline(CHANCE, color="grey", ls=":", lw=1, label="chance (1/26)")
+        axes.axhline(CHANCE, color="grey", ls=":", lw=1, label="chance (1/26)" if axes is by_length_axes else None)
         axes.set_xscale("log", base=2)
         axes.set_ylim(0, 1.02)
-        axes.legend(fontsize=6, loc="lower left")
+    figure.legend(*by_length_axes.get_legend_handles_labels(), loc="center right", fontsize=7, frameon=False)
     by_length_axes.set_xlabel("row length (tokens); the first point is the training length")
     by_length_axes.set_ylabel("recall of pairs >= 1 training row back")
     by_length_axes.set_title("by row length (mean over seeds)", fontsize=10)
     by_distance_axes.set_xlabel("distance from the pair to its query (tokens), doubling bins")
     by_distance_axes.set_title("by distance, per run (Wilson 95%)", fontsize=10)
     figure.suptitle("Recall probe: a pair seen once, far beyond the training rows")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 0.7, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
