@@ -66,7 +66,7 @@ def _kind_seed(kind: str) -> int:
 
 def filler_tokens(kind: str, length: int, rng: np.random.Generator) -> np.ndarray:
     """`length` filler bytes (int32) of one kind (see the module docstring)."""
-    if kind in TEXT_FILLERS or kind.startswith("books:"):
+    if kind not in FILLERS and is_filler_kind(kind):  # a text haystack
         return text_filler(kind).window(length, rng)
     if kind == "constant":
         return np.full(length, DIGITS[0], np.int32)

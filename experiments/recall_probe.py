@@ -37,7 +37,8 @@ experiments.recall_table makes the table and curves from these files.
 filler is then a random window of that text, every ':' in it read as ';' so that no filler window
 looks like a pair's "ab:". A model trained this way has seen real text between its pairs, as the
 paper's models see in S-NIAH's haystacks; `--eval-filler` picks the evaluation's text (by default
-the books' test split for a books-trained run, else the training filler).
+the books' test split for a books-trained run, else the training filler); evaluating on the text
+a run trained on (the same haystack, or a book split in common) is refused.
 """
 
 from __future__ import annotations
@@ -102,6 +103,22 @@ def text_filler(name: str) -> TextFiller:
     if haystack.repeating:
         return TextFiller.from_text(name, haystack.documents[0][1] + haystack.joiner, repeating=True)
     return TextFiller.from_text(name, "\n\n".join(text for _, text in haystack.documents))
+
+
+def shared_text(train: str, evaluation: str) -> bool:
+    """Whether evaluation rows would be drawn from text the training rows were drawn from: the same
+    haystack, or book splits in common ("books" is the test split). RULER's noise block is one
+    sentence repeated, shared by construction, and digits are drawn afresh: neither counts."""
+    def splits(name):
+        if name == "books":
+            return {"test"}
+        return set(name.removeprefix("books:").split("+")) if name.startswith("books:") else None
+
+    if {train, evaluation} & {"digits", "noise"}:
+        return False
+    if splits(train) is not None and splits(evaluation) is not None:
+        return bool(splits(train) & splits(evaluation))
+    return train == evaluation
 
 
 def filler_named(name: str) -> TextFiller | None:
@@ -380,6 +397,10 @@ def main(argv=None) -> dict:
                      f"{2 * args.pairs * (PAIR + args.gap) - 1} tokens")
 
     eval_filler_name = args.eval_filler or ("books" if args.filler.startswith("books") else args.filler)
+    if shared_text(args.filler, eval_filler_name):
+        parser.error(f"--filler {args.filler} and --eval-filler {eval_filler_name} draw from the same text: the "
+                     f"evaluation would read windows the model trained on; train on books:train (the default "
+                     f"evaluation is the books' test split) or evaluate on another haystack")
     try:
         train_filler, eval_filler = filler_named(args.filler), filler_named(eval_filler_name)
     except (ValueError, FileNotFoundError) as error:

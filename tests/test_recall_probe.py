@@ -90,6 +90,20 @@ def test_a_text_filler_fills_the_row_with_a_window_of_its_text_and_no_colon():
         TextFiller.from_text("nothing", "")
 
 
+def test_evaluating_on_the_text_a_run_trained_on_is_refused(tmp_path, capsys):
+    from experiments.recall_probe import shared_text
+
+    assert shared_text("books", "books") and shared_text("books:validation+test", "books")
+    assert shared_text("essays", "essays") and shared_text("books:train", "books:train+validation")
+    assert not shared_text("books:train", "books") and not shared_text("books:train", "essays")
+    assert not shared_text("noise", "noise") and not shared_text("digits", "digits")
+    for argv in (["--filler", "essays"], ["--filler", "books:train", "--eval-filler", "books:train"]):
+        with pytest.raises(SystemExit):  # refused before any text is loaded or anything trained
+            recall_probe.main(["--quick", *argv, "--out", str(tmp_path)])
+        assert "draw from the same text" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_distance_bins_cover_the_row():
     assert distance_bins(256, 128) == [(0, 64), (64, 128), (128, 257)]
     assert distance_bins(1024, 128) == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1025)]
