@@ -47,7 +47,8 @@ import zlib
 
 import numpy as np
 
-from experiments.recall_probe import DIGITS, EVAL_SEED_OFFSET, KEY_LETTERS, PAIR, VALUE_LETTERS, text_filler
+from experiments.recall_probe import (DIGITS, EVAL_SEED_OFFSET, KEY_LETTERS, PAIR, VALUE_LETTERS, row_changes,
+                                      text_filler)
 
 FILLERS = ("constant", "binary", "periodic", "digits")
 TEXT_FILLERS = ("noise", "essays", "books")  # and books:<split>+<split>
@@ -242,11 +243,11 @@ def mechanism_table(results: dict) -> str:
 
 
 def entry_name(recorded: dict, eval_set: list[str]) -> str:
-    """A run's name in the results file: variant and seed, the run's training settings
-    (recall_probe --set, and a text --filler) in brackets and the evaluation's changes in parentheses, so that two runs
-    of one variant and seed never replace each other's results (merge_results replaces an entry
-    whose parameters changed)."""
-    trained = [override.removeprefix("model.") for override in recorded.get("set", [])]
+    """A run's name in the results file: variant and seed, the run's training settings (rows of
+    another shape than the default, recall_probe --set, and a text --filler) in brackets and the
+    evaluation's changes in parentheses, so that two runs of one variant and seed never replace
+    each other's results (merge_results replaces an entry whose parameters changed)."""
+    trained = row_changes(recorded) + [override.removeprefix("model.") for override in recorded.get("set", [])]
     trained += [f"filler {recorded['filler']}"] if recorded.get("filler", "digits") != "digits" else []
     return (f"{recorded['variant']} seed {recorded['seed']}" + (f" [{', '.join(trained)}]" if trained else "")
             + (f" ({', '.join(eval_set)})" if eval_set else ""))

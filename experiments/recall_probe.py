@@ -57,6 +57,7 @@ KEY_LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
 VALUE_LETTERS = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)
 DIGITS = np.frombuffer(b"0123456789", np.uint8)
 EVAL_SEED_OFFSET = 10**9  # evaluation rows use seeds from here (training: (seed, step))
+SEQ_LEN, BATCH, PAIRS = 256, 16, 8  # the training rows' defaults (a record without "batch" predates it: 16)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -331,6 +332,15 @@ def carry_over(record: dict, path: pathlib.Path) -> dict:
     return merged
 
 
+def row_changes(record: dict) -> list[str]:
+    """How a run's training rows differ from the probe's defaults (256-token rows, batch 16, 8 pairs),
+    in words, for the names of its results: runs that differ only there are different runs."""
+    seq_len, batch, pairs = (record.get(key, default) for key, default in
+                             (("seq_len", SEQ_LEN), ("batch", BATCH), ("pairs", PAIRS)))
+    return ([f"{seq_len}-token rows"] if seq_len != SEQ_LEN else []) + ([f"batch {batch}"] if batch != BATCH else []) \
+        + ([f"{pairs} pairs"] if pairs != PAIRS else [])
+
+
 def recent_loss(directory: pathlib.Path, steps: int) -> float | None:
     """Mean training loss over the last `steps` steps of a run (its metrics.jsonl; a step logged
     twice, before and after a resume, counts once, with its last value)."""
@@ -348,9 +358,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default="lmm,swa,mac,transformer")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--pairs", type=int, default=PAIRS)
     parser.add_argument("--gap", type=int, default=0, help="filler digits between each key and its ':' (see recall_row)")
     parser.add_argument("--filler", default="digits",
                         help="what fills the rows in training: random digits (default) or a text haystack "
@@ -454,7 +464,7 @@ def main(argv=None) -> dict:
             record = {"variant": variant, "seed": seed, "step": int(ckpt_meta["step"]),
                       "params_digest": params_digest(params), "window": window,
                       "segment_size": model_config.segment_size, "pairs": args.pairs, "seq_len": args.seq_len,
-                      "gap": args.gap, "set": args.set, "loss_on": args.loss_on, **text,
+                      "batch": args.batch, "gap": args.gap, "set": args.set, "loss_on": args.loss_on, **text,
                       **({"eval_filler": eval_filler_name} if eval_filler is not None else {}),
                       "loss_last_100_steps": recent_loss(directory, 100),
                       "accuracy_by_distance": accuracy}

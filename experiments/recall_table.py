@@ -26,6 +26,7 @@ from collections import defaultdict
 import numpy as np
 
 from experiments.long_context_table import binomial_interval
+from experiments.recall_probe import BATCH, row_changes
 
 DEFAULT_INPUT = pathlib.Path(__file__).parent / "results" / "recall_probe"
 CHANCE = 1 / 26  # a value is one of 26 uppercase letters
@@ -54,7 +55,7 @@ def setting_of(record: dict) -> tuple:
     """What makes runs comparable across seeds: the variant and every setting but the seed."""
     return (record["variant"], record.get("gap", 0), tuple(record.get("set", [])), record.get("loss_on", "answers"),
             record["seq_len"], record["pairs"], record["step"], record.get("filler", "digits"),
-            record.get("eval_filler", "digits"))
+            record.get("eval_filler", "digits"), record.get("batch", BATCH))
 
 
 NAMES = {"transformer": "Transformer++", "swa": "SWA", "ttt": "TTT", "lmm_linear": "LMM, linear memory",
@@ -63,8 +64,9 @@ NAMES = {"transformer": "Transformer++", "swa": "SWA", "ttt": "TTT", "lmm_linear
 
 
 def label_of(setting: tuple) -> str:
-    variant, gap, overrides, loss_on, _, _, _, filler, eval_filler = setting
-    extras = [f"gap {gap}"] if gap else []
+    variant, gap, overrides, loss_on, seq_len, pairs, _, filler, eval_filler, batch = setting
+    extras = row_changes({"seq_len": seq_len, "batch": batch, "pairs": pairs})
+    extras += [f"gap {gap}"] if gap else []
     extras += [f"filler {filler}, eval {eval_filler}"] if filler != "digits" else []
     extras += [f"eval filler {eval_filler}"] if filler == "digits" and eval_filler != "digits" else []
     extras += [override.removeprefix("model.") for override in overrides]

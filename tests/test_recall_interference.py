@@ -122,6 +122,9 @@ def test_runs_of_one_variant_and_seed_with_other_settings_get_other_names():
     assert recall_interference.entry_name(small, []) == "ttt seed 0 [lmm.theta_max=0.003]"
     on_books = {**small, "filler": "books:train"}
     assert recall_interference.entry_name(on_books, []) == "ttt seed 0 [lmm.theta_max=0.003, filler books:train]"
+    longer = {**on_books, "seq_len": 1024, "batch": 8, "pairs": 8}  # other rows: another run, another name
+    assert recall_interference.entry_name(longer, []) == (
+        "ttt seed 0 [1024-token rows, batch 8, lmm.theta_max=0.003, filler books:train]")
     assert recall_interference.entry_name(small, ["lmm.memory.norm_eps=1e-12"]) == (
         "ttt seed 0 [lmm.theta_max=0.003] (lmm.memory.norm_eps=1e-12)")
 

@@ -228,6 +228,10 @@ def test_runs_on_a_text_filler_are_their_own_setting_in_the_recall_table():
     assert recall_table.label_of(recall_table.setting_of(digits)) == "LMM"
     assert recall_table.label_of(recall_table.setting_of(text)) == (
         "LMM (filler books:train, eval books)")
+    longer = {**text, "seq_len": 1024, "batch": 8}
+    assert recall_table.setting_of(longer) != recall_table.setting_of(text)
+    assert recall_table.label_of(recall_table.setting_of(longer)) == (
+        "LMM (1024-token rows, batch 8, filler books:train, eval books)")
 
 
 def _cells(*bins):
