@@ -337,8 +337,9 @@ def row_changes(record: dict) -> list[str]:
     in words, for the names of its results: runs that differ only there are different runs."""
     seq_len, batch, pairs = (record.get(key, default) for key, default in
                              (("seq_len", SEQ_LEN), ("batch", BATCH), ("pairs", PAIRS)))
-    return ([f"{seq_len}-token rows"] if seq_len != SEQ_LEN else []) + ([f"batch {batch}"] if batch != BATCH else []) \
-        + ([f"{pairs} pairs"] if pairs != PAIRS else [])
+    changes = [f"{seq_len}-token rows"] if seq_len != SEQ_LEN else []
+    changes += [f"batch {batch}"] if batch != BATCH else []
+    return changes + ([f"{pairs} pairs"] if pairs != PAIRS else [])
 
 
 def recent_loss(directory: pathlib.Path, steps: int) -> float | None:
