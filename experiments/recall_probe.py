@@ -362,7 +362,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--pairs", type=int, default=PAIRS)
-    parser.add_argument("--gap", type=int, default=0, help="filler digits between each key and its ':' (see recall_row)")
+    parser.add_argument("--gap", type=int, default=0, help="filler tokens between each key and its ':' (see recall_row)")
     parser.add_argument("--filler", default="digits",
                         help="what fills the rows in training: random digits (default) or a text haystack "
                              "(books:train, or noise / essays / books:<split>; see TextFiller)")
