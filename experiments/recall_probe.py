@@ -39,6 +39,12 @@ looks like a pair's "ab:". A model trained this way has seen real text between i
 paper's models see in S-NIAH's haystacks; `--eval-filler` picks the evaluation's text (by default
 the books' test split for a books-trained run, else the training filler); evaluating on the text
 a run trained on (the same haystack, or a book split in common) is refused.
+
+`--init-from RUN` starts training from another run's final parameters (RUN/<variant>/seed<k> when
+RUN is an earlier probe's --out) instead of the seed's initialisation (a curriculum: the probe learnt on 256-token rows, then continued on longer rows,
+where a pair and its query are further apart), with a fresh optimiser (warm-up included); the run
+it continues must have the same model, and it is recorded in the checkpoints' identity and in
+recall.json (`init_from`), so results name the continued run apart from one trained from scratch.
 """
 
 from __future__ import annotations
@@ -333,13 +339,16 @@ def carry_over(record: dict, path: pathlib.Path) -> dict:
 
 
 def row_changes(record: dict) -> list[str]:
-    """How a run's training rows differ from the probe's defaults (256-token rows, batch 16, 8 pairs),
-    in words, for the names of its results: runs that differ only there are different runs."""
+    """How a run's training rows differ from the probe's defaults (256-token rows, batch 16, 8 pairs,
+    trained from initialisation), in words, for the names of its results: runs that differ only
+    there are different runs."""
     seq_len, batch, pairs = (record.get(key, default) for key, default in
                              (("seq_len", SEQ_LEN), ("batch", BATCH), ("pairs", PAIRS)))
     changes = [f"{seq_len}-token rows"] if seq_len != SEQ_LEN else []
     changes += [f"batch {batch}"] if batch != BATCH else []
-    return changes + ([f"{pairs} pairs"] if pairs != PAIRS else [])
+    changes += [f"{pairs} pairs"] if pairs != PAIRS else []
+    start = record.get("init_from")  # --init-from: trained further from another run
+    return changes + ([f"after {start.get('seq_len', SEQ_LEN)}-token rows ({start['step']} steps)"] if start else [])
 
 
 def recent_loss(directory: pathlib.Path, steps: int) -> float | None:
@@ -352,6 +361,34 @@ def recent_loss(directory: pathlib.Path, steps: int) -> float | None:
     last = max(by_step, default=0)
     recent = [loss for step, loss in by_step.items() if step > last - steps]
     return float(np.mean(recent)) if recent else None
+
+
+def run_to_continue(init_from: str, variant: str, seed: int) -> str:
+    """The run that --init-from names for (variant, seed): the directory itself when it is a run,
+    else its <variant>/seed<k> (the --out of an earlier probe: each seed continues its own run)."""
+    path = pathlib.Path(init_from)
+    return str(path if (path / "config.json").exists() else path / variant / f"seed{seed}")
+
+
+def initial_parameters(run_dir: str, model_config) -> tuple[dict, dict]:
+    """The final parameters of a finished run to start another from (the curriculum of
+    --init-from), with what identifies them: the run, its step, its rows and its parameters'
+    digest. The run's model must be `model_config` (the same variant and model settings)."""
+    from titans_jax.training import load_trained, model_identity
+
+    try:
+        their_config, params, meta = load_trained(run_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(f"--init-from {run_dir}: {error}") from None
+    if model_identity(their_config) != model_identity(model_config):
+        mine, theirs = model_identity(model_config), model_identity(their_config)
+        differ = sorted(key for key in set(mine) | set(theirs) if mine.get(key) != theirs.get(key))
+        raise SystemExit(f"--init-from {run_dir}: its model differs from this run's in {differ}; give the same "
+                         f"variant and model --set as the run it continues")
+    probe = meta.get("recall_probe", {})
+    start = {"run": str(run_dir), "step": int(meta["step"]), "params_digest": params_digest(params),
+             **{key: probe[key] for key in ("seq_len", "filler") if key in probe}}
+    return params, start
 
 
 def main(argv=None) -> dict:
@@ -390,6 +427,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--address", action="store_true",
                         help="also measure how each memory layer addresses the pairs (address_match), trained "
                              "and at a fresh initialisation")
+    parser.add_argument("--init-from", metavar="RUN",
+                        help="start training from the final parameters of this run (a curriculum: e.g. a run "
+                             "on 256-token rows continued on longer ones), or of RUN/<variant>/seed<k> when RUN is "
+                             "an earlier probe's --out; its model must be the one these settings make; the "
+                             "optimiser starts afresh (warm-up included)")
     parser.add_argument("--quick", action="store_true", help="tiny preset, 2 steps: a smoke run")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -449,12 +491,17 @@ def main(argv=None) -> dict:
                 return ids, (mask if args.loss_on == "answers" else np.ones_like(mask))
 
             text = {"filler": args.filler} if train_filler is not None else {}
+            initial, start = None, {}
+            if args.init_from:
+                initial, start = initial_parameters(run_to_continue(args.init_from, variant, seed), model_config)
             meta = {"recall_probe": {"pairs": args.pairs, "seq_len": args.seq_len, "data_seed": seed,
                                      **({"gap": args.gap} if args.gap else {}), **text,
-                                     **({"loss_on": args.loss_on} if args.loss_on != "answers" else {})}}
+                                     **({"loss_on": args.loss_on} if args.loss_on != "answers" else {}),
+                                     **({"init_from": start} if start else {})}}
             record = {"experiment": f"recall_probe lc_{variant}", "overrides": overrides, "recall_probe": vars(args),
                       "config": dataclasses.asdict(config), "model_config": dataclasses.asdict(model_config)}
-            summary = train(model_config, config.optim, config.run, directory, batch, meta=meta, run_record=record)
+            summary = train(model_config, config.optim, config.run, directory, batch, meta=meta, run_record=record,
+                            initial_params=initial)
             if summary.get("stopped_by_signal"):
                 raise SystemExit("stopped; run the same command again to resume")
             model_config, params, ckpt_meta = load_trained(directory)
@@ -466,6 +513,7 @@ def main(argv=None) -> dict:
                       "params_digest": params_digest(params), "window": window,
                       "segment_size": model_config.segment_size, "pairs": args.pairs, "seq_len": args.seq_len,
                       "batch": args.batch, "gap": args.gap, "set": args.set, "loss_on": args.loss_on, **text,
+                      **({"init_from": start} if start else {}),
                       **({"eval_filler": eval_filler_name} if eval_filler is not None else {}),
                       "loss_last_100_steps": recent_loss(directory, 100),
                       "accuracy_by_distance": accuracy}

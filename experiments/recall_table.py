@@ -26,7 +26,7 @@ from collections import defaultdict
 import numpy as np
 
 from experiments.long_context_table import binomial_interval
-from experiments.recall_probe import BATCH, row_changes
+from experiments.recall_probe import BATCH, SEQ_LEN, row_changes
 
 DEFAULT_INPUT = pathlib.Path(__file__).parent / "results" / "recall_probe"
 CHANCE = 1 / 26  # a value is one of 26 uppercase letters
@@ -55,7 +55,14 @@ def setting_of(record: dict) -> tuple:
     """What makes runs comparable across seeds: the variant and every setting but the seed."""
     return (record["variant"], record.get("gap", 0), tuple(record.get("set", [])), record.get("loss_on", "answers"),
             record["seq_len"], record["pairs"], record["step"], record.get("filler", "digits"),
-            record.get("eval_filler", "digits"), record.get("batch", BATCH))
+            record.get("eval_filler", "digits"), record.get("batch", BATCH), _start_of(record))
+
+
+def _start_of(record: dict) -> tuple | None:
+    """Where a run's training started (--init-from: the earlier run's rows and steps; seeds
+    continue their own seed's run, so the run itself is not part of the setting)."""
+    start = record.get("init_from")
+    return None if start is None else (start.get("seq_len", SEQ_LEN), start["step"])
 
 
 NAMES = {"transformer": "Transformer++", "swa": "SWA", "ttt": "TTT", "lmm_linear": "LMM, linear memory",
@@ -64,8 +71,9 @@ NAMES = {"transformer": "Transformer++", "swa": "SWA", "ttt": "TTT", "lmm_linear
 
 
 def label_of(setting: tuple) -> str:
-    variant, gap, overrides, loss_on, seq_len, pairs, _, filler, eval_filler, batch = setting
-    extras = row_changes({"seq_len": seq_len, "batch": batch, "pairs": pairs})
+    variant, gap, overrides, loss_on, seq_len, pairs, _, filler, eval_filler, batch, start = setting
+    extras = row_changes({"seq_len": seq_len, "batch": batch, "pairs": pairs,
+                          **({"init_from": {"seq_len": start[0], "step": start[1]}} if start else {})})
     extras += [f"gap {gap}"] if gap else []
     extras += [f"filler {filler}, eval {eval_filler}"] if filler != "digits" else []
     extras += [f"eval filler {eval_filler}"] if filler == "digits" and eval_filler != "digits" else []

@@ -142,6 +142,17 @@ def test_quick_probe_trains_evaluates_and_reuses_the_run(tmp_path):
     everything = recall_probe.main(["--quick", "--variants", "lmm", "--loss-on", "all", "--out", str(tmp_path / "all")])
     assert everything[("lmm", 0)]["loss_on"] == "all" and record["loss_on"] == "answers"
     assert everything[("lmm", 0)]["loss_last_100_steps"] != pytest.approx(record["loss_last_100_steps"], rel=1e-3)
+    # --init-from: a curriculum, the finished run continued on longer rows from its final parameters
+    parent = tmp_path / "lmm" / "seed0"
+    continued = recall_probe.main(["--quick", "--variants", "lmm", "--seq-len", "320", "--init-from", str(tmp_path),
+                                   "--out", str(tmp_path / "continued")])[("lmm", 0)]
+    assert continued["init_from"] == {"run": str(parent), "step": 2, "params_digest": record["params_digest"],
+                                      "seq_len": 256}
+    assert continued["params_digest"] != record["params_digest"] and continued["seq_len"] == 320
+    assert recall_probe.row_changes(continued) == ["320-token rows", "after 256-token rows (2 steps)"]
+    with pytest.raises(SystemExit, match="differs from this run's in"):
+        recall_probe.main(["--quick", "--variants", "lmm", "--set", "model.lmm.theta_max=0.01", "--init-from",
+                           str(parent), "--out", str(tmp_path / "other")])
 
 
 class _PlantedMemory:
@@ -232,6 +243,10 @@ def test_runs_on_a_text_filler_are_their_own_setting_in_the_recall_table():
     assert recall_table.setting_of(longer) != recall_table.setting_of(text)
     assert recall_table.label_of(recall_table.setting_of(longer)) == (
         "LMM (1024-token rows, batch 8, filler books:train, eval books)")
+    continued = {**longer, "init_from": {"run": "r", "step": 600, "params_digest": "d", "seq_len": 256}}
+    assert recall_table.setting_of(continued) != recall_table.setting_of(longer)
+    assert recall_table.label_of(recall_table.setting_of(continued)) == (
+        "LMM (1024-token rows, batch 8, after 256-token rows (600 steps), filler books:train, eval books)")
 
 
 def _cells(*bins):

@@ -357,3 +357,28 @@ def test_when_every_checkpoint_is_damaged_the_restart_is_announced(uninterrupted
     assert summary["resumed_from"] == 0 and losses(tmp_path) == losses(full_dir)
     kept = list(tmp_path.glob("metrics.before-restart-*.jsonl"))
     assert len(kept) == 1 and len(read_metrics(kept[0])) == len(read_metrics(full_dir / "metrics.jsonl"))
+
+
+def test_a_run_can_start_from_given_parameters_on_longer_rows(tmp_path):
+    from titans_jax.models import TitansLM, init_params
+    from titans_jax.training import next_token_nll
+
+    params = init_params(MODEL, jax.random.PRNGKey(123))  # not the run seed's initialisation
+    longer = dataclasses.replace(RUN, seq_len=24, steps=4)
+
+    def longer_batch(step):
+        return np.random.default_rng([9, step]).integers(0, MODEL.vocab_size, (2, 25))
+
+    train(MODEL, OPTIM, longer, tmp_path, longer_batch, meta={"tokenizer": "test"}, initial_params=params)
+    # the first step's loss is the given parameters' loss on its batch (not a fresh initialisation's)
+    nll, count = next_token_nll(TitansLM(MODEL), params, jnp.asarray(longer_batch(0)))
+    assert losses(tmp_path)[1] == pytest.approx(float(nll / count), rel=1e-5)
+    # resuming it from other initial parameters is refused: they are part of the run's identity
+    other = jax.tree.map(lambda leaf: leaf * 0.5, params)
+    with pytest.raises(ValueError, match="initial_params_sha256"):
+        train(MODEL, OPTIM, longer, tmp_path, longer_batch, meta={"tokenizer": "test"}, initial_params=other)
+    wrong = {**params, "embed": jax.tree.map(lambda leaf: leaf[:, :8], params["embed"])}
+    with pytest.raises(ValueError, match="initial_params.*embed"):
+        train(MODEL, OPTIM, longer, tmp_path / "wrong", longer_batch, initial_params=wrong)
+    with pytest.raises(ValueError, match="do not have the model's parameters"):
+        train(MODEL, OPTIM, longer, tmp_path / "wrong", longer_batch, initial_params={"embed": params["embed"]})

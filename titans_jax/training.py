@@ -915,7 +915,7 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
           train_batch: Callable[[int], np.ndarray], eval_sets: dict[str, Callable[[], Iterable[np.ndarray]]] | None = None,
           meta: dict | None = None, sample_fn: Callable[[TitansLM, Any], str] | None = None,
           byte_lengths: np.ndarray | None = None, run_record: dict | None = None,
-          allow_changes: bool = False) -> dict:
+          allow_changes: bool = False, initial_params: Any = None) -> dict:
     """Train (or resume) a Titans language model in out_dir; returns a summary with the final
     evaluation (the loop itself is `run_loop`).
 
@@ -928,7 +928,10 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
     run_record (the experiment's configuration) is written to out_dir/config.json once the
     checkpoints have been checked, with the list of recorded setting changes. allow_changes:
     accept a checkpoint written with other optimiser settings / total steps / batch size (see the
-    module docstring).
+    module docstring). initial_params: start from these parameters (e.g. another run's, trained on
+    other rows: a curriculum) instead of the seed's initialisation, with a fresh optimiser state at
+    step 0; they must have the model's parameter structure, shapes and dtypes, and their digest is
+    part of the identity, so a resume from other initial parameters is refused.
 
     Several processes (jax.distributed initialised; jax.process_count() > 1): every process calls
     train with the same arguments and the same train_batch / eval_sets (each puts only its own
@@ -947,6 +950,10 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
     run_config.check_mesh(mesh)
     identity = {"model_config": model_identity(model_config),
                 "seq_len": run_config.seq_len, "seed": run_config.seed, **(meta or {})}
+    init = programs.init
+    if initial_params is not None:
+        init = _init_from_params(programs, initial_params)
+        identity["initial_params_sha256"] = tree_digest(initial_params)
     settings = {"optim": dataclasses.asdict(optim_config), "total_steps": run_config.steps,
                 "batch_size": run_config.batch_size}
     schedule_lr = learning_rate_schedule(optim_config, run_config.steps)
@@ -968,7 +975,7 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
         host_params = jax.tree.map(_to_host, state["params"])  # gathered by every process, sampled on one
         return {"sample": sample_fn(model, host_params)} if _is_primary() else {}
 
-    spec = LoopSpec(abstract_state=programs.abstract_state, init=programs.init, step=step, identity=identity,
+    spec = LoopSpec(abstract_state=programs.abstract_state, init=init, step=step, identity=identity,
                     settings=settings, evaluate=run_eval, eval_names=tuple(eval_sets or {}),
                     log_extras=lambda i: {"lr": float(schedule_lr(i))},
                     items_per_step=run_config.batch_size * run_config.seq_len, finish=finish)
@@ -976,6 +983,26 @@ def train(model_config: ModelConfig, optim_config: OptimConfig, run_config: RunC
                       save_every=run_config.save_every, keep_checkpoints=run_config.keep_checkpoints,
                       progress=run_config.progress)
     return run_loop(spec, loop, out_dir, run_record=run_record, allow_changes=allow_changes)
+
+
+def _init_from_params(programs: Programs, params) -> Callable[[], dict]:
+    """The initial-state function of a run that starts from `params` (checked against the
+    model's parameters: structure, shapes, dtypes) with a fresh optimiser state at step 0."""
+    expected = programs.abstract_state["params"]
+    if jax.tree.structure(params) != jax.tree.structure(expected):
+        have = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        want = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(expected)[0]}
+        raise ValueError(f"initial_params do not have the model's parameters: missing {sorted(want - have)[:5]}, "
+                         f"unexpected {sorted(have - want)[:5]}")
+    for (path, leaf), want in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected)):
+        if tuple(np.shape(leaf)) != want.shape or np.asarray(leaf).dtype != want.dtype:
+            raise ValueError(f"initial_params{jax.tree_util.keystr(path)} is {np.asarray(leaf).dtype}"
+                             f"{list(np.shape(leaf))}, the model's is {want.dtype}{list(want.shape)}")
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, programs.abstract_state)
+    start = jax.jit(lambda p: {"params": p, "opt_state": programs.optimizer.init(p), "step": jnp.zeros((), jnp.int32)},
+                    out_shardings=shardings)
+    host = jax.tree.map(_to_host, params)
+    return lambda: start(host)
 
 
 def load_trained(run_dir: str | pathlib.Path) -> tuple[ModelConfig, Any, dict]:
