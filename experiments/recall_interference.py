@@ -366,11 +366,27 @@ def main(argv=None) -> dict:
                                                    args.pairs)
     print(table(results) + "\n\n" + mechanism_table(results))
     if args.json:
-        path = pathlib.Path(args.json)
-        earlier = json.loads(path.read_text()) if path.exists() else {}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(merge_results(earlier, results), indent=1))
+        write_merged(pathlib.Path(args.json), results)
     return results
+
+
+def write_merged(path: pathlib.Path, results: dict) -> None:
+    """Merge `results` into the JSON file at `path` (merge_results) under an exclusive lock on its
+    folder, so that processes measuring other runs into one file do not lose each other's
+    entries; the file is replaced atomically."""
+    import fcntl
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        earlier = json.loads(path.read_text()) if path.exists() else {}
+        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(merge_results(earlier, results), indent=1))
+        os.replace(temporary, path)
+    finally:
+        os.close(folder)  # releases the lock
 
 
 if __name__ == "__main__":

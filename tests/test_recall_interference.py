@@ -163,3 +163,19 @@ def test_show_prints_both_tables_of_a_results_file(tmp_path, capsys):
     assert "| lmm seed 0 | digits | 0.75 [0.63, 0.84] |" in out
     assert "| lmm seed 0 | block_0 | digits | 0.01 | 2.5 | 0.0035 | 1.3e-06 | 0.98 / 0.92 / 0.72 | - |" in out
     assert "| lmm seed 0 | block_0 | constant | 0.01 | 3e-05 | 3e-08 | - (no gate) | - | 0.02 / 0.05 |" in out
+
+
+def test_processes_merging_into_one_results_file_keep_every_entry(tmp_path):
+    """Several measurements written into one --json at once (one process per run) all survive."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "results" / "interference.json"
+    script = ("import pathlib, sys; from experiments.recall_interference import write_merged\n"
+              "for i in range(20):\n"
+              "    write_merged(pathlib.Path(sys.argv[1]), {f'run {sys.argv[2]}.{i}': {'params_digest': 'd'}})\n")
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(path), str(k)]) for k in range(4)]
+    assert [writer.wait(timeout=120) for writer in writers] == [0] * 4
+    merged = recall_interference.json.loads(path.read_text())
+    assert sorted(merged) == sorted(f"run {k}.{i}" for k in range(4) for i in range(20))
+    assert [p.name for p in path.parent.iterdir()] == ["interference.json"]  # no temporary left
