@@ -42,6 +42,7 @@ import functools
 import json
 import operator
 import pathlib
+import re
 import time
 import zlib
 
@@ -221,6 +222,41 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def seed_tables(results: dict) -> str:
+    """Table 2's layout over seeds: for each filler kind (haystack), one row per run setting (an
+    entry's name without its seed) and one column per filler length; a cell is the mean ± sd of
+    the seeds' recall and their number, or one seed's recall with its 95% interval."""
+    lengths = sorted({int(length) for record in results.values() for cells in record["recall"].values()
+                      for length in cells})
+    kinds = list(dict.fromkeys(kind for record in results.values() for kind in record["recall"]))
+    settings: dict[str, dict[int, dict]] = {}
+    for name, record in results.items():
+        match = re.search(r" seed (\d+)", name)
+        setting = name if match is None else name[:match.start()] + name[match.end():]
+        settings.setdefault(setting, {})[int(match.group(1)) if match else 0] = record
+    out = []
+    for kind in kinds:
+        lines = [f"filler {kind}:", "", "| run | seeds | " + " | ".join(f"F = {length:,}" for length in lengths) + " |",
+                 "|---|---|" + "---|" * len(lengths)]
+        for setting, seeds in settings.items():
+            measured = {seed: record["recall"][kind] for seed, record in sorted(seeds.items()) if kind in record["recall"]}
+            if not measured:
+                continue
+            shown = []
+            for length in lengths:
+                cells = [cells[str(length)] for cells in measured.values() if str(length) in cells]
+                if not cells:
+                    shown.append("-")
+                elif len(cells) == 1:
+                    shown.append(f"{cells[0]['accuracy']:.2f} [{cells[0]['ci95'][0]:.2f}, {cells[0]['ci95'][1]:.2f}]")
+                else:
+                    values = [cell["accuracy"] for cell in cells]
+                    shown.append(f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (n={len(values)})")
+            lines.append(f"| {setting} | {', '.join(map(str, measured))} | " + " | ".join(shown) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 def mechanism_table(results: dict) -> str:
     """A markdown table of the mechanism measurements: one row per (run, memory layer, filler kind)."""
     lines = ["| run | memory layer | filler | theta | median surprise | write (theta x surprise) | alpha | "
@@ -287,7 +323,8 @@ def main(argv=None) -> dict:
                         help="evaluate the trained weights under a changed model setting (e.g. "
                              "lmm.memory.norm_eps=1e-30); the results are named after the change")
     parser.add_argument("--json", default="", help="write the results here (merged into what the file holds)")
-    parser.add_argument("--show", default="", help="print the tables of a results file and exit")
+    parser.add_argument("--show", default="", help="print the tables of a results file and exit (first Table 2's "
+                        "layout over seeds: per haystack, a row per setting, a column per filler length)")
     parser.add_argument("--quick", action="store_true", help="a tiny untrained model, two short lengths: a smoke run")
     args = parser.parse_args(argv)
     kinds = [kind for kind in args.fillers.split(",") if kind]
@@ -313,7 +350,7 @@ def main(argv=None) -> dict:
                              f"({max(lengths):,}); use books:validation+test or essays for longer ones")
     if args.show:
         shown = json.loads(pathlib.Path(args.show).read_text())
-        print(table(shown) + "\n\n" + mechanism_table(shown))
+        print(seed_tables(shown) + "\n\n" + table(shown) + "\n\n" + mechanism_table(shown))
         return shown
     runs = [pathlib.Path(text) for text in args.runs.split(",") if text]
     if not runs and not args.quick:

@@ -179,3 +179,17 @@ def test_processes_merging_into_one_results_file_keep_every_entry(tmp_path):
     merged = recall_interference.json.loads(path.read_text())
     assert sorted(merged) == sorted(f"run {k}.{i}" for k in range(4) for i in range(20))
     assert [p.name for p in path.parent.iterdir()] == ["interference.json"]  # no temporary left
+
+
+def test_seed_tables_average_the_seeds_of_a_setting_per_haystack():
+    def cell(accuracy, low=0.1, high=0.9):
+        return {"accuracy": accuracy, "ci95": [low, high]}
+
+    results = {"lmm seed 0 [filler books:train]": {"recall": {"books": {"1024": cell(0.9), "16384": cell(0.5)}}},
+               "lmm seed 1 [filler books:train]": {"recall": {"books": {"1024": cell(0.7)}}},
+               "mag seed 0": {"recall": {"books": {"16384": cell(0.25, 0.15, 0.4)}, "noise": {"1024": cell(1.0)}}}}
+    out = recall_interference.seed_tables(results)
+    books, noise = out.split("filler noise:")
+    assert "| lmm [filler books:train] | 0, 1 | 0.80 ± 0.14 (n=2) | 0.50 [0.10, 0.90] |" in books
+    assert "| mag | 0 | - | 0.25 [0.15, 0.40] |" in books
+    assert "| mag | 0 | 1.00 [0.10, 0.90] | - |" in noise and "lmm" not in noise
