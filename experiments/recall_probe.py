@@ -347,8 +347,12 @@ def row_changes(record: dict) -> list[str]:
     changes = [f"{seq_len}-token rows"] if seq_len != SEQ_LEN else []
     changes += [f"batch {batch}"] if batch != BATCH else []
     changes += [f"{pairs} pairs"] if pairs != PAIRS else []
-    start = record.get("init_from")  # --init-from: trained further from another run
-    return changes + ([f"after {start.get('seq_len', SEQ_LEN)}-token rows ({start['step']} steps)"] if start else [])
+    stages = []  # --init-from: trained further from another run (itself perhaps a continuation)
+    start = record.get("init_from")
+    while start:
+        stages.insert(0, f"{start.get('seq_len', SEQ_LEN)}-token rows ({start['step']} steps)")
+        start = start.get("init_from")
+    return changes + ([f"after {', then '.join(stages)}"] if stages else [])
 
 
 def recent_loss(directory: pathlib.Path, steps: int) -> float | None:
@@ -387,7 +391,7 @@ def initial_parameters(run_dir: str, model_config) -> tuple[dict, dict]:
                          f"variant and model --set as the run it continues")
     probe = meta.get("recall_probe", {})
     start = {"run": str(run_dir), "step": int(meta["step"]), "params_digest": params_digest(params),
-             **{key: probe[key] for key in ("seq_len", "filler") if key in probe}}
+             **{key: probe[key] for key in ("seq_len", "filler", "init_from") if key in probe}}
     return params, start
 
 

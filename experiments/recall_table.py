@@ -59,10 +59,13 @@ def setting_of(record: dict) -> tuple:
 
 
 def _start_of(record: dict) -> tuple | None:
-    """Where a run's training started (--init-from: the earlier run's rows and steps; seeds
-    continue their own seed's run, so the run itself is not part of the setting)."""
-    start = record.get("init_from")
-    return None if start is None else (start.get("seq_len", SEQ_LEN), start["step"])
+    """Where a run's training started (--init-from: the earlier runs' rows and steps, first stage
+    first; seeds continue their own seed's run, so the run itself is not part of the setting)."""
+    start, stages = record.get("init_from"), ()
+    while start:
+        stages = ((start.get("seq_len", SEQ_LEN), start["step"]),) + stages
+        start = start.get("init_from")
+    return stages or None
 
 
 NAMES = {"transformer": "Transformer++", "swa": "SWA", "ttt": "TTT", "lmm_linear": "LMM, linear memory",
@@ -72,8 +75,10 @@ NAMES = {"transformer": "Transformer++", "swa": "SWA", "ttt": "TTT", "lmm_linear
 
 def label_of(setting: tuple) -> str:
     variant, gap, overrides, loss_on, seq_len, pairs, _, filler, eval_filler, batch, start = setting
-    extras = row_changes({"seq_len": seq_len, "batch": batch, "pairs": pairs,
-                          **({"init_from": {"seq_len": start[0], "step": start[1]}} if start else {})})
+    chain = None
+    for stage_seq_len, stage_steps in start or ():
+        chain = {"seq_len": stage_seq_len, "step": stage_steps, **({"init_from": chain} if chain else {})}
+    extras = row_changes({"seq_len": seq_len, "batch": batch, "pairs": pairs, **({"init_from": chain} if chain else {})})
     extras += [f"gap {gap}"] if gap else []
     extras += [f"filler {filler}, eval {eval_filler}"] if filler != "digits" else []
     extras += [f"eval filler {eval_filler}"] if filler == "digits" and eval_filler != "digits" else []

@@ -247,6 +247,13 @@ def test_runs_on_a_text_filler_are_their_own_setting_in_the_recall_table():
     assert recall_table.setting_of(continued) != recall_table.setting_of(longer)
     assert recall_table.label_of(recall_table.setting_of(continued)) == (
         "LMM (1024-token rows, batch 8, after 256-token rows (600 steps), filler books:train, eval books)")
+    again = {**continued, "seq_len": 4096, "init_from": {"run": "q", "step": 300, "params_digest": "e",
+                                                         "seq_len": 1024, "init_from": continued["init_from"]}}
+    assert recall_table.label_of(recall_table.setting_of(again)) == (
+        "LMM (4096-token rows, batch 8, after 256-token rows (600 steps), then 1024-token rows (300 steps), "
+        "filler books:train, eval books)")
+    assert recall_probe.row_changes(again) == ["4096-token rows", "batch 8", "after 256-token rows (600 steps), "
+                                               "then 1024-token rows (300 steps)"]
 
 
 def _cells(*bins):
