@@ -226,7 +226,8 @@ def plot(runs: dict[tuple, dict[int, dict]], path: pathlib.Path) -> None:
             centres = [lo * 1.5 * (1.03 ** seed) for lo in near]  # the bin's middle, seeds side by side
             rates = [c / n for c, n in near.values()]
             bounds = [binomial_interval(c, n) for c, n in near.values()]
-            errors = [[r - lo for r, (lo, _) in zip(rates, bounds)], [hi - r for r, (_, hi) in zip(rates, bounds)]]
+            errors = [[max(r - lo, 0.0) for r, (lo, _) in zip(rates, bounds)],  # 0, not -1e-16, at 0 or n of n
+                      [max(hi - r, 0.0) for r, (_, hi) in zip(rates, bounds)]]
             by_distance_axes.errorbar(centres, rates, yerr=errors, color=colour, marker="o", ms=3, lw=1, capsize=2,
                                       alpha=0.8, ls=style)
         xs = sorted(x for x in by_length if len(by_length[x]) == len(seeds))  # the mean only where every seed is

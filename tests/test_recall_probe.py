@@ -260,6 +260,15 @@ def _cells(*bins):
     return {f"{lo}-{hi}": {"correct": c, "count": n, "accuracy": c / n} for lo, hi, c, n in bins}
 
 
+def test_recall_curves_plot_a_cell_where_every_query_is_right(tmp_path):
+    """Wilson's upper bound of 6/6 is 1 - 1e-16 in floating point: the error bar must not go negative."""
+    from experiments import recall_table
+
+    (tmp_path / "a.json").write_text(json.dumps(_record(0, "s0", {"1024": _cells((256, 1024, 6, 6))})))
+    recall_table.main([str(tmp_path), "--plot", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_recall_table_merges_runs_counts_beyond_the_training_rows_and_gives_spread(tmp_path, capsys):
     from experiments import recall_table
 
