@@ -239,7 +239,8 @@ def seed_tables(results: dict) -> str:
         lines = [f"filler {kind}:", "", "| run | seeds | " + " | ".join(f"F = {length:,}" for length in lengths) + " |",
                  "|---|---|" + "---|" * len(lengths)]
         for setting, seeds in settings.items():
-            measured = {seed: record["recall"][kind] for seed, record in sorted(seeds.items()) if kind in record["recall"]}
+            measured = {seed: record["recall"][kind] for seed, record in sorted(seeds.items())
+                        if kind in record["recall"]}
             if not measured:
                 continue
             shown = []

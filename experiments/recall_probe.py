@@ -41,10 +41,11 @@ the books' test split for a books-trained run, else the training filler); evalua
 a run trained on (the same haystack, or a book split in common) is refused.
 
 `--init-from RUN` starts training from another run's final parameters (RUN/<variant>/seed<k> when
-RUN is an earlier probe's --out) instead of the seed's initialisation (a curriculum: the probe learnt on 256-token rows, then continued on longer rows,
-where a pair and its query are further apart), with a fresh optimiser (warm-up included); the run
-it continues must have the same model, and it is recorded in the checkpoints' identity and in
-recall.json (`init_from`), so results name the continued run apart from one trained from scratch.
+RUN is an earlier probe's --out) instead of the seed's initialisation: a curriculum, the probe
+learnt on 256-token rows, then continued on longer rows, where a pair and its query are further
+apart. The optimiser starts afresh (warm-up included); the run it continues must have the same
+model, and it is recorded in the checkpoints' identity and in recall.json (`init_from`, with the
+runs that run continued), so results name a continued run apart from one trained from scratch.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ def label_of(setting: tuple) -> str:
     chain = None
     for stage_seq_len, stage_steps in start or ():
         chain = {"seq_len": stage_seq_len, "step": stage_steps, **({"init_from": chain} if chain else {})}
-    extras = row_changes({"seq_len": seq_len, "batch": batch, "pairs": pairs, **({"init_from": chain} if chain else {})})
+    extras = row_changes({"seq_len": seq_len, "batch": batch, "pairs": pairs,
+                          **({"init_from": chain} if chain else {})})
     extras += [f"gap {gap}"] if gap else []
     extras += [f"filler {filler}, eval {eval_filler}"] if filler != "digits" else []
     extras += [f"eval filler {eval_filler}"] if filler == "digits" and eval_filler != "digits" else []
