@@ -995,14 +995,14 @@ def _init_from_params(programs: Programs, params) -> Callable[[], dict]:
         raise ValueError(f"initial_params do not have the model's parameters: missing {sorted(want - have)[:5]}, "
                          f"unexpected {sorted(have - want)[:5]}")
     for (path, leaf), want in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected)):
-        if tuple(np.shape(leaf)) != want.shape or np.asarray(leaf).dtype != want.dtype:
-            raise ValueError(f"initial_params{jax.tree_util.keystr(path)} is {np.asarray(leaf).dtype}"
-                             f"{list(np.shape(leaf))}, the model's is {want.dtype}{list(want.shape)}")
+        dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype  # no copy of a sharded array
+        if tuple(np.shape(leaf)) != want.shape or dtype != want.dtype:
+            raise ValueError(f"initial_params{jax.tree_util.keystr(path)} is {dtype}{list(np.shape(leaf))}, "
+                             f"the model's is {want.dtype}{list(want.shape)}")
     shardings = jax.tree.map(lambda leaf: leaf.sharding, programs.abstract_state)
     start = jax.jit(lambda p: {"params": p, "opt_state": programs.optimizer.init(p), "step": jnp.zeros((), jnp.int32)},
                     out_shardings=shardings)
-    host = jax.tree.map(_to_host, params)
-    return lambda: start(host)
+    return lambda: start(jax.tree.map(_to_host, params))  # only when no checkpoint is resumed
 
 
 def load_trained(run_dir: str | pathlib.Path) -> tuple[ModelConfig, Any, dict]:
