@@ -160,7 +160,9 @@ def mechanism(model, params, kinds, filler_length: int, rows: int, num_pairs: in
     weights, experiments.gate_trace.surprise_norms) and write (mean theta * surprise: the size of
     each token's step before momentum). A filler the memory has learnt writes ~nothing. "pairs"
     holds theta, surprise and write at the pairs' value tokens (where the conv sees "ab:X"): a
-    memory that singles out what it must keep writes more there than in the filler."""
+    memory that singles out what it must keep writes more there than in the filler. "heads" holds
+    theta, write, the pairs' write, alpha and keep per head (mean over rows): a layer whose mean
+    gate forgets may still keep the pairs in one head."""
     import jax
     import jax.numpy as jnp
 
@@ -191,10 +193,15 @@ def mechanism(model, params, kinds, filler_length: int, rows: int, num_pairs: in
             cell["pairs"] = {"theta": float(theta_all[..., values_at].mean()),
                              "surprise": float(np.median(surprise_all[..., values_at])),
                              "write": float(np.mean(theta_all[..., values_at] * surprise_all[..., values_at]))}
+            pairs_write = theta_all[..., values_at] * surprise_all[..., values_at]
+            cell["heads"] = {"theta": theta.mean((0, 2)).tolist(), "write": (theta * surprise).mean((0, 2)).tolist(),
+                             "pairs_write": pairs_write.mean((0, 2)).tolist()}
             if log_keep is not None:
                 log_keep = np.asarray(log_keep, np.float64)[..., steady]
                 cell["alpha"] = float(np.mean(-np.expm1(log_keep)))
                 cell["keep"] = {str(h): float(np.mean(np.exp(h * log_keep.mean(-1)))) for h in horizons}
+                cell["heads"]["alpha"] = (-np.expm1(log_keep)).mean((0, 2)).tolist()
+                cell["heads"]["keep"] = {str(h): np.exp(h * log_keep.mean(-1)).mean(0).tolist() for h in horizons}
             out[kind]["/".join(layer)] = cell
             print(f"[interference] {kind:>9} filler, {'/'.join(layer)}: theta {cell['theta']:.3g}, surprise "
                   f"{cell['surprise']:.3g}, write {cell['write']:.3g} (at the pairs' values: theta "
@@ -202,6 +209,11 @@ def mechanism(model, params, kinds, filler_length: int, rows: int, num_pairs: in
                   + (f", alpha {cell['alpha']:.2e}, kept by the gate over " + ", ".join(
                       f"{int(h):,}: {v:.3g}" for h, v in cell["keep"].items()) + " tokens" if "alpha" in cell else ""),
                   flush=True)
+            print(f"[interference] {kind:>9} filler, {'/'.join(layer)} per head: write " + ", ".join(
+                f"{value:.3g}" for value in cell["heads"]["write"]) + "; at the pairs' values " + ", ".join(
+                f"{value:.3g}" for value in cell["heads"]["pairs_write"]) + (
+                "; alpha " + ", ".join(f"{value:.2e}" for value in cell["heads"]["alpha"])
+                if "alpha" in cell["heads"] else ""), flush=True)
     return out
 
 
@@ -279,6 +291,24 @@ def mechanism_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def heads_table(results: dict) -> str:
+    """A markdown table of the mechanism per head, for the measurements that recorded heads: one
+    row per (run, memory layer, filler kind, head); empty when none did."""
+    lines = ["| run | memory layer | filler | head | theta | write | alpha | kept over 16K / 64K / 256K tokens | "
+             "write at the pairs' values |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, record in results.items():
+        for kind, cells in record.get("mechanism", {}).items():
+            for layer, cell in sorted(cells.items()):
+                heads = cell.get("heads")
+                for head in range(len(heads["theta"]) if heads else 0):
+                    alpha = f"{heads['alpha'][head]:.1e}" if "alpha" in heads else "- (no gate)"
+                    keep = " / ".join(f"{values[head]:.2g}" for values in heads.get("keep", {}).values()) or "-"
+                    lines.append(f"| {name} | {layer.removesuffix('/memory')} | {kind} | {head} | "
+                                 f"{heads['theta'][head]:.2g} | {heads['write'][head]:.2g} | {alpha} | {keep} | "
+                                 f"{heads['pairs_write'][head]:.2g} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def entry_name(recorded: dict, eval_set: list[str]) -> str:
     """A run's name in the results file: variant and seed, the run's training settings (rows of
     another shape than the default, recall_probe --set, and a text --filler) in brackets and the
@@ -351,7 +381,8 @@ def main(argv=None) -> dict:
                              f"({max(lengths):,}); use books:validation+test or essays for longer ones")
     if args.show:
         shown = json.loads(pathlib.Path(args.show).read_text())
-        print(seed_tables(shown) + "\n\n" + table(shown) + "\n\n" + mechanism_table(shown))
+        print("\n\n".join(filter(None, [seed_tables(shown), table(shown), mechanism_table(shown),
+                                         heads_table(shown)])))
         return shown
     runs = [pathlib.Path(text) for text in args.runs.split(",") if text]
     if not runs and not args.quick:
@@ -402,7 +433,7 @@ def main(argv=None) -> dict:
         if args.mechanism_length:
             results[name]["mechanism"] = mechanism(TitansLM(model_config), params, kinds, args.mechanism_length, 2,
                                                    args.pairs)
-    print(table(results) + "\n\n" + mechanism_table(results))
+    print("\n\n".join(filter(None, [table(results), mechanism_table(results), heads_table(results)])))
     if args.json:
         write_merged(pathlib.Path(args.json), results)
     return results

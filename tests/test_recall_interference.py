@@ -146,6 +146,18 @@ def test_mechanism_sees_a_learnt_filler_write_less():
     assert report["constant"][layer]["surprise"] < report["digits"][layer]["surprise"]
     pairs = report["digits"][layer]["pairs"]
     assert pairs["theta"] > 0 and pairs["surprise"] > 0 and pairs["write"] > 0
+    for kind in ("constant", "digits"):  # per head: two heads whose mean is the layer's figure
+        cell = report[kind][layer]
+        heads = cell["heads"]
+        assert all(len(values) == 2 for values in (heads["theta"], heads["write"], heads["alpha"]))
+        np.testing.assert_allclose([np.mean(heads["theta"]), np.mean(heads["write"]), np.mean(heads["alpha"]),
+                                    np.mean(heads["keep"]["1000"])],
+                                   [cell["theta"], cell["write"], cell["alpha"], cell["keep"]["1000"]], rtol=1e-12)
+        np.testing.assert_allclose(np.mean(heads["pairs_write"]), cell["pairs"]["write"], rtol=1e-12)
+    assert report["digits"][layer]["heads"]["alpha"][0] != report["digits"][layer]["heads"]["alpha"][1]
+    table = recall_interference.heads_table({"r": {"mechanism": report}})
+    assert table.count("\n| r | block_0 | digits | ") == 2
+    assert recall_interference.heads_table({"r": {"mechanism": {"digits": {"m": {"theta": 1}}}}}) == ""
 
 
 def test_show_prints_both_tables_of_a_results_file(tmp_path, capsys):
