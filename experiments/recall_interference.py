@@ -190,10 +190,10 @@ def mechanism(model, params, kinds, filler_length: int, rows: int, num_pairs: in
             cell = {"theta": float(theta.mean()), "surprise": float(np.median(surprise)),
                     "write": float(np.mean(theta * surprise))}
             values_at = prefix + PAIR * np.arange(num_pairs) + PAIR - 1
+            pairs_write = theta_all[..., values_at] * surprise_all[..., values_at]
             cell["pairs"] = {"theta": float(theta_all[..., values_at].mean()),
                              "surprise": float(np.median(surprise_all[..., values_at])),
-                             "write": float(np.mean(theta_all[..., values_at] * surprise_all[..., values_at]))}
-            pairs_write = theta_all[..., values_at] * surprise_all[..., values_at]
+                             "write": float(pairs_write.mean())}
             cell["heads"] = {"theta": theta.mean((0, 2)).tolist(), "write": (theta * surprise).mean((0, 2)).tolist(),
                              "pairs_write": pairs_write.mean((0, 2)).tolist()}
             if log_keep is not None:
