@@ -54,7 +54,15 @@ def run_dir(out: pathlib.Path, variant: str, seed: int) -> pathlib.Path:
     return out / variant / f"seed{seed}"
 
 
-def train_run(out: pathlib.Path, variant: str, seed: int, overrides: list[str]) -> pathlib.Path:
+def init_run(init_from: str, variant: str, seed: int) -> str:
+    """The run --init-from names for (variant, seed): the directory itself when it is a run, else its
+    <variant>/seed<k> (another grid's --out, or a recall probe's: each seed starts from its own run)."""
+    path = pathlib.Path(init_from)
+    return str(path if (path / "config.json").exists() else path / variant / f"seed{seed}")
+
+
+def train_run(out: pathlib.Path, variant: str, seed: int, overrides: list[str],
+              init_from: str | None = None) -> pathlib.Path:
     directory = run_dir(out, variant, seed)
     summary = directory / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("completed"):
@@ -63,7 +71,8 @@ def train_run(out: pathlib.Path, variant: str, seed: int, overrides: list[str]) 
     print(f"[lc] train {variant} seed {seed}", flush=True)
     result = train_cli.main(["--config", f"lc_{variant}", "--out", str(directory), "--no-progress",
                              "--set", f"run.seed={seed}", "--set", f"data.seed={seed}",
-                             *sum((["--set", item] for item in overrides), [])])
+                             *sum((["--set", item] for item in overrides), []),
+                             *(["--init-from", init_run(init_from, variant, seed)] if init_from else [])])
     if result.get("stopped_by_signal"):
         raise SystemExit(f"stopped while training {variant} seed {seed}; run the same command again to resume")
     return directory
@@ -127,32 +136,49 @@ def binomial_interval(successes: float, n: int, z: float = 1.96) -> tuple[float,
 
 
 def cell(scores_by_seed: dict[int, list[float]]) -> str:
-    """'mean ± sd (seeds)' over per-seed accuracies, or 'p [lo, hi]' for one seed."""
+    """'mean ± sd (seeds)' over per-seed accuracies, or 'p [lo, hi]' for one seed (a fraction that is
+    not a 0/1 score, e.g. characters in place, has no binomial interval: 'p (n=examples)')."""
     per_seed = [float(np.mean(scores)) for scores in scores_by_seed.values() if scores]
     if not per_seed:
         return ""
     if len(per_seed) == 1:
         scores = next(iter(scores_by_seed.values()))
+        if any(score not in (0.0, 1.0) for score in scores):
+            return f"{100 * per_seed[0]:.0f} (n={len(scores)})"
         lo, hi = binomial_interval(sum(scores), len(scores))
         return f"{100 * per_seed[0]:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
     return f"{100 * np.mean(per_seed):.0f} ± {100 * np.std(per_seed, ddof=1):.0f}"
 
 
-def collect(rows_by_run: dict[tuple[str, int], list[dict]]) -> dict:
-    """variant -> task -> length -> seed -> scores."""
+def answer_in_place(answer: str, output: str) -> list[bool]:
+    """For each character of a needle's answer, whether the model's answer (the output's first
+    word, its sentence's full stop dropped) has it at the same place: how far a partly right
+    answer got (RULER's score, the exact match, counts only the whole needle)."""
+    words = output.split()
+    said = words[0].rstrip(".") if words else ""
+    return [i < len(said) and said[i] == char for i, char in enumerate(answer)]
+
+
+def characters_in_place(row: dict) -> float:
+    return float(np.mean(answer_in_place(row["answer"], row["output"])))
+
+
+def collect(rows_by_run: dict[tuple[str, int], list[dict]], measure=lambda row: row["score"]) -> dict:
+    """variant -> task -> length -> seed -> scores (or another per-row measure)."""
     table: dict = {}
     for (variant, seed), rows in rows_by_run.items():
         for row in rows:
             table.setdefault(variant, {}).setdefault(row["task"], {}).setdefault(row["length"], {}).setdefault(
-                seed, []).append(row["score"])
+                seed, []).append(measure(row))
     return table
 
 
-def format_table(table: dict, variants, tasks, lengths) -> str:
+def format_table(table: dict, variants, tasks, lengths,
+                 what: str = "accuracy %, mean ± sd over seeds; one seed: [binomial 95% interval]") -> str:
     """Table 2's layout: one block per task, variants as rows, lengths as columns."""
     lines = []
     for task in tasks:
-        lines += [f"\n**{task}** (accuracy %, mean ± sd over seeds; one seed: [binomial 95% interval])\n",
+        lines += [f"\n**{task}** ({what})\n",
                   "| model | " + " | ".join(f"{length:,}" for length in lengths) + " |",
                   "|---|" + "---|" * len(lengths)]
         for variant in variants:
@@ -209,6 +235,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--long-lengths", default=",".join(map(str, LONG_LENGTHS)))
     parser.add_argument("--long-tasks", default="niah_single_1,niah_single_2")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training override for every run")
+    parser.add_argument("--init-from", metavar="DIR",
+                        help="train every run from another run's final parameters: DIR itself when it is a run, "
+                             "else DIR/<variant>/seed<k> (e.g. a recall probe's --out; the model --set must match)")
     parser.add_argument("--report-only", action="store_true", help="only report what is finished")
     args = parser.parse_args(argv)
     args.command = "python -m experiments.long_context_table " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -243,7 +272,7 @@ def main(argv=None) -> dict:
                 if (directory / "long_context" / f"{variant_spec.digest}.json").exists():
                     rows[(variant, seed)] = evaluate_run(directory, variant_spec)
                 continue
-            train_run(out, variant, seed, overrides)
+            train_run(out, variant, seed, overrides, args.init_from)
             rows[(variant, seed)] = evaluate_run(directory, variant_spec)
     table = collect({key: value for key, value in rows.items() if key[0] in variants})
     long_variants = tuple(args.long_variants.split(",")) if args.long_variants else tuple(sorted(
@@ -265,6 +294,22 @@ def report(out, args, table, variants, tasks, lengths, rows, ablations, ablation
     from titans_jax.long_context import NIAH_TASKS, harness
 
     text = [f"# Small-scale Table 2\n\n`{args.command}`\n", format_table(table, variants, tasks, lengths)]
+    niah = tuple(task for task in tasks if task in NIAH_TASKS)
+    main_rows = {key: value for key, value in rows.items() if key[0] in variants}
+    if niah and main_rows:
+        text += ["\n## How much of the needle: its characters in place (a diagnostic, not RULER's score)",
+                 format_table(collect(main_rows, characters_in_place), variants, niah, lengths,
+                              "% of the needle's characters the answer has at their place, mean over examples "
+                              "(± sd over seeds)"),
+                 "\nBy position in the needle (all lengths; % of examples with that character in place):\n"]
+        for variant in variants:
+            for task in niah:
+                marks = [answer_in_place(r["answer"], r["output"]) for (v, _), results in main_rows.items()
+                         if v == variant for r in results if r["task"] == task]
+                if marks:
+                    width = min(map(len, marks))
+                    text.append(f"- {variant} {task} (n={len(marks)}): " + " ".join(
+                        f"{100 * np.mean([m[i] for m in marks]):.0f}" for i in range(width)))
     if ablations:
         abl = collect({key: value for key, value in rows.items() if key[0] in ablations + ("lmm", "mag", "lmm_linear")})
         text += ["\n## Ablations (paper Table 5) at " + ", ".join(f"{n:,}" for n in ablation_spec.lengths),

@@ -117,6 +117,27 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int, time
         timer.cancel()
 
 
+def initial_parameters(run_dir: str, model_config) -> tuple[dict, dict]:
+    """The parameters of a run's newest good checkpoint to start another run from (--init-from),
+    with what identifies them (the run, its step, the parameters' digest, and what that run itself
+    started from). The run's model must be `model_config`: a clear error names the fields that differ."""
+    from titans_jax.training import load_trained, model_identity, params_digest
+
+    try:
+        their_config, params, their_meta = load_trained(run_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(f"--init-from {run_dir}: {error}") from None
+    mine, theirs = model_identity(model_config), model_identity(their_config)
+    if mine != theirs:
+        differ = sorted(key for key in set(mine) | set(theirs) if mine.get(key) != theirs.get(key))
+        raise SystemExit(f"--init-from {run_dir}: its model differs from this run's in {differ}; give the same "
+                         f"config and model --set as the run it starts from")
+    earlier = their_meta.get("init_from") or their_meta.get("recall_probe", {}).get("init_from")
+    start = {"run": str(run_dir), "step": int(their_meta["step"]), "params_digest": params_digest(params),
+             **({"init_from": earlier} if earlier else {})}
+    return params, start
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="quick", help="a named experiment config (see --list)")
@@ -128,6 +149,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--allow-changes", action="store_true",
                         help="resume a run whose checkpoint has other optimiser settings, total steps or batch "
                              "size; each change is recorded with its step in config.json and summary.json")
+    parser.add_argument("--init-from", metavar="RUN",
+                        help="start from the final parameters of another run (the same model: variant and model "
+                             "settings), with a fresh optimiser at step 0; recorded in config.json and in the "
+                             "checkpoints' identity, so a resume must name the same run")
     group = parser.add_argument_group("several processes (jax.distributed; all three or none)")
     group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, where the processes meet")
     group.add_argument("--num-processes", type=int, metavar="N", help="how many processes the run has")
@@ -154,6 +179,11 @@ def main(argv=None) -> dict:
     model_config = config.model_config(vocab_size=tokenizer.vocab_size)
     record = {"experiment": args.config, "overrides": args.set, "config": dataclasses.asdict(config),
               "model_config": dataclasses.asdict(model_config)}  # config.json, written once resume is checked
+    initial = None
+    if args.init_from:
+        initial, start = initial_parameters(args.init_from, model_config)
+        meta = {**meta, "init_from": start}
+        record["init_from"] = start
     from titans_jax.models import abstract_params, param_count
 
     primary = jax.process_index() == 0  # several processes: one of them reports and plots
@@ -165,7 +195,7 @@ def main(argv=None) -> dict:
         summary = train(model_config, config.optim, config.run, out, train_batch, eval_sets, meta=meta,
                         sample_fn=make_sampler(tokenizer, prompt, config.run.sample_tokens, config.run.seed),
                         byte_lengths=np.asarray(tokenizer.token_byte_lengths()), run_record=record,
-                        allow_changes=args.allow_changes)
+                        allow_changes=args.allow_changes, initial_params=initial)
     except CheckpointSaveError as error:  # one clear line, not orbax's asyncio traceback
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

@@ -40,6 +40,7 @@ def test_quick_grid_runs_every_phase_and_a_rerun_reuses_it(tmp_path, monkeypatch
     assert [r["length"] for r in first["long_rows"][("swa", 0)]] == [2048]
     table = (out / "table.md").read_text()
     assert "**niah_single_1**" in table and "| mac |" in table and "Long contexts" in table
+    assert "its characters in place" in table and "- mac niah_single_1 (n=1): " in table
     assert f"`python -m experiments.long_context_table --quick --out {out}`" in table  # the command that made it
     assert (out / "accuracy_vs_length.png").exists() and (out / "heatmap_mac_niah_single_1.png").exists()
     assert len(json.loads((out / "results.json").read_text())) == 2 * 2 + 2 * 1
@@ -53,6 +54,30 @@ def test_quick_grid_runs_every_phase_and_a_rerun_reuses_it(tmp_path, monkeypatch
     report = lc.main(["--quick", "--report-only", "--out", str(out)])
     assert report["rows"] == first["rows"]
     check_prompt_length_probe(out / "mac" / "seed0")
+    check_init_from(out / "mac" / "seed0", tmp_path / "continued")
+
+
+def check_init_from(parent, out):
+    """experiments.train --init-from (what the table's --init-from passes on): the run starts from
+    the parent's final parameters (its first loss is not a fresh model's), records where it started,
+    and a model that differs from the parent's is refused with the fields that differ."""
+    from experiments import train as train_cli
+    from titans_jax.training import load_trained, params_digest
+
+    overrides = sum((["--set", item] for item in lc.QUICK["train_overrides"]), [])  # the grid's compiled step
+    with pytest.raises(SystemExit, match=r"its model differs from this run's in \['num_layers'\]"):
+        train_cli.main(["--config", "lc_mac", "--out", str(out), "--no-progress", "--init-from", str(parent),
+                        *overrides, "--set", "model.num_layers=1"])
+    assert not out.exists()  # refused before anything was written
+    train_cli.main(["--config", "lc_mac", "--out", str(out), "--no-progress", "--init-from", str(parent), *overrides])
+    _, params, _ = load_trained(parent)
+    record = json.loads((out / "config.json").read_text())
+    assert record["init_from"] == {"run": str(parent), "step": 2, "params_digest": params_digest(params)}
+    def first_loss(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(row["loss"] for row in rows if row.get("step") == 1 and "loss" in row)
+
+    assert first_loss(out) != first_loss(parent)  # the same first batch (same data seed), other parameters
 
 
 def check_prompt_length_probe(run):
@@ -105,3 +130,18 @@ def test_cells_give_spread_over_seeds_or_a_binomial_interval():
 def test_unknown_variants_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         lc.main(["--variants", "mac,nonsense", "--out", str(tmp_path)])
+
+
+def test_characters_in_place_count_a_partly_recalled_needle():
+    # the answer's first word, its full stop dropped, character by character against the needle
+    assert lc.answer_in_place("6976681", " 4976221.\n") == [False, True, True, True, False, False, True]
+    assert lc.answer_in_place("6976681", " 6976681.\n") == [True] * 7
+    assert lc.answer_in_place("6976681", " 697") == [True, True, True] + [False] * 4  # a short answer misses the rest
+    assert lc.answer_in_place("6976681", "") == [False] * 7
+    assert lc.characters_in_place({"answer": "1234", "output": " 1200 and more"}) == 0.5
+    # a fraction per example has no binomial interval: one seed shows the mean and the count
+    assert lc.cell({0: [0.5, 0.25]}) == "38 (n=2)"
+    rows = {("lmm", 0): [{"task": "niah_single_1", "length": 1024, "answer": "1234", "output": " 1299.", "score": 0.0},
+                         {"task": "niah_single_1", "length": 1024, "answer": "5678", "output": " 5678.", "score": 1.0}]}
+    assert lc.collect(rows, lc.characters_in_place) == {"lmm": {"niah_single_1": {1024: {0: [0.5, 1.0]}}}}
+    assert lc.collect(rows) == {"lmm": {"niah_single_1": {1024: {0: [0.0, 1.0]}}}}
