@@ -135,15 +135,16 @@ def binomial_interval(successes: float, n: int, z: float = 1.96) -> tuple[float,
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def cell(scores_by_seed: dict[int, list[float]]) -> str:
-    """'mean ± sd (seeds)' over per-seed accuracies, or 'p [lo, hi]' for one seed (a fraction that is
-    not a 0/1 score, e.g. characters in place, has no binomial interval: 'p (n=examples)')."""
+def cell(scores_by_seed: dict[int, list[float]], binary: bool = True) -> str:
+    """'mean ± sd (seeds)' over per-seed accuracies, or 'p [lo, hi]' for one seed; a measure that is
+    not a 0/1 score per example (binary=False: characters in place) has no binomial interval, so one
+    seed shows 'p (n=examples)'."""
     per_seed = [float(np.mean(scores)) for scores in scores_by_seed.values() if scores]
     if not per_seed:
         return ""
     if len(per_seed) == 1:
         scores = next(iter(scores_by_seed.values()))
-        if any(score not in (0.0, 1.0) for score in scores):
+        if not binary:
             return f"{100 * per_seed[0]:.0f} (n={len(scores)})"
         lo, hi = binomial_interval(sum(scores), len(scores))
         return f"{100 * per_seed[0]:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
@@ -174,7 +175,8 @@ def collect(rows_by_run: dict[tuple[str, int], list[dict]], measure=lambda row: 
 
 
 def format_table(table: dict, variants, tasks, lengths,
-                 what: str = "accuracy %, mean ± sd over seeds; one seed: [binomial 95% interval]") -> str:
+                 what: str = "accuracy %, mean ± sd over seeds; one seed: [binomial 95% interval]",
+                 binary: bool = True) -> str:
     """Table 2's layout: one block per task, variants as rows, lengths as columns."""
     lines = []
     for task in tasks:
@@ -183,7 +185,7 @@ def format_table(table: dict, variants, tasks, lengths,
                   "|---|" + "---|" * len(lengths)]
         for variant in variants:
             by_length = table.get(variant, {}).get(task, {})
-            lines.append(f"| {variant} | " + " | ".join(cell(by_length.get(length, {})) for length in lengths) + " |")
+            lines.append(f"| {variant} | " + " | ".join(cell(by_length.get(length, {}), binary) for length in lengths) + " |")
     return "\n".join(lines)
 
 
@@ -300,7 +302,7 @@ def report(out, args, table, variants, tasks, lengths, rows, ablations, ablation
         text += ["\n## How much of the needle: its characters in place (a diagnostic, not RULER's score)",
                  format_table(collect(main_rows, characters_in_place), variants, niah, lengths,
                               "% of the needle's characters the answer has at their place, mean over examples "
-                              "(± sd over seeds)"),
+                              "(± sd over seeds)", binary=False),
                  "\nBy position in the needle (all lengths; % of examples with that character in place):\n"]
         for variant in variants:
             for task in niah:

@@ -140,7 +140,8 @@ def test_characters_in_place_count_a_partly_recalled_needle():
     assert lc.answer_in_place("6976681", "") == [False] * 7
     assert lc.characters_in_place({"answer": "1234", "output": " 1200 and more"}) == 0.5
     # a fraction per example has no binomial interval: one seed shows the mean and the count
-    assert lc.cell({0: [0.5, 0.25]}) == "38 (n=2)"
+    assert lc.cell({0: [0.5, 0.25]}, binary=False) == "38 (n=2)"
+    assert lc.cell({0: [1.0, 1.0]}, binary=False) == "100 (n=2)"
     rows = {("lmm", 0): [{"task": "niah_single_1", "length": 1024, "answer": "1234", "output": " 1299.", "score": 0.0},
                          {"task": "niah_single_1", "length": 1024, "answer": "5678", "output": " 5678.", "score": 1.0}]}
     assert lc.collect(rows, lc.characters_in_place) == {"lmm": {"niah_single_1": {1024: {0: [0.5, 1.0]}}}}
