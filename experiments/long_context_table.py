@@ -185,7 +185,8 @@ def format_table(table: dict, variants, tasks, lengths,
                   "|---|" + "---|" * len(lengths)]
         for variant in variants:
             by_length = table.get(variant, {}).get(task, {})
-            lines.append(f"| {variant} | " + " | ".join(cell(by_length.get(length, {}), binary) for length in lengths) + " |")
+            cells = (cell(by_length.get(length, {}), binary) for length in lengths)
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
