@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import pathlib
+import shlex
 import sys
 import time
 
@@ -243,7 +244,7 @@ def main(argv=None) -> dict:
                              "else DIR/<variant>/seed<k> (e.g. a recall probe's --out; the model --set must match)")
     parser.add_argument("--report-only", action="store_true", help="only report what is finished")
     args = parser.parse_args(argv)
-    args.command = "python -m experiments.long_context_table " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.command = "python -m experiments.long_context_table " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     quick = QUICK if args.quick else {}
     variants = tuple(quick.get("variants", (args.variants or ",".join(MAIN_VARIANTS)).split(",")))

@@ -51,8 +51,10 @@ def test_quick_grid_runs_every_phase_and_a_rerun_reuses_it(tmp_path, monkeypatch
     again = lc.main(["--quick", "--out", str(out)])  # finished runs and evaluations are reused, not redone
     assert [path.stat().st_mtime_ns for path in sorted((out / "mac" / "seed0" / "long_context").iterdir())] == stamps
     assert again["rows"] == first["rows"]
-    report = lc.main(["--quick", "--report-only", "--out", str(out)])
+    report = lc.main(["--quick", "--report-only", "--ablations", "", "--out", str(out)])
     assert report["rows"] == first["rows"]
+    assert f"`python -m experiments.long_context_table --quick --report-only --ablations '' --out {out}`" in (
+        out / "table.md").read_text()  # the command as it can be pasted back, empty arguments included
     check_prompt_length_probe(out / "mac" / "seed0")
     check_init_from(out / "mac" / "seed0", tmp_path / "continued")
 
