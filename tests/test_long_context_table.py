@@ -75,6 +75,7 @@ def check_init_from(parent, out):
     _, params, _ = load_trained(parent)
     record = json.loads((out / "config.json").read_text())
     assert record["init_from"] == {"run": str(parent), "step": 2, "params_digest": params_digest(params)}
+
     def first_loss(run):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return next(row["loss"] for row in rows if row.get("step") == 1 and "loss" in row)
