@@ -54,6 +54,24 @@ def test_streaming_in_windows_gives_the_parallel_logits_and_greedy_answer(tiny):
         runner.prefill(np.array([1, 300]))
 
 
+def test_the_empty_cache_is_built_once_not_eagerly_per_example(tiny, monkeypatch):
+    """The empty cache (the persistent prefix run through the model) is compiled, not run op by op
+    for every example: a bounded cache is built once per runner; full attention once per window
+    multiple of the capacity it needs."""
+    model, params, _ = tiny
+    built = []
+    real = harness.init_cache
+    monkeypatch.setattr(harness, "init_cache", lambda *args: built.append(args[3]) or real(*args))
+    runner = harness.StreamingRunner(model, params, window=16)
+    ids = np.random.default_rng(1).integers(0, 256, 40).astype(np.int32)
+    answers = [runner.answer(ids[:n], 2)[0] for n in (33, 40, 40)]
+    # 35 and 42 tokens in all: full attention rounds both up to a 48-key cache, traced once
+    assert built == ([48] if model.config.arch == "transformer" else [None])
+    eager = harness.StreamingRunner(model, params, window=16)
+    eager.empty_cache = lambda max_len: real(model, params, 1, max_len)   # the exact need, run eagerly
+    assert [eager.answer(ids[:n], 2)[0] for n in (33, 40)] == answers[:2]
+
+
 class _Oracle:
     """A runner stand-in that answers with the gold value (or nonsense), to test the scoring path."""
 
