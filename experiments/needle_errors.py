@@ -18,7 +18,8 @@ digits, and prints, one block per input and length:
   needle's): how often it is the digit that followed an earlier occurrence of the previous digit
   (what a collision of such keys predicts), the previous digit again, the next one (a digit
   skipped), or a digit of the needle,
-  beside what a wrong digit drawn uniformly from the other nine would give.
+  beside what a wrong digit drawn uniformly from the other nine would give; and what the answers
+  wrong from their first digit begin with.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from experiments.long_context_table import binomial_interval
 
@@ -90,7 +91,7 @@ def first_error(needle: str, answer: str) -> tuple[int, str] | None:
 def analyse(rows: list[dict]) -> dict:
     exact = defaultdict(lambda: [0, 0])                       # shape -> [right, n]
     hazard = defaultdict(lambda: [0, 0])                      # (position, ambiguous) -> [right, n]
-    errors = {"n": 0, "by_position": defaultdict(int)}
+    errors = {"n": 0, "by_position": defaultdict(int), "first_digit_given": Counter()}
     errors.update({key: 0 for key in PREDICTORS})
     errors.update({f"chance_{key}": 0.0 for key in PREDICTORS})
     for row in rows:
@@ -107,6 +108,8 @@ def analyse(rows: list[dict]) -> dict:
         i, given = wrong
         errors["n"] += 1
         errors["by_position"][i] += 1
+        if i == 0:
+            errors["first_digit_given"][given] += 1
         predicted = {"collision": collision_digits(needle, i), "previous": {needle[i - 1]} if i else set(),
                      "next": {needle[i + 1]} if i + 1 < len(needle) else set(), "in_needle": set(needle)}
         for name, digits in predicted.items():
@@ -136,6 +139,9 @@ def report(name: str, length: int, result: dict, width: int) -> str:
               "| the wrong digit is | observed | expected if uniform over the other nine |", "|---|---|---|"]
     for key, what in PREDICTORS.items():
         lines.append(f"| {what} | {errors[key]} | {errors[f'chance_{key}']:.1f} |")
+    if errors["first_digit_given"]:
+        given = ", ".join(f"{char or 'nothing'!r}: {n}" for char, n in errors["first_digit_given"].most_common(3))
+        lines += ["", f"Answers wrong from the first digit begin with {given} (of {errors['by_position'][0]})."]
     return "\n".join(lines) + "\n"
 
 

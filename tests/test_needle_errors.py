@@ -51,11 +51,13 @@ def test_run_directory_counts_each_example_once_and_bad_input_is_named(tmp_path,
     cache = tmp_path / "run" / "long_context"
     cache.mkdir(parents=True)
     shared = row("6976681", " 6976688.")
-    (cache / "a.json").write_text(json.dumps({"results": [shared, row("1234567", " 1234567", seed=1)]}))
+    (cache / "a.json").write_text(json.dumps({"results": [shared, row("1234567", " 1234567", seed=1),
+                                                          row("2345678", " 8888", seed=2)]}))
     (cache / "b.json").write_text(json.dumps({"results": [shared]}))
-    assert len(ne.load_rows(tmp_path / "run")) == 2
+    assert len(ne.load_rows(tmp_path / "run")) == 3
     text = ne.main([str(tmp_path / "run")])
-    assert "| distinct | 100 [21, 100] (n=1) |" in text and "| doubled | 0 [0, 79] (n=1) |" in text
+    assert "| distinct | 50 [9, 91] (n=2) |" in text and "| doubled | 0 [0, 79] (n=1) |" in text
+    assert "begin with '8': 1 (of 1)" in text
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no long_context"):
         ne.main([str(tmp_path / "empty")])
