@@ -1,0 +1,138 @@
+"""Is the needle still in the memory where the answer fails? Give its first digits, read the rest ([C2]).
+
+    python -m experiments.needle_cue --run runs/lc_niah_lmm_init16k_stage2/lmm/seed2 \
+        --lengths 1024,4096,16384 --per-cell 96 --cues 0,1 --out runs/needle_cue_seed2.json
+
+At 16K the S-NIAH models here answer most passkeys wrong from the first digit, with one default
+digit a seed (`experiments.needle_errors`). The first digit is the one recalled under the
+question's context (" ... text is") rather than the needle's ("... is: "), so it may be the
+only broken link. This streams each example's prompt followed by the needle's first k digits
+(the cue, after the space the model answers with) and reads the greedy continuation: the cue k = 0
+is the plain evaluation; the rest of the needle right after a cue of one digit means the later
+digits are still retrievable from the memory at that length, and only the entry failed.
+
+Prints, per cue and length, the share of examples whose cued answer is the needle (RULER's match
+on the cue and the continuation, Wilson 95%) and the share of the digits after the cue in place;
+writes every row to --out (JSON).
+Examples and streaming as the table driver's (titans_jax.long_context: RULER's templates and
+haystacks, evaluation seeds from --seed, 4,096-token windows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import numpy as np
+
+from experiments.long_context_table import answer_in_place, binomial_interval
+
+
+def cued_prompt(prompt: str, answer: str, cue: int) -> str:
+    """The prompt followed by the answer's first `cue` characters as the model would write them
+    (after one space: the models answer " 6976681.")."""
+    if not 0 <= cue < len(answer):
+        raise ValueError(f"cue must be in [0, {len(answer)}) for the answer {answer!r}, got {cue}")
+    return prompt + (" " + answer[:cue] if cue else "")
+
+
+def continuation_row(task: str, answer: str, cue: int, output: str) -> dict:
+    """The continuation after a cue, scored as the whole answer it completes (" " + cue + output):
+    RULER's match as in the table driver (so cue 0 is the plain evaluation), and the characters
+    of the needle after the cue that are in place."""
+    from titans_jax.long_context.harness import score_row
+
+    full = " " + answer[:cue] + output if cue else output
+    return {"cue": cue, "output": output, "exact": score_row(task, answer, full),
+            "in_place": float(np.mean(answer_in_place(answer, full)[cue:]))}
+
+
+def cue_rows(runner, examples, cues, tokenizer, progress: bool = False) -> list[dict]:
+    """Every example streamed once per cue (harness.StreamingRunner `runner`), scored."""
+    from titans_jax.long_context import harness
+
+    newline = tokenizer.encode("\n")
+    rows = []
+    for index, example in enumerate(examples):
+        for cue in cues:
+            ids = np.asarray(tokenizer.encode(cued_prompt(example.prompt, example.answer, cue)), np.int32)
+            generated, stats = runner.answer(ids, harness.ANSWER_TOKENS.get(example.task, 24),
+                                             stop=lambda out: len(out) > 1 and out[-len(newline):] == newline)
+            row = continuation_row(example.task, example.answer, cue, tokenizer.decode(generated))
+            row.update(task=example.task, length=example.length, seed=example.seed, answer=example.answer,
+                       stream_seconds=stats.stream_seconds)
+            rows.append(row)
+        if progress:
+            print(f"\r{index + 1}/{len(examples)} examples", end="", flush=True)
+    if progress:
+        print()
+    return rows
+
+
+def run(run_dir: pathlib.Path, task: str, lengths, depth: float, per_cell: int, seed: int, cues, window: int,
+        progress: bool = False) -> list[dict]:
+    from titans_jax.data.tokenizers import ByteTokenizer
+    from titans_jax.long_context import harness, make_examples
+    from titans_jax.long_context.training_mix import check_eval_seeds
+    from titans_jax.models import TitansLM
+    from titans_jax.training import load_trained
+
+    check_eval_seeds(range(seed, seed + per_cell))
+    config, params, meta = load_trained(run_dir)
+    tokenizer = ByteTokenizer()
+    runner = harness.StreamingRunner(TitansLM(config), params, window)
+    examples = make_examples(task, lengths, (depth,), per_cell, seed, tokenizer)
+    rows = cue_rows(runner, examples, cues, tokenizer, progress)
+    for row in rows:
+        row.update(depth=depth, step=int(meta["step"]))
+    return rows
+
+
+def report(rows: list[dict]) -> str:
+    lengths = sorted({row["length"] for row in rows})
+    lines = ["| cue (digits given) | " + " | ".join(f"{n:,}: exact [95%] / in place" for n in lengths) + " |",
+             "|---" * (len(lengths) + 1) + "|"]
+    for cue in sorted({row["cue"] for row in rows}):
+        cells = []
+        for length in lengths:
+            group = [row for row in rows if row["cue"] == cue and row["length"] == length]
+            right = int(sum(row["exact"] for row in group))
+            lo, hi = binomial_interval(right, len(group))
+            cells.append(f"{100 * right / len(group):.0f} [{100 * lo:.0f}, {100 * hi:.0f}] / "
+                         f"{100 * np.mean([row['in_place'] for row in group]):.0f} (n={len(group)})")
+        lines.append(f"| {cue} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="a trained run directory (experiments.train)")
+    parser.add_argument("--task", default="niah_single_1", choices=("niah_single_1", "niah_single_2"))
+    parser.add_argument("--lengths", default="1024,4096,16384")
+    parser.add_argument("--depth", type=float, default=0.5)
+    parser.add_argument("--per-cell", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="first evaluation seed")
+    parser.add_argument("--cues", default="0,1", help="digits of the needle given, comma-separated")
+    parser.add_argument("--window", type=int, default=4096)
+    parser.add_argument("--out", help="write the rows (JSON) here")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    run_dir = pathlib.Path(args.run)
+    if not (run_dir / "config.json").exists():
+        raise SystemExit(f"{run_dir} is not a trained run (no config.json): train it with experiments.train")
+    started = time.perf_counter()
+    rows = run(run_dir, args.task, tuple(int(n) for n in args.lengths.split(",")), args.depth, args.per_cell,
+               args.seed, tuple(int(c) for c in args.cues.split(",")), args.window, progress=not args.no_progress)
+    text = f"`{args.run}`, {args.task}, depth {args.depth}, seeds {args.seed}..{args.seed + args.per_cell - 1}\n\n"
+    text += report(rows)
+    print(text)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps({"args": vars(args), "seconds": time.perf_counter() - started,
+                                                      "rows": rows}, indent=1))
+    return text
+
+
+if __name__ == "__main__":
+    main()
