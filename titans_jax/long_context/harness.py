@@ -114,9 +114,9 @@ class StreamingRunner:
             lambda params, tokens, cache, logits_at: model.apply({"params": params}, tokens, cache,
                                                                  logits_at=logits_at),
             static_argnames=("logits_at",))
-        # The empty cache runs the persistent prefix through the model: eagerly that was ~3-6 s an
-        # example on one core (op by op), 50x the streaming of a 1K-token prompt. Compiled once;
-        # a bounded cache (every architecture but full attention) is the same for every example.
+        # The empty cache runs the persistent prefix through the model: eagerly, op by op, that
+        # was ~6 s an example on a shared core, 50x the streaming of a 1K-token prompt. Compiled
+        # once; a bounded cache (every architecture but full attention) is the same every example.
         self._init_cache = jax.jit(lambda params, max_len: init_cache(model, params, 1, max_len), static_argnums=1)
         self._empty = None
 
