@@ -52,7 +52,8 @@ def load_rows(path: pathlib.Path) -> list[dict]:
         raise SystemExit(f"{path}: no such file or run directory")
     data = json.loads(path.read_text())
     rows = data["results"] if isinstance(data, dict) else data
-    if not isinstance(rows, list) or not all(isinstance(row, dict) and {"answer", "output"} <= set(row) for row in rows):
+    if not isinstance(rows, list) or not all(isinstance(row, dict) and {"answer", "output"} <= set(row)
+                                             for row in rows):
         raise SystemExit(f"{path}: not a list of evaluation rows (each with 'answer' and 'output')")
     return rows
 
