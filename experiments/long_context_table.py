@@ -152,12 +152,17 @@ def cell(scores_by_seed: dict[int, list[float]], binary: bool = True) -> str:
     return f"{100 * np.mean(per_seed):.0f} ± {100 * np.std(per_seed, ddof=1):.0f}"
 
 
-def answer_in_place(answer: str, output: str) -> list[bool]:
-    """For each character of a needle's answer, whether the model's answer (the output's first
-    word, its sentence's full stop dropped) has it at the same place: how far a partly right
-    answer got (RULER's score, the exact match, counts only the whole needle)."""
+def said_answer(output: str) -> str:
+    """The answer as the model gave it: the output's first word, its sentence's full stop dropped."""
     words = output.split()
-    said = words[0].rstrip(".") if words else ""
+    return words[0].rstrip(".") if words else ""
+
+
+def answer_in_place(answer: str, output: str) -> list[bool]:
+    """For each character of a needle's answer, whether the model's answer (said_answer) has it at
+    the same place: how far a partly right answer got (RULER's score, the exact match, counts only
+    the whole needle)."""
+    said = said_answer(output)
     return [i < len(said) and said[i] == char for i, char in enumerate(answer)]
 
 

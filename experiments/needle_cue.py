@@ -50,25 +50,17 @@ def continuation_row(task: str, answer: str, cue: int, output: str) -> dict:
 
 
 def cue_rows(runner, examples, cues, tokenizer, progress: bool = False) -> list[dict]:
-    """Every example streamed once per cue (harness.StreamingRunner `runner`), scored."""
+    """Every example streamed once per cue (harness.evaluate_rows on the cued prompts), rescored
+    as the answer the cue and the continuation make."""
     from titans_jax.long_context import harness
 
-    newline = tokenizer.encode("\n")
-    rows = []
-    for index, example in enumerate(examples):
-        for cue in cues:
-            ids = np.asarray(tokenizer.encode(cued_prompt(example.prompt, example.answer, cue)), np.int32)
-            generated, stats = runner.answer(ids, harness.ANSWER_TOKENS.get(example.task, 24),
-                                             stop=lambda out: len(out) > 1 and out[-len(newline):] == newline)
-            row = continuation_row(example.task, example.answer, cue, tokenizer.decode(generated))
-            row.update(task=example.task, length=example.length, seed=example.seed, answer=example.answer,
-                       stream_seconds=stats.stream_seconds)
-            rows.append(row)
-        if progress:
-            print(f"\r{index + 1}/{len(examples)} examples", end="", flush=True)
-    if progress:
-        print()
-    return rows
+    rows = [{**harness.example_row(example), "prompt": cued_prompt(example.prompt, example.answer, cue), "cue": cue}
+            for example in examples for cue in cues]
+    results = harness.evaluate_rows(runner, rows, tokenizer, progress=progress)
+    # the harness's own score compares the continuation alone with the whole needle: dropped
+    return [{**{k: v for k, v in result.items() if k != "score"},
+             **continuation_row(result["task"], result["answer"], row["cue"], result["output"])}
+            for row, result in zip(rows, results)]
 
 
 def run(run_dir: pathlib.Path, task: str, lengths, depth: float, per_cell: int, seed: int, cues, window: int,

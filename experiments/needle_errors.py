@@ -29,7 +29,7 @@ import json
 import pathlib
 from collections import Counter, defaultdict
 
-from experiments.long_context_table import binomial_interval
+from experiments.long_context_table import binomial_interval, said_answer
 
 SHAPES = ("distinct", "repeated apart", "doubled")
 PREDICTORS = {"collision": "a digit that followed an earlier occurrence of the previous digit",
@@ -56,12 +56,6 @@ def load_rows(path: pathlib.Path) -> list[dict]:
                                              for row in rows):
         raise SystemExit(f"{path}: not a list of evaluation rows (each with 'answer' and 'output')")
     return rows
-
-
-def said(output: str) -> str:
-    """The answer as the model gave it: the first word, its sentence's full stop dropped."""
-    words = output.split()
-    return words[0].rstrip(".") if words else ""
 
 
 def shape(needle: str) -> str:
@@ -96,7 +90,7 @@ def analyse(rows: list[dict]) -> dict:
     errors.update({key: 0 for key in PREDICTORS})
     errors.update({f"chance_{key}": 0.0 for key in PREDICTORS})
     for row in rows:
-        needle, answer = row["answer"], said(row["output"])
+        needle, answer = row["answer"], said_answer(row["output"])
         exact[shape(needle)][0] += answer == needle
         exact[shape(needle)][1] += 1
         wrong = first_error(needle, answer)

@@ -11,7 +11,7 @@ import pytest
 
 from titans_jax.data.tokenizers import ByteTokenizer
 from titans_jax.long_context import harness, make_example, noise_haystack
-from titans_jax.models import ModelConfig, TitansLM, init_params
+from titans_jax.models import ModelConfig, TitansLM, full_attention_capacity, init_params
 
 TINY = dict(vocab_size=256, d_model=32, num_layers=1, num_heads=2, head_dim=16, mlp_hidden=48, window=8,
             segment_size=8, num_persistent=2, attention_block=8, **{"lmm.memory.chunk_size": 4})
@@ -67,6 +67,10 @@ def test_the_empty_cache_is_built_once_not_eagerly_per_example(tiny, monkeypatch
     answers = [runner.answer(ids[:n], 2)[0] for n in (33, 40, 40)]
     # 35 and 42 tokens in all: full attention rounds both up to a 48-key cache, traced once
     assert built == ([48] if model.config.arch == "transformer" else [None])
+    if model.config.arch == "transformer":   # a prompt shorter than the window: the next power of two
+        short = harness.StreamingRunner(model, params, window=64)
+        assert full_attention_capacity(model.config, short.empty_cache(20)) == 32
+        assert full_attention_capacity(model.config, short.empty_cache(64)) == 64
     eager = harness.StreamingRunner(model, params, window=16)
     eager.empty_cache = lambda max_len: real(model, params, 1, max_len)   # the exact need, run eagerly
     assert [eager.answer(ids[:n], 2)[0] for n in (33, 40)] == answers[:2]

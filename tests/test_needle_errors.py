@@ -22,7 +22,7 @@ def test_needle_shapes_and_keys():
     assert ne.first_error("6976681", "6976688") == (6, "8")
     assert ne.first_error("6976681", "69766") == (5, "")
     assert ne.first_error("6976681", "6976681") is None
-    assert ne.said(" 6976688.\n") == "6976688" and ne.said("") == ""
+    assert ne.said_answer(" 6976688.\n") == "6976688" and ne.said_answer("") == ""
 
 
 def test_analyse_counts_exact_hazard_and_first_errors():

@@ -135,13 +135,18 @@ class StreamingRunner:
 
     def empty_cache(self, max_len: int | None = None):
         """The cache before the first token (batch 1). Full attention (max_len, the tokens it must
-        hold) gets a capacity rounded up to a multiple of the window, so that prompts of nearby
-        lengths share the compiled programs (at most one window of extra keys, masked out)."""
+        hold) gets a capacity rounded up, so that prompts of nearby lengths share the compiled
+        programs: to a power of two up to the window (at most 2x the keys a short prompt needs,
+        masked out), beyond it to a multiple of the window (at most one window more)."""
         if max_len is None:
             if self._empty is None:
                 self._empty = self._init_cache(self.params, None)
             return self._empty
-        return self._init_cache(self.params, -(-max_len // self.window) * self.window)
+        if max_len <= self.window:
+            capacity = 1 << (max_len - 1).bit_length()
+        else:
+            capacity = -(-max_len // self.window) * self.window
+        return self._init_cache(self.params, capacity)
 
     def prefill(self, ids: np.ndarray, max_new_tokens: int = 0) -> tuple[jax.Array, Any, StreamStats]:
         """(next-token logits [V], cache, stats) after streaming `ids` [T] from an empty cache."""
