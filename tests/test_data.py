@@ -53,6 +53,48 @@ def test_tfds_builder_whole_document_splits(fixture_cache, corpus):
 
 
 
+def test_concurrent_first_builds_take_turns(fixture_cache, monkeypatch):
+    """Two runs started together on a fresh machine both built the dataset; the second failed on
+    tfds's rename of its incomplete folder (FileExistsError). Now the build holds a lock and the
+    later caller finds the first one's stamp: one build, and both callers read the dataset."""
+    import threading
+    import time
+
+    import titans_jax.data.tfds_corpora as tfds_corpora
+    from titans_jax.data import sources
+
+    calls, active, overlapped = [], [], []
+    original = tfds_corpora.TitansCorpora.download_and_prepare
+
+    def slow_build(self, *args, **kwargs):
+        calls.append(self.builder_config.name)
+        overlapped.append(bool(active))
+        active.append(1)
+        time.sleep(0.5)  # both threads are past the stamp check before the first build ends
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(tfds_corpora.TitansCorpora, "download_and_prepare", slow_build)
+    errors = []
+
+    def build():
+        try:
+            sources.build("books")
+        except Exception as error:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and calls == ["books"] and overlapped == [False]
+    assert {name for name, _ in sources.load_documents("books", "validation")} == {
+        "shakespeare/hamlet", "austen/persuasion", "kjv/08_ruth"}
+
+
 def test_editing_a_split_definition_rebuilds_the_dataset_and_token_cache(fixture_cache, monkeypatch):
     """The built tfds dataset and the token cache are keyed on the split rules too: moving a book
     to the test split (or changing the code salt) used to reuse the old build silently."""

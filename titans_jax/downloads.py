@@ -9,6 +9,8 @@ $TITANS_JAX_CACHE (default ~/.cache/titans_jax). Extracted data is never committ
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import pathlib
@@ -29,6 +31,21 @@ FETCH_AUSTEN_COMMAND = "python -m titans_jax.data.fetch books"  # (or: python -m
 def cache_root() -> pathlib.Path:
     """The data/model cache root: $TITANS_JAX_CACHE, default ~/.cache/titans_jax."""
     return pathlib.Path(os.environ.get("TITANS_JAX_CACHE", "~/.cache/titans_jax")).expanduser()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: pathlib.Path):
+    """Hold an exclusive flock(2) on `path` (created if missing) for the block: processes that
+    build one cached dataset at once (two training runs started together on a fresh machine)
+    take turns instead of racing tfds's rename of its incomplete folder (FileExistsError)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def austen_path(book: str = "prideprejudice") -> pathlib.Path:

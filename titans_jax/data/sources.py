@@ -17,7 +17,7 @@ from __future__ import annotations
 import pathlib
 import shutil
 
-from titans_jax.downloads import cache_root
+from titans_jax.downloads import cache_root, exclusive_lock
 from titans_jax.data import corpora
 
 FINGERPRINT_FILE = "titans_source_fingerprint.txt"
@@ -48,17 +48,24 @@ def build(corpus: str, data_dir: str | pathlib.Path | None = None, force: bool =
     fingerprint = f"{builder.VERSION} {corpora.dataset_fingerprint(corpus)}"
     version_dir = pathlib.Path(builder.data_dir)
     stamp = version_dir / FINGERPRINT_FILE
-    current = stamp.read_text().strip() if stamp.exists() else None
-    if force or current != fingerprint:
-        if version_dir.exists():
-            shutil.rmtree(version_dir)
-        builder = _builder(corpus, data_dir)
-        builder.download_and_prepare(
-            file_format="array_record",
-            download_config=tfds.download.DownloadConfig(
-                compute_stats=tfds.download.ComputeStatsMode.SKIP))
-        stamp.write_text(fingerprint + "\n")
+    if not force and _stamp(stamp) == fingerprint:
+        return builder
+    # one builder at a time; the stamp is read again under the lock (another process may have built it)
+    with exclusive_lock(data_dir / f".titans_corpora_{corpus}.lock"):
+        if force or _stamp(stamp) != fingerprint:
+            if version_dir.exists():
+                shutil.rmtree(version_dir)
+            builder = _builder(corpus, data_dir)
+            builder.download_and_prepare(
+                file_format="array_record",
+                download_config=tfds.download.DownloadConfig(
+                    compute_stats=tfds.download.ComputeStatsMode.SKIP))
+            stamp.write_text(fingerprint + "\n")
     return builder
+
+
+def _stamp(path: pathlib.Path) -> str | None:
+    return path.read_text().strip() if path.exists() else None
 
 
 def split_names(corpus: str, data_dir=None) -> dict[str, int]:

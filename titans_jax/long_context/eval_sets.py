@@ -30,7 +30,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from titans_jax.downloads import cache_root
+from titans_jax.downloads import cache_root, exclusive_lock
 from titans_jax.data.tokenizers import ByteTokenizer
 from titans_jax.long_context import tasks as tasks_lib
 from titans_jax.long_context.haystacks import Haystack, get_haystack
@@ -167,10 +167,12 @@ def eval_set_builder(spec: EvalSetSpec, tokenizer=None, data_dir=None) -> Titans
 def build_eval_set(spec: EvalSetSpec, tokenizer=None, data_dir=None) -> TitansLongContext:
     """Build (or reuse) the array_record files of `spec`; returns the builder."""
     builder = eval_set_builder(spec, tokenizer, data_dir)
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    # processes evaluating the same set at once take turns (tfds would race on its rename)
+    with exclusive_lock(pathlib.Path(builder.data_dir).parent / f".{builder.builder_config.name}.lock"):
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP))
     return builder
 
 
