@@ -168,7 +168,7 @@ def build_eval_set(spec: EvalSetSpec, tokenizer=None, data_dir=None) -> TitansLo
     """Build (or reuse) the array_record files of `spec`; returns the builder."""
     builder = eval_set_builder(spec, tokenizer, data_dir)
     # processes evaluating the same set at once take turns (tfds would race on its rename)
-    with exclusive_lock(pathlib.Path(builder.data_dir).parent / f".{builder.builder_config.name}.lock"):
+    with exclusive_lock(pathlib.Path(builder.data_dir).parent.parent / f".{builder.builder_config.name}.lock"):
         builder.download_and_prepare(
             file_format="array_record",
             download_config=tfds.download.DownloadConfig(
