@@ -38,7 +38,8 @@ PREDICTORS = {"collision": "a digit that followed an earlier occurrence of the p
 
 
 def load_rows(path: pathlib.Path) -> list[dict]:
-    """Evaluation rows from a run directory (its long_context/*.json), a cache file or a results list."""
+    """Evaluation rows from a run directory (its long_context/*.json), a cache file, a results list
+    or an experiments.needle_cue file (its rows with no digit given)."""
     if path.is_dir():
         files = sorted((path / "long_context").glob("*.json"))
         if not files:
@@ -51,7 +52,10 @@ def load_rows(path: pathlib.Path) -> list[dict]:
     if not path.exists():
         raise SystemExit(f"{path}: no such file or run directory")
     data = json.loads(path.read_text())
-    rows = data["results"] if isinstance(data, dict) else data
+    if isinstance(data, dict) and "rows" in data:  # experiments.needle_cue: the answers given no digit
+        rows = [row for row in data["rows"] if isinstance(row, dict) and not row.get("cue")]
+    else:
+        rows = data.get("results") if isinstance(data, dict) else data
     if not isinstance(rows, list) or not all(isinstance(row, dict) and {"answer", "output"} <= set(row)
                                              for row in rows):
         raise SystemExit(f"{path}: not a list of evaluation rows (each with 'answer' and 'output')")

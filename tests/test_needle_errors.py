@@ -64,3 +64,16 @@ def test_run_directory_counts_each_example_once_and_bad_input_is_named(tmp_path,
     (tmp_path / "bad.json").write_text(json.dumps({"results": [{"answer": "1"}]}))
     with pytest.raises(SystemExit, match="not a list of evaluation rows"):
         ne.main([str(tmp_path / "bad.json")])
+    (tmp_path / "other.json").write_text(json.dumps({"seconds": 1.0}))  # was a KeyError
+    with pytest.raises(SystemExit, match="not a list of evaluation rows"):
+        ne.main([str(tmp_path / "other.json")])
+
+
+def test_needle_cue_files_give_their_uncued_answers(tmp_path):
+    """experiments.needle_cue writes {"args", "seconds", "rows"} with a cue per row; only the rows
+    with no digit given are the model's own answers (reading them used to raise KeyError)."""
+    rows = [dict(row("6976681", " 6976861.", seed=s), cue=0) for s in range(2)]
+    rows.append(dict(row("6976681", " 976681.", seed=0), cue=1))
+    (tmp_path / "cue.json").write_text(json.dumps({"args": {}, "seconds": 1.0, "rows": rows}))
+    assert ne.load_rows(tmp_path / "cue.json") == rows[:2]
+    assert ne.analyse(rows[:2])["errors"]["n"] == 2
