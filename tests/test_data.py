@@ -77,11 +77,11 @@ def test_concurrent_first_builds_take_turns(fixture_cache, monkeypatch):
             active.pop()
 
     monkeypatch.setattr(tfds_corpora.TitansCorpora, "download_and_prepare", slow_build)
-    errors = []
+    errors, splits = [], []
 
     def build():
         try:
-            sources.build("books")
+            splits.append(sorted(sources.build("books").info.splits))
         except Exception as error:  # noqa: BLE001 -- reported by the assertion below
             errors.append(error)
 
@@ -91,6 +91,8 @@ def test_concurrent_first_builds_take_turns(fixture_cache, monkeypatch):
     for thread in threads:
         thread.join()
     assert errors == [] and calls == ["books"] and overlapped == [False]
+    # the caller that waited gets a builder that sees the other's build (not one made before it)
+    assert splits == [["test", "train", "validation"]] * 2
     assert {name for name, _ in sources.load_documents("books", "validation")} == {
         "shakespeare/hamlet", "austen/persuasion", "kjv/08_ruth"}
 

@@ -512,6 +512,38 @@ def test_eval_set_round_trip_and_key(tmp_path, haystack, monkeypatch):
     assert eval_set_builder(spec, data_dir=tmp_path).builder_config.name != name
 
 
+
+def test_eval_set_built_by_two_callers_at_once(tmp_path, monkeypatch):
+    """Two evaluations of one new set at once: one builds it, the other waits and reads it (without
+    the lock tfds raced on its rename; a builder made before the other's build saw no splits)."""
+    import threading
+    import time
+
+    from titans_jax.long_context import eval_sets
+
+    original = eval_sets.TitansLongContext.download_and_prepare
+
+    def slow_build(self, *args, **kwargs):
+        time.sleep(0.5)  # both callers have made their builders before the first build ends
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(eval_sets.TitansLongContext, "download_and_prepare", slow_build)
+    spec = eval_sets.EvalSetSpec(tasks=("niah_single_1",), lengths=(900,), num_per_cell=2, seed=3, name="pair")
+    sizes, errors = [], []
+
+    def load():
+        try:
+            sizes.append(len(eval_sets.load_eval_set(spec, data_dir=tmp_path)))
+        except Exception as error:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and sizes == [2, 2]
+
 # --- real data -------------------------------------------------------------------------------------
 
 @pytest.mark.realdata

@@ -61,7 +61,9 @@ def build(corpus: str, data_dir: str | pathlib.Path | None = None, force: bool =
                 download_config=tfds.download.DownloadConfig(
                     compute_stats=tfds.download.ComputeStatsMode.SKIP))
             stamp.write_text(fingerprint + "\n")
-    return builder
+            return builder
+    # built by another process while this one waited: a builder made before that build does not see it
+    return _builder(corpus, data_dir)
 
 
 def _stamp(path: pathlib.Path) -> str | None:

@@ -173,7 +173,8 @@ def build_eval_set(spec: EvalSetSpec, tokenizer=None, data_dir=None) -> TitansLo
             file_format="array_record",
             download_config=tfds.download.DownloadConfig(
                 compute_stats=tfds.download.ComputeStatsMode.SKIP))
-    return builder
+    # a builder made before another process's build does not see its splits: make it again
+    return eval_set_builder(spec, tokenizer, data_dir)
 
 
 def load_eval_set(spec: EvalSetSpec, tokenizer=None, data_dir=None):
