@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from titans_jax.data import corpora, pipeline, tokenizers
-from titans_jax.data.testing import BOOK_FIXTURES, code_fixture_names, write_fixture_cache
+from titans_jax.data.testing import BOOK_FIXTURES, call_together, code_fixture_names, write_fixture_cache
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
@@ -57,7 +57,6 @@ def test_concurrent_first_builds_take_turns(fixture_cache, monkeypatch):
     """Two runs started together on a fresh machine both built the dataset; the second failed on
     tfds's rename of its incomplete folder (FileExistsError). Now the build holds a lock and the
     later caller finds the first one's stamp: one build, and both callers read the dataset."""
-    import threading
     import time
 
     import titans_jax.data.tfds_corpora as tfds_corpora
@@ -77,19 +76,7 @@ def test_concurrent_first_builds_take_turns(fixture_cache, monkeypatch):
             active.pop()
 
     monkeypatch.setattr(tfds_corpora.TitansCorpora, "download_and_prepare", slow_build)
-    errors, splits = [], []
-
-    def build():
-        try:
-            splits.append(sorted(sources.build("books").info.splits))
-        except Exception as error:  # noqa: BLE001 -- reported by the assertion below
-            errors.append(error)
-
-    threads = [threading.Thread(target=build) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    splits, errors = call_together(lambda: sorted(sources.build("books").info.splits))
     assert errors == [] and calls == ["books"] and overlapped == [False]
     # the caller that waited gets a builder that sees the other's build (not one made before it)
     assert splits == [["test", "train", "validation"]] * 2

@@ -516,9 +516,9 @@ def test_eval_set_round_trip_and_key(tmp_path, haystack, monkeypatch):
 def test_eval_set_built_by_two_callers_at_once(tmp_path, monkeypatch):
     """Two evaluations of one new set at once: one builds it, the other waits and reads it (without
     the lock tfds raced on its rename; a builder made before the other's build saw no splits)."""
-    import threading
     import time
 
+    from titans_jax.data.testing import call_together
     from titans_jax.long_context import eval_sets
 
     original = eval_sets.TitansLongContext.download_and_prepare
@@ -529,20 +529,9 @@ def test_eval_set_built_by_two_callers_at_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(eval_sets.TitansLongContext, "download_and_prepare", slow_build)
     spec = eval_sets.EvalSetSpec(tasks=("niah_single_1",), lengths=(900,), num_per_cell=2, seed=3, name="pair")
-    sizes, errors = [], []
-
-    def load():
-        try:
-            sizes.append(len(eval_sets.load_eval_set(spec, data_dir=tmp_path)))
-        except Exception as error:  # noqa: BLE001 -- reported by the assertion below
-            errors.append(error)
-
-    threads = [threading.Thread(target=load) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    sizes, errors = call_together(lambda: len(eval_sets.load_eval_set(spec, data_dir=tmp_path)))
     assert errors == [] and sizes == [2, 2]
+
 
 # --- real data -------------------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """Tiny fixture corpora for tests: a cache with a few lines of 'books' and 'code', built by the
-project itself, so that the whole data pipeline runs without fetched data."""
+project itself, so that the whole data pipeline runs without fetched data; and a helper that calls a
+function from two threads at once (concurrent dataset builds)."""
 
 from __future__ import annotations
 
 import pathlib
+import threading
 
 from titans_jax.data import corpora
 
@@ -51,3 +53,22 @@ def write_fixture_cache(cache: pathlib.Path) -> pathlib.Path:
         path.write_text(f'"""module {i}"""\n\ndef f{i}(x):\n    return x + {i}\n', encoding="utf-8")
     corpora.write_manifest(folder, corpora.code_version(), pattern="*.py")
     return cache
+
+
+def call_together(fn, count: int = 2) -> tuple[list, list[BaseException]]:
+    """Call `fn()` from `count` threads at once; (its results, the exceptions raised), each in
+    finishing order."""
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(fn())
+        except Exception as error:  # noqa: BLE001 -- returned to the caller
+            errors.append(error)
+
+    threads = [threading.Thread(target=call) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors
