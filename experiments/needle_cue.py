@@ -16,6 +16,10 @@ on the cue and the continuation, Wilson 95%) and the share of the digits after t
 writes every row to --out (JSON).
 Examples and streaming as the table driver's (titans_jax.long_context: RULER's templates and
 haystacks, evaluation seeds from --seed, 4,096-token windows).
+
+Runs of several training seeds evaluated alike, in one table with the mean and spread over them:
+
+    python -m experiments.needle_cue --combine runs/needle_cue_seed0.json runs/needle_cue_seed1.json ...
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import time
 
 import numpy as np
 
-from experiments.long_context_table import answer_in_place, binomial_interval
+from experiments.long_context_table import answer_in_place, binomial_interval, cell
 
 
 def cued_prompt(prompt: str, answer: str, cue: int) -> str:
@@ -98,9 +102,59 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SAME_EVALUATION = ("task", "depth", "per_cell", "seed", "window")
+
+
+def combine(files: dict[str, dict]) -> str:
+    """Runs evaluated alike (needle_cue --out files: name -> contents), one row per run and cue, then
+    per cue the mean ± sd over the runs of the exact rate and of the digits in place. Files whose
+    evaluation differs (task, depth, examples, evaluation seeds, window) are refused: a mean over
+    them would mix two measurements."""
+    if len(files) < 2:
+        raise ValueError(f"--combine needs two or more files, got {len(files)}")
+    for name, contents in files.items():
+        if not isinstance(contents, dict) or "rows" not in contents or "args" not in contents:
+            raise ValueError(f"{name} is not a needle_cue --out file (no 'args' and 'rows')")
+    first_name, first = next(iter(files.items()))
+    for name, contents in files.items():
+        differ = [key for key in SAME_EVALUATION if contents["args"].get(key) != first["args"].get(key)]
+        if differ:
+            raise ValueError(f"{name} and {first_name} were not evaluated alike: " + ", ".join(
+                f"{key} {contents['args'].get(key)!r} vs {first['args'].get(key)!r}" for key in differ))
+    lengths = sorted({row["length"] for contents in files.values() for row in contents["rows"]})
+    cues = sorted({row["cue"] for contents in files.values() for row in contents["rows"]})
+    lines = ["| run | cue | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+
+    def scores(contents, cue, length, key):
+        return [row[key] for row in contents["rows"] if row["cue"] == cue and row["length"] == length]
+
+    for name, contents in files.items():
+        for cue in cues:
+            cells = []
+            for length in lengths:
+                exact, in_place = scores(contents, cue, length, "exact"), scores(contents, cue, length, "in_place")
+                cells.append(f"{cell({0: exact})} / {100 * np.mean(in_place):.0f}" if exact else "")
+            lines.append(f"| {name} | {cue} | " + " | ".join(cells) + " |")
+    for cue in cues:
+        cells = []
+        for length in lengths:
+            exact = {i: scores(c, cue, length, "exact") for i, c in enumerate(files.values())}
+            in_place = {i: scores(c, cue, length, "in_place") for i, c in enumerate(files.values())}
+            runs = sum(bool(v) for v in exact.values())
+            cells.append(f"{cell(exact)} / {cell(in_place, binary=False)} ({runs} runs)" if runs > 1 else "")
+        lines.append(f"| mean ± sd over runs | {cue} | " + " | ".join(cells) + " |")
+    args = first["args"]
+    seeds = f"{args['seed']}..{args['seed'] + args['per_cell'] - 1}"
+    return (f"{args['task']}, depth {args['depth']}, evaluation seeds {seeds}; exact % [Wilson 95%] / "
+            f"% of the digits after the cue in place\n\n" + "\n".join(lines) + "\n")
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", required=True, help="a trained run directory (experiments.train)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a trained run directory (experiments.train)")
+    source.add_argument("--combine", nargs="+", metavar="JSON",
+                        help="--out files of runs evaluated alike: one table, with the mean and spread over them")
     parser.add_argument("--task", default="niah_single_1", choices=("niah_single_1", "niah_single_2"))
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--depth", type=float, default=0.5)
@@ -111,6 +165,19 @@ def main(argv=None) -> str:
     parser.add_argument("--out", help="write the rows (JSON) here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.combine:
+        files = {}
+        for path in args.combine:
+            try:
+                files[pathlib.Path(path).name] = json.loads(pathlib.Path(path).read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise SystemExit(f"cannot read {path}: {error}")
+        try:
+            text = combine(files)
+        except ValueError as error:
+            raise SystemExit(str(error))
+        print(text)
+        return text
     run_dir = pathlib.Path(args.run)
     if not (run_dir / "config.json").exists():
         raise SystemExit(f"{run_dir} is not a trained run (no config.json): train it with experiments.train")

@@ -1,5 +1,7 @@
 """experiments.needle_cue: a needle's first digits given after the prompt, the rest read."""
 
+import json
+
 import jax
 import pytest
 
@@ -39,3 +41,33 @@ def test_no_cue_is_the_plain_evaluation():
     assert [r["cue"] for r in rows] == [0, 1, 0, 1] and all(r["answer"] == e.answer for r, e in
                                                              zip(rows[::2], examples))
     assert "| 0 | " in nc.report(rows) and "(n=2)" in nc.report(rows)
+
+
+def _cue_file(per_cell, exact_by_length, task="niah_single_1"):
+    rows = [{"cue": 0, "length": length, "exact": float(right), "in_place": 1.0 if right else 0.5}
+            for length, results in exact_by_length.items() for right in results]
+    return {"args": {"task": task, "depth": 0.5, "per_cell": per_cell, "seed": 0, "window": 4096}, "rows": rows}
+
+
+def test_combine_gives_each_run_and_the_spread_over_runs(tmp_path, capsys):
+    a = _cue_file(4, {1024: [1, 1, 1, 0], 4096: [1, 0, 0, 0]})
+    b = _cue_file(4, {1024: [1, 1, 0, 0], 4096: [0, 0, 0, 0]})
+    text = nc.combine({"a.json": a, "b.json": b})
+    assert "| a.json | 0 | 75 [30, 95] / 88 | 25 [5, 70] / 62 |" in text
+    # mean ± sd (ddof 1) of 75 and 50, of 25 and 0; digits 87.5 and 75 -> 81 ± 9, 62.5 and 50 -> 56 ± 9
+    assert "| mean ± sd over runs | 0 | 62 ± 18 / 81 ± 9 (2 runs) | 12 ± 18 / 56 ± 9 (2 runs) |" in text
+    paths = []
+    for name, contents in (("a.json", a), ("b.json", b), ("c.json", _cue_file(2, {1024: [1, 0]}))):
+        (tmp_path / name).write_text(json.dumps(contents))
+        paths.append(str(tmp_path / name))
+    assert nc.main(["--combine", *paths[:2]]) == text
+    # a mean over different evaluations would mix two measurements: refused, naming the difference
+    with pytest.raises(SystemExit, match="not evaluated alike: per_cell 2 vs 4"):
+        nc.main(["--combine", *paths])
+    with pytest.raises(ValueError, match="two or more"):
+        nc.combine({"a.json": a})
+    with pytest.raises(ValueError, match="not a needle_cue --out file"):
+        nc.combine({"a.json": a, "x.json": {"rows": []}})
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit, match="cannot read"):
+        nc.main(["--combine", paths[0], str(tmp_path / "bad.json")])
