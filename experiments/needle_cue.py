@@ -20,6 +20,11 @@ haystacks, evaluation seeds from --seed, 4,096-token windows).
 Runs of several training seeds evaluated alike, in one table with the mean and spread over them:
 
     python -m experiments.needle_cue --combine runs/needle_cue_seed0.json runs/needle_cue_seed1.json ...
+
+Exact match against context length, one curve per evaluated model (the files' --run), from files
+of one model at different lengths (e.g. 1K-16K, 64K, 1M, 2M), as a table and a plot:
+
+    python -m experiments.needle_cue --curves curves.png runs/needle_cue_seed2*.json runs/needle_cue_mag*.json
 """
 
 from __future__ import annotations
@@ -149,12 +154,83 @@ def combine(files: dict[str, dict]) -> str:
             f"% of the digits after the cue in place\n\n" + "\n".join(lines) + "\n")
 
 
+def length_curves(files: dict[str, dict]) -> dict[tuple, dict[int, list[float]]]:
+    """(run, task, depth) -> length -> the exact scores of its uncued rows, over every file of that run.
+    A length evaluated in two files of one model with overlapping evaluation seeds would count
+    examples twice: refused, naming the files."""
+    curves: dict[tuple, dict[int, list[float]]] = {}
+    seen: dict[tuple, list[tuple[str, set]]] = {}
+    for name, contents in files.items():
+        if not isinstance(contents, dict) or "rows" not in contents or "args" not in contents:
+            raise ValueError(f"{name} is not a needle_cue --out file (no 'args' and 'rows')")
+        args = contents["args"]
+        model = (args["run"], args["task"], args["depth"])
+        seeds = set(range(args["seed"], args["seed"] + args["per_cell"]))
+        for length in sorted({row["length"] for row in contents["rows"] if row["cue"] == 0}):
+            for other, other_seeds in seen.get((model, length), []):
+                if other_seeds & seeds:
+                    raise ValueError(f"{name} and {other} both evaluate {args['run']} at {length:,} tokens on "
+                                     "the same evaluation seeds: pass one of them")
+            seen.setdefault((model, length), []).append((name, seeds))
+            curves.setdefault(model, {}).setdefault(length, []).extend(
+                row["exact"] for row in contents["rows"] if row["cue"] == 0 and row["length"] == length)
+    if not curves:
+        raise ValueError("no uncued rows (cue 0) in the files: nothing to plot")
+    return curves
+
+
+def curves_table(curves: dict[tuple, dict[int, list[float]]]) -> str:
+    lengths = sorted({length for by_length in curves.values() for length in by_length})
+    lines = ["| model | task | depth | " + " | ".join(f"{n:,}" for n in lengths) + " |",
+             "|---" * (len(lengths) + 3) + "|"]
+    for (run, task, depth), by_length in curves.items():
+        cells = [f"{cell({0: by_length[n]})} (n={len(by_length[n])})" if n in by_length else "" for n in lengths]
+        lines.append(f"| {run} | {task} | {depth} | " + " | ".join(cells) + " |")
+    return "exact % [Wilson 95%] (examples), uncued\n\n" + "\n".join(lines) + "\n"
+
+
+def plot_length_curves(curves: dict[tuple, dict[int, list[float]]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for (run, task, depth), by_length in curves.items():
+        lengths = sorted(by_length)
+        rates = [100 * float(np.mean(by_length[n])) for n in lengths]
+        bounds = [binomial_interval(sum(by_length[n]), len(by_length[n])) for n in lengths]
+        errors = [[rate - 100 * lo for rate, (lo, _) in zip(rates, bounds)],
+                  [100 * hi - rate for rate, (_, hi) in zip(rates, bounds)]]
+        ax.errorbar(lengths, rates, yerr=errors, marker="o", capsize=3, label=f"{run} ({task}, depth {depth})")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("context (bytes)")
+    ax.set_ylabel("exact match % (Wilson 95%)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_files(paths) -> dict[str, dict]:
+    files = {}
+    for path in paths:
+        try:
+            files[str(path)] = json.loads(pathlib.Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"cannot read {path}: {error}")
+    return files
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a trained run directory (experiments.train)")
     source.add_argument("--combine", nargs="+", metavar="JSON",
                         help="--out files of runs evaluated alike: one table, with the mean and spread over them")
+    source.add_argument("--curves", metavar="PNG", help="plot exact match against length for the JSON files given")
+    parser.add_argument("files", nargs="*", help="with --curves: needle_cue --out files")
     parser.add_argument("--task", default="niah_single_1", choices=("niah_single_1", "niah_single_2"))
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--depth", type=float, default=0.5)
@@ -165,15 +241,17 @@ def main(argv=None) -> str:
     parser.add_argument("--out", help="write the rows (JSON) here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.combine:
-        files = {}
-        for path in args.combine:
-            try:
-                files[pathlib.Path(path).name] = json.loads(pathlib.Path(path).read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise SystemExit(f"cannot read {path}: {error}")
+    if args.files and not args.curves:
+        raise SystemExit(f"unexpected arguments {args.files}: JSON files go with --curves or --combine")
+    if args.combine or args.curves:
+        files = read_files(args.combine or args.files)
         try:
-            text = combine(files)
+            if args.combine:
+                text = combine({pathlib.Path(name).name: contents for name, contents in files.items()})
+            else:
+                curves = length_curves(files)
+                text = curves_table(curves)
+                plot_length_curves(curves, pathlib.Path(args.curves))
         except ValueError as error:
             raise SystemExit(str(error))
         print(text)

@@ -71,3 +71,31 @@ def test_combine_gives_each_run_and_the_spread_over_runs(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SystemExit, match="cannot read"):
         nc.main(["--combine", paths[0], str(tmp_path / "bad.json")])
+
+
+def test_curves_join_one_models_files_by_length(tmp_path):
+    def evaluated(run, length, per_cell, right, seed=0):
+        rows = [{"cue": cue, "length": length, "exact": float(i < right), "in_place": 1.0}
+                for i in range(per_cell) for cue in (0, 1)]
+        return {"args": {"run": run, "task": "niah_single_1", "depth": 0.5, "per_cell": per_cell, "seed": seed,
+                         "window": 4096}, "rows": rows}
+
+    files = {"a.json": evaluated("runs/x", 1024, 4, 3), "b.json": evaluated("runs/x", 2_097_152, 2, 0),
+             "c.json": evaluated("runs/y", 1024, 4, 1), "d.json": evaluated("runs/x", 1024, 4, 4, seed=4)}
+    curves = nc.length_curves(files)
+    # the cued rows are left out; other evaluation seeds at one length are pooled
+    assert curves == {("runs/x", "niah_single_1", 0.5): {1024: [1.0] * 3 + [0.0] + [1.0] * 4, 2_097_152: [0.0] * 2},
+                      ("runs/y", "niah_single_1", 0.5): {1024: [1.0, 0.0, 0.0, 0.0]}}
+    table = nc.curves_table(curves)
+    assert "| runs/x | niah_single_1 | 0.5 | 88 [53, 98] (n=8) | 0 [0, 66] (n=2) |" in table
+    assert "| runs/y | niah_single_1 | 0.5 | 25 [5, 70] (n=4) |  |" in table
+    with pytest.raises(ValueError, match="e.json and a.json both evaluate runs/x at 1,024 tokens on the same"):
+        nc.length_curves({**files, "e.json": evaluated("runs/x", 1024, 2, 0, seed=2)})
+    paths = []
+    for name, contents in files.items():
+        (tmp_path / name).write_text(json.dumps(contents))
+        paths.append(str(tmp_path / name))
+    assert nc.main(["--curves", str(tmp_path / "curves.png"), *paths]) == table
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="go with --curves or --combine"):
+        nc.main(["--run", "runs/x", paths[0]])
