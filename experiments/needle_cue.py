@@ -214,8 +214,11 @@ def plot_length_curves(curves: dict[tuple, dict[int, list[float]]], path: pathli
 
 
 def read_files(paths) -> dict[str, dict]:
+    """path -> contents; a file given twice would count twice in a mean: refused."""
     files = {}
     for path in paths:
+        if str(path) in files:
+            raise SystemExit(f"{path} is given twice")
         try:
             files[str(path)] = json.loads(pathlib.Path(path).read_text())
         except (OSError, json.JSONDecodeError) as error:
@@ -243,11 +246,14 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
     if args.files and not args.curves:
         raise SystemExit(f"unexpected arguments {args.files}: JSON files go with --curves or --combine")
+    if args.curves and not args.files:
+        raise SystemExit("--curves needs needle_cue --out files after the plot's path")
     if args.combine or args.curves:
         files = read_files(args.combine or args.files)
         try:
             if args.combine:
-                text = combine({pathlib.Path(name).name: contents for name, contents in files.items()})
+                names = [pathlib.Path(name).name for name in files]  # the paths where two files share a name
+                text = combine(dict(zip(names if len(set(names)) == len(names) else list(files), files.values())))
             else:
                 curves = length_curves(files)
                 text = curves_table(curves)

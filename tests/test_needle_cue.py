@@ -68,6 +68,11 @@ def test_combine_gives_each_run_and_the_spread_over_runs(tmp_path, capsys):
         nc.combine({"a.json": a})
     with pytest.raises(ValueError, match="not a needle_cue --out file"):
         nc.combine({"a.json": a, "x.json": {"rows": []}})
+    with pytest.raises(SystemExit, match="given twice"):
+        nc.main(["--combine", paths[0], paths[0]])
+    (tmp_path / "other").mkdir()   # two files of one name: told apart by their paths
+    (tmp_path / "other" / "a.json").write_text(json.dumps(b))
+    assert f"| {paths[0]} | 0 | 75 [30, 95]" in nc.main(["--combine", paths[0], str(tmp_path / "other" / "a.json")])
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SystemExit, match="cannot read"):
         nc.main(["--combine", paths[0], str(tmp_path / "bad.json")])
@@ -97,5 +102,7 @@ def test_curves_join_one_models_files_by_length(tmp_path):
         paths.append(str(tmp_path / name))
     assert nc.main(["--curves", str(tmp_path / "curves.png"), *paths]) == table
     assert (tmp_path / "curves.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="--curves needs needle_cue --out files"):
+        nc.main(["--curves", str(tmp_path / "curves.png")])
     with pytest.raises(SystemExit, match="go with --curves or --combine"):
         nc.main(["--run", "runs/x", paths[0]])
