@@ -43,13 +43,13 @@ def test_no_cue_is_the_plain_evaluation():
     assert "| 0 | " in nc.report(rows) and "(n=2)" in nc.report(rows)
 
 
-def _cue_file(per_cell, exact_by_length, task="niah_single_1"):
+def _cue_file(per_cell, exact_by_length):
     rows = [{"cue": 0, "length": length, "exact": float(right), "in_place": 1.0 if right else 0.5}
             for length, results in exact_by_length.items() for right in results]
-    return {"args": {"task": task, "depth": 0.5, "per_cell": per_cell, "seed": 0, "window": 4096}, "rows": rows}
+    return {"args": {"task": "niah_single_1", "depth": 0.5, "per_cell": per_cell, "seed": 0, "window": 4096}, "rows": rows}
 
 
-def test_combine_gives_each_run_and_the_spread_over_runs(tmp_path, capsys):
+def test_combine_gives_each_run_and_the_spread_over_runs(tmp_path):
     a = _cue_file(4, {1024: [1, 1, 1, 0], 4096: [1, 0, 0, 0]})
     b = _cue_file(4, {1024: [1, 1, 0, 0], 4096: [0, 0, 0, 0]})
     text = nc.combine({"a.json": a, "b.json": b})
