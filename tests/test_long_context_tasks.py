@@ -512,7 +512,6 @@ def test_eval_set_round_trip_and_key(tmp_path, haystack, monkeypatch):
     assert eval_set_builder(spec, data_dir=tmp_path).builder_config.name != name
 
 
-
 def test_eval_set_built_by_two_callers_at_once(tmp_path, monkeypatch):
     """Two evaluations of one new set at once: one builds it, the other waits and reads it (without
     the lock tfds raced on its rename; a builder made before the other's build saw no splits)."""
