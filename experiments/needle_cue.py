@@ -25,6 +25,11 @@ Exact match against context length, one curve per evaluated model (the files' --
 of one model at different lengths (e.g. 1K-16K, 64K, 1M, 2M), as a table and a plot:
 
     python -m experiments.needle_cue --curves curves.png runs/needle_cue_seed2*.json runs/needle_cue_mag*.json
+
+Exact match by needle depth and context length for one model and task (the NIAH heatmap), from its
+files at several depths:
+
+    python -m experiments.needle_cue --heatmap heatmap.png runs/needle_cue_mag_seed1*.json
 """
 
 from __future__ import annotations
@@ -213,6 +218,21 @@ def plot_length_curves(curves: dict[tuple, dict[int, list[float]]], path: pathli
     plt.close(fig)
 
 
+def depth_table(curves: dict[tuple, dict[int, list[float]]]) -> str:
+    """length_curves' output for one model and task as a depth x length table; other models refused."""
+    models = sorted({(run, task) for run, task, _ in curves})
+    if len(models) != 1:
+        raise ValueError("a heatmap shows one model on one task; the files hold " + ", ".join(
+            f"{run} ({task})" for run, task in models))
+    lengths = sorted({length for by_length in curves.values() for length in by_length})
+    lines = ["| depth | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for (_, _, depth), by_length in sorted(curves.items(), key=lambda item: item[0][2]):
+        cells = [f"{cell({0: by_length[n]})} (n={len(by_length[n])})" if n in by_length else "" for n in lengths]
+        lines.append(f"| {depth} | " + " | ".join(cells) + " |")
+    run, task = models[0]
+    return f"{run}, {task}: exact % [Wilson 95%] (examples), uncued\n\n" + "\n".join(lines) + "\n"
+
+
 def read_files(paths) -> dict[str, dict]:
     """path -> contents; a file given twice would count twice in a mean: refused."""
     files = {}
@@ -233,7 +253,9 @@ def main(argv=None) -> str:
     source.add_argument("--combine", nargs="+", metavar="JSON",
                         help="--out files of runs evaluated alike: one table, with the mean and spread over them")
     source.add_argument("--curves", metavar="PNG", help="plot exact match against length for the JSON files given")
-    parser.add_argument("files", nargs="*", help="with --curves: needle_cue --out files")
+    source.add_argument("--heatmap", metavar="PNG",
+                        help="plot exact match by depth and length for the JSON files given (one model, one task)")
+    parser.add_argument("files", nargs="*", help="with --curves or --heatmap: needle_cue --out files")
     parser.add_argument("--task", default="niah_single_1", choices=("niah_single_1", "niah_single_2"))
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--depth", type=float, default=0.5)
@@ -244,20 +266,32 @@ def main(argv=None) -> str:
     parser.add_argument("--out", help="write the rows (JSON) here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.files and not args.curves:
-        raise SystemExit(f"unexpected arguments {args.files}: JSON files go with --curves or --combine")
-    if args.curves and not args.files:
-        raise SystemExit("--curves needs needle_cue --out files after the plot's path")
-    if args.combine or args.curves:
+    plot = args.curves or args.heatmap
+    if args.files and not plot:
+        raise SystemExit(f"unexpected arguments {args.files}: JSON files go with --curves, --heatmap or --combine")
+    if plot and not args.files:
+        flag = "--curves" if args.curves else "--heatmap"
+        raise SystemExit(f"{flag} needs needle_cue --out files after the plot's path")
+    if args.combine or plot:
         files = read_files(args.combine or args.files)
         try:
             if args.combine:
                 names = [pathlib.Path(name).name for name in files]  # the paths where two files share a name
                 text = combine(dict(zip(names if len(set(names)) == len(names) else list(files), files.values())))
-            else:
+            elif args.curves:
                 curves = length_curves(files)
                 text = curves_table(curves)
                 plot_length_curves(curves, pathlib.Path(args.curves))
+            else:
+                curves = length_curves(files)
+                text = depth_table(curves)
+                from titans_jax.long_context import harness
+
+                run, task, _ = next(iter(curves))
+                harness.plot_heatmap([{"task": task, "depth": depth, "length": length, "score": score}
+                                      for (_, _, depth), by_length in curves.items()
+                                      for length, scores in by_length.items() for score in scores],
+                                     task, pathlib.Path(args.heatmap), title=f"{run}\n{task}")
         except ValueError as error:
             raise SystemExit(str(error))
         print(text)

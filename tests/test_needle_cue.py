@@ -78,13 +78,21 @@ def test_combine_gives_each_run_and_the_spread_over_runs(tmp_path):
         nc.main(["--combine", paths[0], str(tmp_path / "bad.json")])
 
 
-def test_curves_join_one_models_files_by_length(tmp_path):
-    def evaluated(run, length, per_cell, right, seed=0):
-        rows = [{"cue": cue, "length": length, "exact": float(i < right), "in_place": 1.0}
-                for i in range(per_cell) for cue in (0, 1)]
-        return {"args": {"run": run, "task": "niah_single_1", "depth": 0.5, "per_cell": per_cell, "seed": seed,
-                         "window": 4096}, "rows": rows}
+def evaluated(run, length, per_cell, right, seed=0, depth=0.5, task="niah_single_1"):
+    """A needle_cue --out file of `run` at one length: `right` of its `per_cell` uncued rows exact."""
+    rows = [{"cue": cue, "length": length, "exact": float(i < right), "in_place": 1.0}
+            for i in range(per_cell) for cue in (0, 1)]
+    return {"args": {"run": run, "task": task, "depth": depth, "per_cell": per_cell, "seed": seed,
+                     "window": 4096}, "rows": rows}
 
+
+def written(tmp_path, files):
+    for name, contents in files.items():
+        (tmp_path / name).write_text(json.dumps(contents))
+    return [str(tmp_path / name) for name in files]
+
+
+def test_curves_join_one_models_files_by_length(tmp_path):
     files = {"a.json": evaluated("runs/x", 1024, 4, 3), "b.json": evaluated("runs/x", 2_097_152, 2, 0),
              "c.json": evaluated("runs/y", 1024, 4, 1), "d.json": evaluated("runs/x", 1024, 4, 4, seed=4)}
     curves = nc.length_curves(files)
@@ -96,13 +104,34 @@ def test_curves_join_one_models_files_by_length(tmp_path):
     assert "| runs/y | niah_single_1 | 0.5 | 25 [5, 70] (n=4) |  |" in table
     with pytest.raises(ValueError, match="e.json and a.json both evaluate runs/x at 1,024 tokens on the same"):
         nc.length_curves({**files, "e.json": evaluated("runs/x", 1024, 2, 0, seed=2)})
-    paths = []
-    for name, contents in files.items():
-        (tmp_path / name).write_text(json.dumps(contents))
-        paths.append(str(tmp_path / name))
+    paths = written(tmp_path, files)
     assert nc.main(["--curves", str(tmp_path / "curves.png"), *paths]) == table
     assert (tmp_path / "curves.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="--curves needs needle_cue --out files"):
         nc.main(["--curves", str(tmp_path / "curves.png")])
-    with pytest.raises(SystemExit, match="go with --curves or --combine"):
+    with pytest.raises(SystemExit, match="go with --curves, --heatmap or --combine"):
         nc.main(["--run", "runs/x", paths[0]])
+
+
+def test_heatmap_lays_one_models_depths_against_lengths(tmp_path):
+    files = {"d1.json": evaluated("runs/x", 1024, 4, 4, depth=0.1),
+             "d1_64k.json": evaluated("runs/x", 65536, 2, 1, depth=0.1),
+             "d9.json": evaluated("runs/x", 1024, 4, 0, depth=0.9), "d5.json": evaluated("runs/x", 65536, 2, 2)}
+    table = nc.depth_table(nc.length_curves(files))
+    lines = table.splitlines()
+    assert lines[0] == "runs/x, niah_single_1: exact % [Wilson 95%] (examples), uncued"
+    assert lines[2] == "| depth | 1,024 | 65,536 |"
+    # depths in order, a cell left empty where that depth was not evaluated at that length
+    assert lines[4:] == ["| 0.1 | 100 [51, 100] (n=4) | 50 [9, 91] (n=2) |", "| 0.5 |  | 100 [34, 100] (n=2) |",
+                         "| 0.9 | 0 [0, 49] (n=4) |  |"]
+    paths = written(tmp_path, files)
+    assert nc.main(["--heatmap", str(tmp_path / "heat.png"), *paths]) == table
+    assert (tmp_path / "heat.png").stat().st_size > 0
+    other_run = written(tmp_path, {"y.json": evaluated("runs/y", 1024, 4, 1)})
+    with pytest.raises(SystemExit, match=r"one model on one task; the files hold runs/x \(niah_single_1\), runs/y"):
+        nc.main(["--heatmap", str(tmp_path / "h2.png"), *paths, *other_run])
+    other_task = written(tmp_path, {"n.json": evaluated("runs/x", 1024, 4, 1, task="niah_single_2")})
+    with pytest.raises(SystemExit, match="niah_single_1.*niah_single_2"):
+        nc.main(["--heatmap", str(tmp_path / "h3.png"), *paths, *other_task])
+    with pytest.raises(SystemExit, match="--heatmap needs needle_cue --out files"):
+        nc.main(["--heatmap", str(tmp_path / "h4.png")])

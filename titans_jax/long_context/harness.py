@@ -284,9 +284,9 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_heatmap(results: list[dict], task: str, path) -> None:
+def plot_heatmap(results: list[dict], task: str, path, title: str | None = None) -> None:
     """The classic needle-in-a-haystack picture for one task: accuracy by depth (rows) and
-    context length (columns)."""
+    context length (columns), each cell annotated with its percentage and number of examples."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,18 +298,21 @@ def plot_heatmap(results: list[dict], task: str, path) -> None:
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({round(r["depth"], 4) for r in rows})
     grid = np.full((len(depths), len(lengths)), np.nan)
+    counts = np.zeros((len(depths), len(lengths)), int)
     for i, depth in enumerate(depths):
         for j, length in enumerate(lengths):
             scores = [r["score"] for r in rows if round(r["depth"], 4) == depth and r["length"] == length]
             if scores:
-                grid[i, j] = np.mean(scores)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
+                grid[i, j], counts[i, j] = np.mean(scores), len(scores)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(lengths), 1.4 + 0.45 * len(depths)))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for i, j in zip(*np.nonzero(counts)):
+        ax.text(j, i, f"{100 * grid[i, j]:.0f}\n(n={counts[i, j]})", ha="center", va="center", fontsize=6)
     ax.set_xticks(range(len(lengths)), [f"{length:,}" for length in lengths], rotation=45, ha="right")
     ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
     ax.set_xlabel("context length (model tokens)")
     ax.set_ylabel("needle depth")
-    ax.set_title(task)
+    ax.set_title(title or task, fontsize=7 if title else None)
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
