@@ -287,11 +287,11 @@ def main(argv=None) -> str:
                 text = depth_table(curves)
                 from titans_jax.long_context import harness
 
-                run, task, _ = next(iter(curves))
+                model, task, _ = next(iter(curves))
                 harness.plot_heatmap([{"task": task, "depth": depth, "length": length, "score": score}
                                       for (_, _, depth), by_length in curves.items()
                                       for length, scores in by_length.items() for score in scores],
-                                     task, pathlib.Path(args.heatmap), title=f"{run}\n{task}")
+                                     task, pathlib.Path(args.heatmap), title=f"{model}\n{task}")
         except ValueError as error:
             raise SystemExit(str(error))
         print(text)

@@ -43,6 +43,26 @@ def test_no_cue_is_the_plain_evaluation():
     assert "| 0 | " in nc.report(rows) and "(n=2)" in nc.report(rows)
 
 
+def test_main_evaluates_a_run_and_writes_its_rows(tmp_path, monkeypatch):
+    """The --run path of main (the model's evaluation stubbed: test_no_cue_is_the_plain_evaluation covers it)."""
+    (tmp_path / "config.json").write_text("{}")
+    calls = []
+
+    def fake_run(run_dir, task, lengths, depth, per_cell, seed, cues, window, progress=False):
+        calls.append((run_dir, task, lengths, depth, per_cell, seed, cues, window))
+        return [{"cue": cue, "length": n, "exact": float(i == 0), "in_place": 1.0, "depth": depth}
+                for n in lengths for i in range(per_cell) for cue in cues]
+
+    monkeypatch.setattr(nc, "run", fake_run)
+    out = tmp_path / "rows.json"
+    text = nc.main(["--run", str(tmp_path), "--lengths", "1024,4096", "--per-cell", "2", "--cues", "0",
+                    "--depth", "0.1", "--no-progress", "--out", str(out)])
+    assert calls == [(tmp_path, "niah_single_1", (1024, 4096), 0.1, 2, 0, (0,), 4096)]
+    assert "depth 0.1, seeds 0..1" in text and "| 0 | 50 [9, 91] / 100 (n=2) | 50 [9, 91] / 100 (n=2) |" in text
+    written_rows = json.loads(out.read_text())
+    assert written_rows["args"]["depth"] == 0.1 and len(written_rows["rows"]) == 4
+
+
 def _cue_file(per_cell, exact_by_length):
     rows = [{"cue": 0, "length": length, "exact": float(right), "in_place": 1.0 if right else 0.5}
             for length, results in exact_by_length.items() for right in results]
