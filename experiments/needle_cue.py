@@ -233,6 +233,24 @@ def depth_table(curves: dict[tuple, dict[int, list[float]]]) -> str:
     return f"{run}, {task}: exact % [Wilson 95%] (examples), uncued\n\n" + "\n".join(lines) + "\n"
 
 
+def needle_consistency(files: dict[str, dict]) -> str:
+    """Whether a model's misses follow the needle or its place: of the needles (answers) evaluated,
+    uncued, in every (depth, length) cell of the files, how many are exact in every cell, in none,
+    and in some."""
+    by_needle: dict[str, dict[tuple, float]] = {}
+    for contents in files.values():
+        depth = contents["args"]["depth"]
+        for row in contents["rows"]:
+            if row["cue"] == 0:
+                by_needle.setdefault(row["answer"], {})[(depth, row["length"])] = row["exact"]
+    cells = {key for scores in by_needle.values() for key in scores}
+    everywhere = [scores for scores in by_needle.values() if len(scores) == len(cells)]
+    right = sum(all(scores.values()) for scores in everywhere)
+    wrong = sum(not any(scores.values()) for scores in everywhere)
+    return (f"{len(everywhere)} needles evaluated in all {len(cells)} cells: {right} exact in every cell, "
+            f"{wrong} in none, {len(everywhere) - right - wrong} in some\n")
+
+
 def read_files(paths) -> dict[str, dict]:
     """path -> contents; a file given twice would count twice in a mean: refused."""
     files = {}
@@ -284,7 +302,7 @@ def main(argv=None) -> str:
                 plot_length_curves(curves, pathlib.Path(args.curves))
             else:
                 curves = length_curves(files)
-                text = depth_table(curves)
+                text = depth_table(curves) + "\n" + needle_consistency(files)
                 from titans_jax.long_context import harness
 
                 model, task, _ = next(iter(curves))

@@ -99,8 +99,9 @@ def test_combine_gives_each_run_and_the_spread_over_runs(tmp_path):
 
 
 def evaluated(run, length, per_cell, right, seed=0, depth=0.5, task="niah_single_1"):
-    """A needle_cue --out file of `run` at one length: `right` of its `per_cell` uncued rows exact."""
-    rows = [{"cue": cue, "length": length, "exact": float(i < right), "in_place": 1.0}
+    """A needle_cue --out file of `run` at one length: `right` of its `per_cell` uncued rows exact (the
+    needle of evaluation seed s is "s" at every length and depth)."""
+    rows = [{"cue": cue, "length": length, "exact": float(i < right), "in_place": 1.0, "answer": str(seed + i)}
             for i in range(per_cell) for cue in (0, 1)]
     return {"args": {"run": run, "task": task, "depth": depth, "per_cell": per_cell, "seed": seed,
                      "window": 4096}, "rows": rows}
@@ -145,7 +146,17 @@ def test_heatmap_lays_one_models_depths_against_lengths(tmp_path):
     assert lines[4:] == ["| 0.1 | 100 [51, 100] (n=4) | 50 [9, 91] (n=2) |", "| 0.5 |  | 100 [34, 100] (n=2) |",
                          "| 0.9 | 0 [0, 49] (n=4) |  |"]
     paths = written(tmp_path, files)
-    assert nc.main(["--heatmap", str(tmp_path / "heat.png"), *paths]) == table
+    # needles by their answer: "a" exact in all four cells, "b" in none, "c" in one; "d" is not in every cell
+    consistent = {(0.1, 1024): "abcd", (0.9, 1024): "abc", (0.1, 4096): "abc", (0.9, 4096): "abc"}
+    rows_of = {key: [{"cue": cue, "length": key[1], "answer": needle, "in_place": 1.0,
+                      "exact": float(needle == "a" or (needle == "c" and key == (0.1, 1024)))}
+                     for needle in needles for cue in (0, 1)] for key, needles in consistent.items()}
+    needles = {f"{key}": {"args": {"depth": key[0]}, "rows": rows} for key, rows in rows_of.items()}
+    assert nc.needle_consistency(needles) == ("3 needles evaluated in all 4 cells: 1 exact in every cell, 1 in none, "
+                                              "1 in some\n")
+    # the files above: evaluation seeds 0 and 1 are in all four cells, each exact in some
+    text = nc.main(["--heatmap", str(tmp_path / "heat.png"), *paths])
+    assert text == table + "\n2 needles evaluated in all 4 cells: 0 exact in every cell, 0 in none, 2 in some\n"
     assert (tmp_path / "heat.png").stat().st_size > 0
     other_run = written(tmp_path, {"y.json": evaluated("runs/y", 1024, 4, 1)})
     with pytest.raises(SystemExit, match=r"one model on one task; the files hold runs/x \(niah_single_1\), runs/y"):
