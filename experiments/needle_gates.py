@@ -1,0 +1,172 @@
+"""How much of the needle's write does the forgetting gate leave by the question? ([C2])
+
+    python -m experiments.needle_gates --run runs/lc_niah_lmm_scratch_stage2/lmm/seed1 \
+        --lengths 1024,4096,16384 --per-cell 16 --out runs/needle_gates_lmm_seed1.json
+
+The memory's update scales all its weights by 1 - alpha_t at every token t (titans.md: M_t =
+(1 - alpha_t) M_{t-1} + S_t), so what the needle wrote is multiplied, by the time the question
+is read, by the product of 1 - alpha_t over the tokens in between: its *retention* under the
+gate. That is the forgetting gate's share alone: the needle's surprise also enters through the
+momentum S for a few tokens (eta ~0.5-0.8 here, so a tail of a few tokens against thousands of
+haystack tokens), and the later writes change the memory around it, which this does not count.
+The gates are the model's own, computed from each token (titans_jax.lmm), so they are measured
+on the evaluation's prompts, not on training rows (experiments.gate_trace does those).
+
+For each example (RULER's template and haystack, evaluation seeds from --seed, as
+experiments.needle_cue builds them) the prompt runs once through the model as the evaluation
+streams it (4,096-token windows) with the memory layers' inputs kept, and per memory layer:
+
+- alpha: the forgetting gate's mean over the tokens after the needle (and its heads);
+- retention: exp(sum of log(1 - alpha_t)) from the token after the needle's last digit to the
+  prompt's last token, per head; the geometric mean over the heads and the best head's;
+- write: theta (the inner step) on the needle's digits over its mean on the tokens after them.
+
+Prints per length and layer the median over the examples (and the range) and writes every
+example's figures to --out. A model without the forgetting gate has retention 1.
+Byte-level models whose memory reads the token sequence itself (LMM, MAG, MAL, the linear
+memory, TTT): MAC's memory reads per-segment block inputs, which this does not map to tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+
+
+def needle_span(prompt: str, answer: str, sentence: tuple[int, int]) -> tuple[int, int]:
+    """[start, end) byte offsets (byte tokens: token offsets) of the needle's value, looked up
+    in the needle's sentence (the characters `sentence` of the prompt, Example.needle_chars)."""
+    within = prompt[sentence[0]:sentence[1]].find(answer)
+    if within < 0:
+        raise ValueError(f"the needle {answer!r} is not in its sentence {prompt[sentence[0]:sentence[1]]!r}")
+    start = sentence[0] + within
+    return len(prompt[:start].encode("utf-8")), len(prompt[:start + len(answer)].encode("utf-8"))
+
+
+def layer_figures(theta: np.ndarray, log_keep: np.ndarray | None, start: int, end: int) -> dict:
+    """theta, log_keep [H, T] of one memory layer (T the memory's positions of the prompt's
+    tokens; log_keep None without the forgetting gate); the needle's digits at [start, end)."""
+    after = slice(end, theta.shape[-1])
+    if end >= theta.shape[-1]:
+        raise ValueError(f"the needle ends at {end}, at or past the prompt's last position {theta.shape[-1] - 1}")
+    write = float(np.mean(theta[:, start:end]) / np.mean(theta[:, after]))
+    if log_keep is None:
+        return {"alpha": 0.0, "retention": 1.0, "retention_best_head": 1.0, "write": write}
+    log_retention = np.sum(log_keep[:, after].astype(np.float64), axis=-1)  # [H]
+    return {"alpha": float(np.mean(-np.expm1(log_keep[:, after].astype(np.float64)))),
+            "retention": float(np.exp(np.mean(log_retention))),
+            "retention_best_head": float(np.exp(np.max(log_retention))), "write": write}
+
+
+class GateStream:
+    """Streams a prompt through `model` in windows of `window` tokens (batch 1, the evaluation's
+    titans_jax.long_context.harness.StreamingRunner calls) with the memory layers' inputs kept:
+    gates(ids) -> [(layer path, theta [H, T], log_keep [H, T] or None)] over the prompt's tokens
+    (the persistent prefix, which the empty cache has already run, excluded)."""
+
+    def __init__(self, model, params, window: int = 4096):
+        import jax
+
+        from titans_jax.models import init_cache
+
+        self.params, self.window = params, window
+        self._call = jax.jit(lambda p, ids, cache: model.apply({"params": p}, ids, cache, logits_at="none",
+                                                                mutable=["diagnostics"]))
+        self._empty = jax.jit(lambda p: init_cache(model, p, 1, None))(params)
+
+    def gates(self, ids: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+        from experiments.gate_trace import memory_layers
+        from titans_jax.long_context.harness import window_pieces
+
+        cache, offset, pieces = self._empty, 0, []
+        for piece in window_pieces(ids.size, self.window):
+            (_, cache), collected = self._call(self.params, ids[None, offset:offset + piece], cache)
+            offset += piece
+            pieces.append([(path, np.asarray(inputs[3][0]), None if inputs[5] is None else np.asarray(inputs[5][0]))
+                           for path, inputs in memory_layers(collected["diagnostics"])])
+        layers = []
+        for index, (path, _, log_keep) in enumerate(pieces[0]):
+            theta = np.concatenate([piece[index][1] for piece in pieces], axis=-1)
+            if theta.shape[-1] != ids.size:
+                raise ValueError(f"{'/'.join(path)} reads {theta.shape[-1]} positions for a {ids.size}-token prompt: "
+                                 "not the token sequence (MAC's per-segment memory is not supported)")
+            keep = None if log_keep is None else np.concatenate([piece[index][2] for piece in pieces], axis=-1)
+            layers.append(("/".join(path), theta, keep))
+        return layers
+
+
+def example_figures(stream: GateStream, example) -> dict:
+    """{memory layer path: layer_figures} for one example (an Example of titans_jax.long_context)."""
+    from titans_jax.data.tokenizers import ByteTokenizer
+
+    ids = ByteTokenizer().encode(example.prompt)
+    start, end = needle_span(example.prompt, example.answer, example.needle_chars[0])
+    return {path: layer_figures(theta, log_keep, start, end) for path, theta, log_keep in stream.gates(ids)}
+
+
+def run(run_dir, task: str, lengths, depth: float, per_cell: int, seed: int, window: int = 4096) -> list[dict]:
+    from titans_jax.data.tokenizers import ByteTokenizer
+    from titans_jax.long_context import make_examples
+    from titans_jax.long_context.training_mix import check_eval_seeds
+    from titans_jax.models import TitansLM
+    from titans_jax.training import load_trained
+
+    check_eval_seeds(range(seed, seed + per_cell))
+    config, params, meta = load_trained(run_dir)
+    if config.arch == "mac":
+        raise SystemExit("needle_gates maps the memory's positions to tokens; MAC's memory reads per-segment "
+                         "block inputs (use experiments.gate_trace)")
+    if config.scan_layers:
+        raise SystemExit("needle_gates reads models whose blocks are unrolled (scan_layers=False): nn.scan does "
+                         "not carry the memory layers' diagnostics out")
+    stream = GateStream(TitansLM(config), params, window)
+    rows = []
+    for example in make_examples(task, lengths, (depth,), per_cell, seed, ByteTokenizer()):
+        rows.append({"task": task, "length": example.length, "seed": example.seed, "depth": depth,
+                     "answer": example.answer, "step": int(meta["step"]), "layers": example_figures(stream, example)})
+    return rows
+
+
+def report(rows: list[dict]) -> str:
+    lines = ["| length | layer | alpha after the needle | retention (geometric mean of heads) | best head | "
+             "write (theta on the needle / after) |", "|---|---|---|---|---|---|"]
+
+    def spread(values, fmt):
+        return f"{format(np.median(values), fmt)} [{format(min(values), fmt)}, {format(max(values), fmt)}]"
+
+    for length in sorted({row["length"] for row in rows}):
+        group = [row for row in rows if row["length"] == length]
+        for layer in group[0]["layers"]:
+            values = {key: [row["layers"][layer][key] for row in group] for key in group[0]["layers"][layer]}
+            lines.append(f"| {length:,} | {layer} | {spread(values['alpha'], '.2e')} | "
+                         f"{spread(values['retention'], '.2g')} | {spread(values['retention_best_head'], '.2g')} | "
+                         f"{spread(values['write'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a trained run's directory (<out>/<variant>/seed<k>)")
+    parser.add_argument("--task", default="niah_single_1", choices=("niah_single_1", "niah_single_2"))
+    parser.add_argument("--lengths", default="1024,4096,16384")
+    parser.add_argument("--depth", type=float, default=0.5)
+    parser.add_argument("--per-cell", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="the first evaluation seed")
+    parser.add_argument("--window", type=int, default=4096, help="tokens a streamed call (the evaluation's)")
+    parser.add_argument("--out", help="JSON file for every example's figures")
+    args = parser.parse_args(argv)
+    rows = run(pathlib.Path(args.run), args.task, [int(n) for n in args.lengths.split(",")], args.depth,
+               args.per_cell, args.seed, args.window)
+    print(f"{args.run}, {args.task} at depth {args.depth}, {args.per_cell} examples a length: median [range]\n")
+    print(report(rows))
+    if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""experiments.needle_gates: the forgetting gate's product between the needle and the question,
+from the gates the model computes while the prompt is streamed as the evaluation streams it."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import needle_gates
+from experiments.gate_trace import memory_layers
+from titans_jax import models
+
+
+def test_needle_span_is_in_bytes_and_inside_the_needle_sentence():
+    prompt = "é 123 ... The magic number is: 123. Question?"
+    sentence = (prompt.index("The"), prompt.index("?"))
+    assert needle_gates.needle_span(prompt, "123", sentence) == (32, 35)  # the second 123; é is two bytes
+    assert prompt.encode()[32:35] == b"123"
+    with pytest.raises(ValueError, match="not in its sentence"):
+        needle_gates.needle_span(prompt, "999", sentence)
+
+
+def test_layer_figures_are_the_gate_products_after_the_needle():
+    theta = np.ones((2, 10))
+    theta[:, 3:5] = 2.0
+    log_keep = np.log(np.array([[0.9] * 10, [0.5] * 10]))
+    figures = needle_gates.layer_figures(theta, log_keep, 3, 5)  # five tokens after the needle
+    assert figures["retention"] == pytest.approx(math.sqrt(0.9 ** 5 * 0.5 ** 5))
+    assert figures["retention_best_head"] == pytest.approx(0.9 ** 5)
+    assert figures["alpha"] == pytest.approx(0.3) and figures["write"] == pytest.approx(2.0)
+    assert needle_gates.layer_figures(theta, None, 3, 5)["retention"] == 1.0
+    with pytest.raises(ValueError, match="past the prompt's last position"):
+        needle_gates.layer_figures(theta, log_keep, 8, 10)
+
+
+def test_streamed_gates_are_the_whole_sequence_gates_of_the_prompt_tokens():
+    """GateStream (windows over a cache that already ran the persistent prefix) against one call
+    over the whole sequence, whose memory reads the 3 persistent tokens first: the same gates at
+    the prompt's positions, so the needle's offsets need no shift."""
+    config = models.ModelConfig(arch="lmm", vocab_size=256, d_model=32, num_layers=2, num_heads=2, head_dim=16,
+                                mlp_hidden=64, window=8, num_persistent=3).replace({"lmm.memory.chunk_size": 4})
+    model = models.TitansLM(config)
+    ids = np.random.RandomState(0).randint(0, 256, 40).astype(np.int32)
+    params = model.init(jax.random.key(0), jnp.asarray(ids[None]))["params"]
+    streamed = needle_gates.GateStream(model, params, window=16).gates(ids)  # pieces 16, 16, 8
+    whole = memory_layers(model.apply({"params": params}, jnp.asarray(ids[None]), mutable=["diagnostics"])[1][
+        "diagnostics"])
+    assert [path for path, _, _ in streamed] == ["/".join(path) for path, _ in whole] == [
+        "block_0/memory", "block_1/memory"]
+    for (_, theta, log_keep), (_, inputs) in zip(streamed, whole):
+        assert theta.shape == log_keep.shape == (2, 40)
+        np.testing.assert_allclose(theta, np.asarray(inputs[3][0, :, 3:]), rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(log_keep, np.asarray(inputs[5][0, :, 3:]), rtol=1e-5, atol=1e-9)
+    no_gate = models.TitansLM(config.replace({"lmm.use_forgetting": False}))
+    params = no_gate.init(jax.random.key(0), jnp.asarray(ids[None]))["params"]
+    assert all(keep is None for _, _, keep in needle_gates.GateStream(no_gate, params, window=16).gates(ids))
