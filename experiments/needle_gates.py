@@ -22,7 +22,10 @@ streams it (4,096-token windows) with the memory layers' inputs kept, and per me
 - write: theta (the inner step) on the needle's digits over its mean on the tokens after them.
 
 Prints per length and layer the median over the examples (and the range) and writes every
-example's figures to --out. A model without the forgetting gate has retention 1.
+example's figures to --out. With --exact (the model's experiments.needle_cue file on the same
+examples: same task, depth and evaluation seeds) it adds each example's exact match, and per
+length the retention of its weakest layer on the right answers against the wrong ones. A model
+without the forgetting gate has retention 1. --rows reports an earlier --out file again.
 Byte-level models whose memory reads the token sequence itself (LMM, MAG, MAL, the linear
 memory, TTT): MAC's memory reads per-segment block inputs, which this does not map to tokens.
 """
@@ -130,6 +133,24 @@ def run(run_dir, task: str, lengths, depth: float, per_cell: int, seed: int, win
     return rows
 
 
+def join_exact(rows: list[dict], cue_file: dict) -> list[dict]:
+    """Each row with `exact` (RULER's match, 0 or 1) of the same example's plain answer (cue 0)
+    in an experiments.needle_cue --out file of the same model, task and depth."""
+    answers = {(row["length"], row["seed"]): row["exact"] for row in cue_file["rows"]
+               if row["cue"] == 0 and row["task"] == rows[0]["task"] and row["depth"] == rows[0]["depth"]}
+    missing = sorted({(row["length"], row["seed"]) for row in rows} - answers.keys())
+    if missing:
+        raise ValueError(f"the needle_cue file has no plain answer (cue 0, {rows[0]['task']}, depth "
+                         f"{rows[0]['depth']}) for (length, evaluation seed) {missing[:4]}"
+                         + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+    return [{**row, "exact": answers[(row["length"], row["seed"])]} for row in rows]
+
+
+def weakest(row: dict) -> float:
+    """The smallest retention (geometric mean of heads) over the example's memory layers."""
+    return min(layer["retention"] for layer in row["layers"].values())
+
+
 def report(rows: list[dict]) -> str:
     lines = ["| length | layer | alpha after the needle | retention (geometric mean of heads) | best head | "
              "write (theta on the needle / after) |", "|---|---|---|---|---|---|"]
@@ -144,22 +165,45 @@ def report(rows: list[dict]) -> str:
             lines.append(f"| {length:,} | {layer} | {spread(values['alpha'], '.2e')} | "
                          f"{spread(values['retention'], '.2g')} | {spread(values['retention_best_head'], '.2g')} | "
                          f"{spread(values['write'], '.2f')} |")
+    if "exact" in rows[0]:
+        lines += ["", "| length | exact | weakest layer's retention, right answers | wrong answers |",
+                  "|---|---|---|---|"]
+        for length in sorted({row["length"] for row in rows}):
+            group = [row for row in rows if row["length"] == length]
+            right = [weakest(row) for row in group if row["exact"]]
+            wrong = [weakest(row) for row in group if not row["exact"]]
+            lines.append(f"| {length:,} | {len(right)} of {len(group)} | "
+                         f"{spread(right, '.2g') if right else '-'} | {spread(wrong, '.2g') if wrong else '-'} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a trained run's directory (<out>/<variant>/seed<k>)")
+    parser.add_argument("--run", help="a trained run's directory (<out>/<variant>/seed<k>)")
+    parser.add_argument("--rows", help="report the rows of an earlier --out file instead of running a model")
     parser.add_argument("--task", default="niah_single_1", choices=("niah_single_1", "niah_single_2"))
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--depth", type=float, default=0.5)
     parser.add_argument("--per-cell", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="the first evaluation seed")
     parser.add_argument("--window", type=int, default=4096, help="tokens a streamed call (the evaluation's)")
+    parser.add_argument("--exact", help="an experiments.needle_cue --out file of this model on these examples: "
+                                        "adds each example's exact match and the retention of right against "
+                                        "wrong answers")
     parser.add_argument("--out", help="JSON file for every example's figures")
     args = parser.parse_args(argv)
-    rows = run(pathlib.Path(args.run), args.task, [int(n) for n in args.lengths.split(",")], args.depth,
-               args.per_cell, args.seed, args.window)
+    if (args.run is None) == (args.rows is None):
+        parser.error("give one of --run (a trained model) and --rows (an earlier --out file)")
+    if args.rows:
+        earlier = json.loads(pathlib.Path(args.rows).read_text())
+        rows = earlier["rows"]
+        for key in ("run", "task", "depth", "per_cell"):
+            setattr(args, key, earlier["args"][key])
+    else:
+        rows = run(pathlib.Path(args.run), args.task, [int(n) for n in args.lengths.split(",")], args.depth,
+                   args.per_cell, args.seed, args.window)
+    if args.exact:
+        rows = join_exact(rows, json.loads(pathlib.Path(args.exact).read_text()))
     print(f"{args.run}, {args.task} at depth {args.depth}, {args.per_cell} examples a length: median [range]\n")
     print(report(rows))
     if args.out:

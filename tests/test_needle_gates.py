@@ -1,6 +1,7 @@
 """experiments.needle_gates: the forgetting gate's product between the needle and the question,
 from the gates the model computes while the prompt is streamed as the evaluation streams it."""
 
+import json
 import math
 
 import jax
@@ -56,3 +57,25 @@ def test_streamed_gates_are_the_whole_sequence_gates_of_the_prompt_tokens():
     no_gate = models.TitansLM(config.replace({"lmm.use_forgetting": False}))
     params = no_gate.init(jax.random.key(0), jnp.asarray(ids[None]))["params"]
     assert all(keep is None for _, _, keep in needle_gates.GateStream(no_gate, params, window=16).gates(ids))
+
+
+def test_exact_answers_are_joined_by_length_and_evaluation_seed(tmp_path, capsys):
+    """--exact takes each example's plain answer (cue 0) from a needle_cue file; a file that lacks
+    an example is refused with the examples it lacks; --rows reports an earlier --out file."""
+    layers = lambda r: {"block_0/memory": {"alpha": 1e-4, "retention": r, "retention_best_head": r, "write": 1.0}}
+    rows = [{"task": "niah_single_1", "depth": 0.5, "length": 1024, "seed": s, "layers": layers(0.1 * (s + 1))}
+            for s in range(3)]
+    cue = {"rows": [{"task": "niah_single_1", "depth": 0.5, "length": 1024, "seed": s, "cue": c,
+                     "exact": float(s == c)} for s in range(3) for c in (0, 1)]}
+    joined = needle_gates.join_exact(rows, cue)
+    assert [row["exact"] for row in joined] == [1.0, 0.0, 0.0]  # cue 0's answers only
+    assert "| 1,024 | 1 of 3 | 0.1 [0.1, 0.1] | 0.25 [0.2, 0.3] |" in needle_gates.report(joined)
+    with pytest.raises(ValueError, match=r"no plain answer .* \[\(1024, 2\)\]"):
+        needle_gates.join_exact(rows, {"rows": cue["rows"][:4]})
+    earlier = tmp_path / "gates.json"
+    earlier.write_text(json.dumps({"args": {"run": "r", "task": "niah_single_1", "depth": 0.5, "per_cell": 3},
+                                   "rows": rows}))
+    cue_path = tmp_path / "cue.json"
+    cue_path.write_text(json.dumps(cue))
+    assert needle_gates.main(["--rows", str(earlier), "--exact", str(cue_path)]) == joined
+    assert "1 of 3" in capsys.readouterr().out
