@@ -24,7 +24,7 @@ streams it (4,096-token windows) with the memory layers' inputs kept, and per me
 Prints per length and layer the median over the examples (and the range) and writes every
 example's figures to --out. With --exact (the model's experiments.needle_cue file on the same
 examples: same task, depth and evaluation seeds) it adds each example's exact match, and per
-length the retention of its weakest layer on the right answers against the wrong ones. A model
+length and layer the retention on the right answers against the wrong ones. A model
 without the forgetting gate has retention 1. --rows reports an earlier --out file again.
 Byte-level models whose memory reads the token sequence itself (LMM, MAG, MAL, the linear
 memory, TTT): MAC's memory reads per-segment block inputs, which this does not map to tokens.
@@ -146,11 +146,6 @@ def join_exact(rows: list[dict], cue_file: dict) -> list[dict]:
     return [{**row, "exact": answers[(row["length"], row["seed"])]} for row in rows]
 
 
-def weakest(row: dict) -> float:
-    """The smallest retention (geometric mean of heads) over the example's memory layers."""
-    return min(layer["retention"] for layer in row["layers"].values())
-
-
 def report(rows: list[dict]) -> str:
     lines = ["| length | layer | alpha after the needle | retention (geometric mean of heads) | best head | "
              "write (theta on the needle / after) |", "|---|---|---|---|---|---|"]
@@ -166,14 +161,15 @@ def report(rows: list[dict]) -> str:
                          f"{spread(values['retention'], '.2g')} | {spread(values['retention_best_head'], '.2g')} | "
                          f"{spread(values['write'], '.2f')} |")
     if "exact" in rows[0]:
-        lines += ["", "| length | exact | weakest layer's retention, right answers | wrong answers |",
-                  "|---|---|---|---|"]
+        lines += ["", "| length | layer | retention, right answers | wrong answers |", "|---|---|---|---|"]
         for length in sorted({row["length"] for row in rows}):
             group = [row for row in rows if row["length"] == length]
-            right = [weakest(row) for row in group if row["exact"]]
-            wrong = [weakest(row) for row in group if not row["exact"]]
-            lines.append(f"| {length:,} | {len(right)} of {len(group)} | "
-                         f"{spread(right, '.2g') if right else '-'} | {spread(wrong, '.2g') if wrong else '-'} |")
+            right = [row for row in group if row["exact"]]
+            wrong = [row for row in group if not row["exact"]]
+            for layer in group[0]["layers"]:
+                cells = [f"{len(part)}: " + spread([row["layers"][layer]["retention"] for row in part], ".2g")
+                         if part else "0" for part in (right, wrong)]
+                lines.append(f"| {length:,} | {layer} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 

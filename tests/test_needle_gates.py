@@ -69,7 +69,7 @@ def test_exact_answers_are_joined_by_length_and_evaluation_seed(tmp_path, capsys
                      "exact": float(s == c)} for s in range(3) for c in (0, 1)]}
     joined = needle_gates.join_exact(rows, cue)
     assert [row["exact"] for row in joined] == [1.0, 0.0, 0.0]  # cue 0's answers only
-    assert "| 1,024 | 1 of 3 | 0.1 [0.1, 0.1] | 0.25 [0.2, 0.3] |" in needle_gates.report(joined)
+    assert "| 1,024 | block_0/memory | 1: 0.1 [0.1, 0.1] | 2: 0.25 [0.2, 0.3] |" in needle_gates.report(joined)
     with pytest.raises(ValueError, match=r"no plain answer .* \[\(1024, 2\)\]"):
         needle_gates.join_exact(rows, {"rows": cue["rows"][:4]})
     earlier = tmp_path / "gates.json"
@@ -78,4 +78,4 @@ def test_exact_answers_are_joined_by_length_and_evaluation_seed(tmp_path, capsys
     cue_path = tmp_path / "cue.json"
     cue_path.write_text(json.dumps(cue))
     assert needle_gates.main(["--rows", str(earlier), "--exact", str(cue_path)]) == joined
-    assert "1 of 3" in capsys.readouterr().out
+    assert "| 1: 0.1 [0.1, 0.1] |" in capsys.readouterr().out
