@@ -183,9 +183,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--per-cell", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="the first evaluation seed")
     parser.add_argument("--window", type=int, default=4096, help="tokens a streamed call (the evaluation's)")
-    parser.add_argument("--exact", help="an experiments.needle_cue --out file of this model on these examples: "
-                                        "adds each example's exact match and the retention of right against "
-                                        "wrong answers")
+    parser.add_argument("--exact", nargs="+", help="experiments.needle_cue --out files of this model on these "
+                                                    "examples (e.g. one per length): adds each example's exact "
+                                                    "match and the retention of right against wrong answers")
     parser.add_argument("--out", help="JSON file for every example's figures")
     args = parser.parse_args(argv)
     if (args.run is None) == (args.rows is None):
@@ -199,7 +199,8 @@ def main(argv=None) -> list[dict]:
         rows = run(pathlib.Path(args.run), args.task, [int(n) for n in args.lengths.split(",")], args.depth,
                    args.per_cell, args.seed, args.window)
     if args.exact:
-        rows = join_exact(rows, json.loads(pathlib.Path(args.exact).read_text()))
+        files = [json.loads(pathlib.Path(path).read_text()) for path in args.exact]
+        rows = join_exact(rows, {"rows": [row for contents in files for row in contents["rows"]]})
     print(f"{args.run}, {args.task} at depth {args.depth}, {args.per_cell} examples a length: median [range]\n")
     print(report(rows))
     if args.out:

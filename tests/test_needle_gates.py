@@ -61,7 +61,8 @@ def test_streamed_gates_are_the_whole_sequence_gates_of_the_prompt_tokens():
 
 def test_exact_answers_are_joined_by_length_and_evaluation_seed(tmp_path, capsys):
     """--exact takes each example's plain answer (cue 0) from a needle_cue file; a file that lacks
-    an example is refused with the examples it lacks; --rows reports an earlier --out file."""
+    an example is refused with the examples it lacks; several files are read as one; --rows reports
+    an earlier --out file."""
     layers = lambda r: {"block_0/memory": {"alpha": 1e-4, "retention": r, "retention_best_head": r, "write": 1.0}}
     rows = [{"task": "niah_single_1", "depth": 0.5, "length": 1024, "seed": s, "layers": layers(0.1 * (s + 1))}
             for s in range(3)]
@@ -75,7 +76,8 @@ def test_exact_answers_are_joined_by_length_and_evaluation_seed(tmp_path, capsys
     earlier = tmp_path / "gates.json"
     earlier.write_text(json.dumps({"args": {"run": "r", "task": "niah_single_1", "depth": 0.5, "per_cell": 3},
                                    "rows": rows}))
-    cue_path = tmp_path / "cue.json"
-    cue_path.write_text(json.dumps(cue))
-    assert needle_gates.main(["--rows", str(earlier), "--exact", str(cue_path)]) == joined
+    halves = [tmp_path / "cue_a.json", tmp_path / "cue_b.json"]  # e.g. one file a length
+    halves[0].write_text(json.dumps({"rows": cue["rows"][:3]}))
+    halves[1].write_text(json.dumps({"rows": cue["rows"][3:]}))
+    assert needle_gates.main(["--rows", str(earlier), "--exact", *map(str, halves)]) == joined
     assert "| 1: 0.1 [0.1, 0.1] |" in capsys.readouterr().out
