@@ -119,6 +119,9 @@ def run(run_dir, task: str, lengths, depth: float, per_cell: int, seed: int, win
 
     check_eval_seeds(range(seed, seed + per_cell))
     config, params, meta = load_trained(run_dir)
+    if config.vocab_size != ByteTokenizer.vocab_size:
+        raise SystemExit(f"needle_gates maps the needle's bytes to tokens: byte-level models only (vocabulary "
+                         f"{ByteTokenizer.vocab_size}); this run's vocabulary is {config.vocab_size}")
     if config.arch == "mac":
         raise SystemExit("needle_gates maps the memory's positions to tokens; MAC's memory reads per-segment "
                          "block inputs (use experiments.gate_trace)")

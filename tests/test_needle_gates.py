@@ -81,3 +81,16 @@ def test_exact_answers_are_joined_by_length_and_evaluation_seed(tmp_path, capsys
     halves[1].write_text(json.dumps({"rows": cue["rows"][3:]}))
     assert needle_gates.main(["--rows", str(earlier), "--exact", *map(str, halves)]) == joined
     assert "| 1: 0.1 [0.1, 0.1] |" in capsys.readouterr().out
+
+
+def test_models_it_cannot_map_are_refused_by_name(monkeypatch):
+    """A vocabulary other than bytes (the needle's offsets are byte offsets) and MAC (its memory
+    reads per-segment block inputs, not the token sequence) stop with the reason, not a wrong
+    table."""
+    from titans_jax import training
+
+    for config, reason in [(models.ModelConfig(arch="lmm", vocab_size=1000), "byte-level models only"),
+                           (models.ModelConfig(arch="mac", vocab_size=256), "MAC's memory reads per-segment")]:
+        monkeypatch.setattr(training, "load_trained", lambda run_dir, config=config: (config, None, {"step": 0}))
+        with pytest.raises(SystemExit, match=reason):
+            needle_gates.run("run", "niah_single_1", [1024], 0.5, 1, 0)
