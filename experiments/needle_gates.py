@@ -138,9 +138,17 @@ def run(run_dir, task: str, lengths, depth: float, per_cell: int, seed: int, win
 
 def join_exact(rows: list[dict], cue_file: dict) -> list[dict]:
     """Each row with `exact` (RULER's match, 0 or 1) of the same example's plain answer (cue 0)
-    in an experiments.needle_cue --out file of the same model, task and depth."""
-    answers = {(row["length"], row["seed"]): row["exact"] for row in cue_file["rows"]
-               if row["cue"] == 0 and row["task"] == rows[0]["task"] and row["depth"] == rows[0]["depth"]}
+    in an experiments.needle_cue --out file of the same model, task and depth; answers of another
+    checkpoint (step) than the gates' are refused."""
+    answers, steps = {}, {}
+    for row in cue_file["rows"]:
+        if row["cue"] == 0 and row["task"] == rows[0]["task"] and row["depth"] == rows[0]["depth"]:
+            answers[(row["length"], row["seed"])], steps[(row["length"], row["seed"])] = row["exact"], row["step"]
+    other = sorted({(steps[key], row["step"]) for row in rows if (key := (row["length"], row["seed"])) in steps
+                    and steps[key] != row["step"]})
+    if other:
+        raise ValueError(f"the needle_cue answers are of other parameters than the gates (steps {other[0]}, as "
+                         "(answers, gates)): evaluate the same checkpoint")
     missing = sorted({(row["length"], row["seed"]) for row in rows} - answers.keys())
     if missing:
         raise ValueError(f"the needle_cue file has no plain answer (cue 0, {rows[0]['task']}, depth "
@@ -203,6 +211,9 @@ def main(argv=None) -> list[dict]:
                    args.per_cell, args.seed, args.window)
     if args.exact:
         files = [json.loads(pathlib.Path(path).read_text()) for path in args.exact]
+        for path, contents in zip(args.exact, files):
+            if pathlib.Path(contents["args"]["run"]) != pathlib.Path(args.run):
+                raise SystemExit(f"{path} answers for {contents['args']['run']}, these gates are of {args.run}")
         rows = join_exact(rows, {"rows": [row for contents in files for row in contents["rows"]]})
     print(f"{args.run}, {args.task} at depth {args.depth}, {args.per_cell} examples a length: median [range]\n")
     print(report(rows))

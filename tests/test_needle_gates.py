@@ -61,26 +61,33 @@ def test_streamed_gates_are_the_whole_sequence_gates_of_the_prompt_tokens():
 
 def test_exact_answers_are_joined_by_length_and_evaluation_seed(tmp_path, capsys):
     """--exact takes each example's plain answer (cue 0) from a needle_cue file; a file that lacks
-    an example is refused with the examples it lacks; several files are read as one; --rows reports
-    an earlier --out file."""
+    an example is refused with the examples it lacks, answers of another checkpoint or model too;
+    several files are read as one; --rows reports an earlier --out file."""
     layers = lambda r: {"block_0/memory": {"alpha": 1e-4, "retention": r, "retention_best_head": r, "write": 1.0}}
-    rows = [{"task": "niah_single_1", "depth": 0.5, "length": 1024, "seed": s, "layers": layers(0.1 * (s + 1))}
-            for s in range(3)]
-    cue = {"rows": [{"task": "niah_single_1", "depth": 0.5, "length": 1024, "seed": s, "cue": c,
-                     "exact": float(s == c)} for s in range(3) for c in (0, 1)]}
+    rows = [{"task": "niah_single_1", "depth": 0.5, "length": 1024, "seed": s, "step": 900,
+             "layers": layers(0.1 * (s + 1))} for s in range(3)]
+    cue = {"args": {"run": "runs/r/seed0"}, "rows": [
+        {"task": "niah_single_1", "depth": 0.5, "length": 1024, "seed": s, "cue": c, "step": 900,
+         "exact": float(s == c)} for s in range(3) for c in (0, 1)]}
     joined = needle_gates.join_exact(rows, cue)
     assert [row["exact"] for row in joined] == [1.0, 0.0, 0.0]  # cue 0's answers only
     assert "| 1,024 | block_0/memory | 1: 0.1 [0.1, 0.1] | 2: 0.25 [0.2, 0.3] |" in needle_gates.report(joined)
     with pytest.raises(ValueError, match=r"no plain answer .* \[\(1024, 2\)\]"):
         needle_gates.join_exact(rows, {"rows": cue["rows"][:4]})
+    with pytest.raises(ValueError, match=r"other parameters than the gates \(steps \(600, 900\)"):
+        needle_gates.join_exact(rows, {"rows": [{**row, "step": 600} for row in cue["rows"]]})
     earlier = tmp_path / "gates.json"
-    earlier.write_text(json.dumps({"args": {"run": "r", "task": "niah_single_1", "depth": 0.5, "per_cell": 3},
-                                   "rows": rows}))
+    earlier.write_text(json.dumps({"args": {"run": "runs/r/seed0", "task": "niah_single_1", "depth": 0.5,
+                                            "per_cell": 3}, "rows": rows}))
     halves = [tmp_path / "cue_a.json", tmp_path / "cue_b.json"]  # e.g. one file a length
-    halves[0].write_text(json.dumps({"rows": cue["rows"][:3]}))
-    halves[1].write_text(json.dumps({"rows": cue["rows"][3:]}))
+    halves[0].write_text(json.dumps({**cue, "rows": cue["rows"][:3]}))
+    halves[1].write_text(json.dumps({**cue, "rows": cue["rows"][3:]}))
     assert needle_gates.main(["--rows", str(earlier), "--exact", *map(str, halves)]) == joined
     assert "| 1: 0.1 [0.1, 0.1] |" in capsys.readouterr().out
+    other = tmp_path / "other.json"  # another model's answers
+    other.write_text(json.dumps({**cue, "args": {"run": "runs/r/seed1"}}))
+    with pytest.raises(SystemExit, match="answers for runs/r/seed1, these gates are of runs/r/seed0"):
+        needle_gates.main(["--rows", str(earlier), "--exact", str(other)])
 
 
 def test_models_it_cannot_map_are_refused_by_name(monkeypatch):
