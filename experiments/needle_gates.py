@@ -80,24 +80,36 @@ class GateStream:
                                                                 mutable=["diagnostics"]))
         self._empty = jax.jit(lambda p: init_cache(model, p, 1, None))(params)
 
-    def gates(self, ids: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    def stream(self, ids: np.ndarray, cuts=()):
+        """Yields (offset, cache, [(layer path, its memory inputs, batch axis dropped)]) after each
+        call, the pieces also ending at every offset in `cuts` (so the cache there is the state
+        after exactly those tokens): window_pieces of each stretch between cuts, so that only
+        power-of-two shapes up to the window are compiled, whatever the cuts."""
         from experiments.gate_trace import memory_layers
         from titans_jax.long_context.harness import window_pieces
 
-        cache, offset, pieces = self._empty, 0, []
-        for piece in window_pieces(ids.size, self.window):
-            (_, cache), collected = self._call(self.params, ids[None, offset:offset + piece], cache)
-            offset += piece
-            pieces.append([(path, np.asarray(inputs[3][0]), None if inputs[5] is None else np.asarray(inputs[5][0]))
-                           for path, inputs in memory_layers(collected["diagnostics"])])
+        bounds = sorted({0, ids.size, *cuts})
+        if bounds[0] < 0 or bounds[-1] > ids.size:
+            raise ValueError(f"cuts {sorted(cuts)} outside the prompt's {ids.size} tokens")
+        cache, offset = self._empty, 0
+        for stop in bounds[1:]:
+            for piece in window_pieces(stop - offset, self.window):
+                (_, cache), collected = self._call(self.params, ids[None, offset:offset + piece], cache)
+                offset += piece
+                yield offset, cache, [("/".join(path), tuple(None if x is None else x[0] for x in inputs))
+                                      for path, inputs in memory_layers(collected["diagnostics"])]
+
+    def gates(self, ids: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+        pieces = [[(path, np.asarray(inputs[3]), None if inputs[5] is None else np.asarray(inputs[5]))
+                   for path, inputs in layers] for _, _, layers in self.stream(ids)]
         layers = []
         for index, (path, _, log_keep) in enumerate(pieces[0]):
             theta = np.concatenate([piece[index][1] for piece in pieces], axis=-1)
             if theta.shape[-1] != ids.size:
-                raise ValueError(f"{'/'.join(path)} reads {theta.shape[-1]} positions for a {ids.size}-token prompt: "
+                raise ValueError(f"{path} reads {theta.shape[-1]} positions for a {ids.size}-token prompt: "
                                  "not the token sequence (MAC's per-segment memory is not supported)")
             keep = None if log_keep is None else np.concatenate([piece[index][2] for piece in pieces], axis=-1)
-            layers.append(("/".join(path), theta, keep))
+            layers.append((path, theta, keep))
         return layers
 
 
@@ -110,25 +122,34 @@ def example_figures(stream: GateStream, example) -> dict:
     return {path: layer_figures(theta, log_keep, start, end) for path, theta, log_keep in stream.gates(ids)}
 
 
+def load_streamable(run_dir):
+    """(config, params, meta, TitansLM) of a trained run whose memory layers read the prompt's
+    bytes token by token; other models are refused with the reason."""
+    from titans_jax.data.tokenizers import ByteTokenizer
+    from titans_jax.models import TitansLM
+    from titans_jax.training import load_trained
+
+    config, params, meta = load_trained(run_dir)
+    if config.vocab_size != ByteTokenizer.vocab_size:
+        raise SystemExit(f"the needle's offsets are byte offsets: byte-level models only (vocabulary "
+                         f"{ByteTokenizer.vocab_size}); this run's vocabulary is {config.vocab_size}")
+    if config.arch == "mac":
+        raise SystemExit("the memory's positions are mapped to tokens; MAC's memory reads per-segment "
+                         "block inputs (use experiments.gate_trace)")
+    if config.scan_layers:
+        raise SystemExit("only models whose blocks are unrolled (scan_layers=False): nn.scan does "
+                         "not carry the memory layers' diagnostics out")
+    return config, params, meta, TitansLM(config)
+
+
 def run(run_dir, task: str, lengths, depth: float, per_cell: int, seed: int, window: int = 4096) -> list[dict]:
     from titans_jax.data.tokenizers import ByteTokenizer
     from titans_jax.long_context import make_examples
     from titans_jax.long_context.training_mix import check_eval_seeds
-    from titans_jax.models import TitansLM
-    from titans_jax.training import load_trained
 
     check_eval_seeds(range(seed, seed + per_cell))
-    config, params, meta = load_trained(run_dir)
-    if config.vocab_size != ByteTokenizer.vocab_size:
-        raise SystemExit(f"needle_gates maps the needle's bytes to tokens: byte-level models only (vocabulary "
-                         f"{ByteTokenizer.vocab_size}); this run's vocabulary is {config.vocab_size}")
-    if config.arch == "mac":
-        raise SystemExit("needle_gates maps the memory's positions to tokens; MAC's memory reads per-segment "
-                         "block inputs (use experiments.gate_trace)")
-    if config.scan_layers:
-        raise SystemExit("needle_gates reads models whose blocks are unrolled (scan_layers=False): nn.scan does "
-                         "not carry the memory layers' diagnostics out")
-    stream = GateStream(TitansLM(config), params, window)
+    _, params, meta, model = load_streamable(run_dir)
+    stream = GateStream(model, params, window)
     rows = []
     for example in make_examples(task, lengths, (depth,), per_cell, seed, ByteTokenizer()):
         rows.append({"task": task, "length": example.length, "seed": example.seed, "depth": depth,
@@ -155,6 +176,16 @@ def join_exact(rows: list[dict], cue_file: dict) -> list[dict]:
                          f"{rows[0]['depth']}) for (length, evaluation seed) {missing[:4]}"
                          + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
     return [{**row, "exact": answers[(row["length"], row["seed"])]} for row in rows]
+
+
+def join_exact_files(rows: list[dict], run, paths) -> list[dict]:
+    """join_exact with the answers of needle_cue --out files (e.g. one a length), which must be
+    of the same run."""
+    files = [json.loads(pathlib.Path(path).read_text()) for path in paths]
+    for path, contents in zip(paths, files):
+        if pathlib.Path(contents["args"]["run"]) != pathlib.Path(run):
+            raise SystemExit(f"{path} answers for {contents['args']['run']}, these figures are of {run}")
+    return join_exact(rows, {"rows": [row for contents in files for row in contents["rows"]]})
 
 
 def report(rows: list[dict]) -> str:
@@ -210,11 +241,7 @@ def main(argv=None) -> list[dict]:
         rows = run(pathlib.Path(args.run), args.task, [int(n) for n in args.lengths.split(",")], args.depth,
                    args.per_cell, args.seed, args.window)
     if args.exact:
-        files = [json.loads(pathlib.Path(path).read_text()) for path in args.exact]
-        for path, contents in zip(args.exact, files):
-            if pathlib.Path(contents["args"]["run"]) != pathlib.Path(args.run):
-                raise SystemExit(f"{path} answers for {contents['args']['run']}, these gates are of {args.run}")
-        rows = join_exact(rows, {"rows": [row for contents in files for row in contents["rows"]]})
+        rows = join_exact_files(rows, args.run, args.exact)
     print(f"{args.run}, {args.task} at depth {args.depth}, {args.per_cell} examples a length: median [range]\n")
     print(report(rows))
     if args.out:

@@ -86,7 +86,7 @@ def test_exact_answers_are_joined_by_length_and_evaluation_seed(tmp_path, capsys
     assert "| 1: 0.1 [0.1, 0.1] |" in capsys.readouterr().out
     other = tmp_path / "other.json"  # another model's answers
     other.write_text(json.dumps({**cue, "args": {"run": "runs/r/seed1"}}))
-    with pytest.raises(SystemExit, match="answers for runs/r/seed1, these gates are of runs/r/seed0"):
+    with pytest.raises(SystemExit, match="answers for runs/r/seed1, these figures are of runs/r/seed0"):
         needle_gates.main(["--rows", str(earlier), "--exact", str(other)])
 
 

@@ -1,0 +1,246 @@
+"""Is the needle's write still in the memory at the question, and what took it out? ([C2])
+
+    python -m experiments.needle_write --run runs/lc_niah_mag_scratch_long16k/mag/seed1 \
+        --lengths 16384,65536,262144 --per-cell 8 --out runs/needle_write_mag_seed1.json
+
+experiments.needle_gates measures the forgetting gate's product between the needle and the
+question. The gate is not the only thing that removes a write: every later token's inner
+gradient is taken at the current weights, so it also moves the weights along what the needle
+wrote (for the linear memory this is the delta rule, which overwrites along later keys), and
+the momentum carries the needle's surprise on for a few tokens. This measures the net effect
+by replaying each memory layer from the needle on, four times, on the layer's own inputs (its
+keys, values and gates as the model computes them while the evaluation streams the prompt):
+
+- A: as the model runs it;
+- B: the needle's writes removed (theta = 0 on the needle's digits), all else as A;
+- C: as A up to the needle's end, then no writes (theta = 0): only the gates act;
+- D: as B up to the needle's end, then no writes.
+
+A - B is the needle's contribution to the weights with everything that acts on it; C - D the
+same with the gates and the momentum alone. The inputs of later tokens are A's in every replay
+(the needle's effect on the layers' inputs is not counterfactual here). Per memory layer, with
+W(t) the weights after t tokens, e the needle's last digit + 1 and q the question's first
+token (|.| the Frobenius norm over the memory's layers and heads):
+
+- retention: the gates' product from e to q (needle_gates' figure, the geometric mean of heads);
+- gates: |C(q) - D(q)| / |A(e) - B(e)|: what the gates and momentum leave of the write;
+- kept: |A(q) - B(q)| / |A(e) - B(e)|: what is left with the later writes too;
+- later writes: |A(q) - B(q)| / |C(q) - D(q)|: the later writes' factor on what the gates
+  leave (1: they leave the needle's write alone);
+- read: the same factor on what the memory returns for the needle's own keys,
+  |M_A(q)(k) - M_B(q)(k)| / |M_C(q)(k) - M_D(q)(k)| over the needle's digits;
+- fit at e and q: (l_B - l_A) / l_B with l the memory's loss on the needle's own (key, value)
+  pairs: the share of the needle pairs' error the write removes, then at the question;
+- |W(q)| / |W(e)|: how the weights' norm grows or shrinks over the haystack after the needle.
+
+The replay A is checked against the model's own memory state at the prompt's end (the same
+function on the same pieces). With --exact the rows get each example's exact match, as in
+needle_gates. Byte-level LMM / MAG / MAL / linear memory / TTT models, as needle_gates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import needle_gates
+from titans_jax import memory as memory_lib
+
+REPLAYS = ("A", "B", "C", "D")  # (needle written, writes after the needle) = (1, 1), (0, 1), (1, 0), (0, 0)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _advance(params, state, inputs, config):
+    """The memory state after `inputs` (keys, values, queries, theta, log_eta, log_keep of one
+    piece, batch axis dropped), from `state`."""
+    batched = tuple(None if x is None else x[None] for x in inputs)
+    return memory_lib.memory_apply(params, *batched, config, state)[1]
+
+
+def _read(params, weights, keys, config):
+    """M(k) per head: weights per layer {"w": [1, H, I, O], ...}, keys [H, n, K] -> [H, n, V]."""
+    norm = params.get("norm")
+    per_head = jax.vmap(lambda w, n, k: memory_lib.memory_mlp(w, n, k, config),
+                        in_axes=(0, None if norm is None else 0, 0))
+    return per_head(jax.tree.map(lambda leaf: leaf[0], weights), norm, keys)
+
+
+def _norm(tree) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(leaf, np.float64))) for leaf in jax.tree.leaves(tree))))
+
+
+def _difference(a, b):
+    return jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
+
+
+def write_figures(params, config, at_end: dict, at_question: dict, keys, values) -> dict:
+    """The figures of one memory layer from the replays' weights after the needle (A, B) and at
+    the question (A-D), and the needle's keys / values [H, n, K]."""
+    weights_e, weights_q = at_end, at_question
+    write = _norm(_difference(weights_e["A"], weights_e["B"]))
+    if write == 0.0:
+        raise ValueError("the needle's write is zero (theta = 0 on its digits?): nothing to follow")
+    net = _norm(_difference(weights_q["A"], weights_q["B"]))
+    gated = _norm(_difference(weights_q["C"], weights_q["D"]))
+
+    def read_gap(weights, first, second):
+        return float(np.linalg.norm(np.asarray(_read(params, weights[first], keys, config), np.float64)
+                                    - np.asarray(_read(params, weights[second], keys, config), np.float64)))
+
+    def fit(weights):
+        loss = {name: float(np.sum(np.square(np.asarray(_read(params, weights[name], keys, config), np.float64)
+                                             - np.asarray(values, np.float64)))) for name in ("A", "B")}
+        return (loss["B"] - loss["A"]) / loss["B"]
+
+    return {"gates": gated / write, "kept": net / write, "later_writes": net / gated if gated else float("nan"),
+            "read": read_gap(weights_q, "A", "B") / read_gap(weights_q, "C", "D"),
+            "fit_end": fit(weights_e), "fit_question": fit(weights_q),
+            "norm_growth": _norm(weights_q["A"]) / _norm(weights_e["A"])}
+
+
+def example_figures(stream: needle_gates.GateStream, config, example) -> dict:
+    """{memory layer path: write_figures + retention} for one example."""
+    from titans_jax.data.tokenizers import ByteTokenizer
+
+    ids = ByteTokenizer().encode(example.prompt)
+    start, end = needle_gates.needle_span(example.prompt, example.answer, example.needle_chars[0])
+    question = len(example.prompt[:example.context_chars[1]].encode("utf-8"))
+    if not start < end < question < ids.size:
+        raise ValueError(f"needle [{start}, {end}), question at {question}, prompt of {ids.size} tokens: "
+                         "expected the needle, then the question, then the prompt's end")
+    memory_config = config.memory_layer.resolve().memory_config
+    replays, at_end, at_question, needle, gates = {}, {}, {}, {}, {}
+    offset = 0
+    for stop, cache, layers in stream.stream(ids, cuts=(start, end, question)):
+        for path, inputs in layers:
+            gates.setdefault(path, []).append((np.asarray(inputs[3]),
+                                               None if inputs[5] is None else np.asarray(inputs[5])))
+            if offset < start:
+                continue
+            block, name = path.split("/")
+            params = stream.params[block][name]["memory"]
+            if offset == start:
+                replays[path] = dict.fromkeys(REPLAYS, cache_before[block])
+            if stop <= end:
+                needle.setdefault(path, []).append((inputs[0], inputs[1]))
+            silent = inputs[:3] + (jnp.zeros_like(inputs[3]),) + inputs[4:]
+            for replay in REPLAYS if offset < question else ("A",):
+                writes = replay in ("A", "C") if stop <= end else replay in ("A", "B")
+                replays[path][replay] = _advance(params, replays[path][replay], inputs if writes else silent,
+                                                 memory_config)
+            if stop == end:
+                at_end[path] = {name: replays[path][name].weights for name in ("A", "B")}
+            if stop == question:
+                at_question[path] = {name: state.weights for name, state in replays[path].items()}
+        if stop == start:
+            cache_before = {f"block_{index}": layer["memory"].memory for index, layer in enumerate(cache["layers"])
+                            if "memory" in layer}
+        offset = stop
+    figures = {}
+    for index, layer in enumerate(cache["layers"]):  # the model's own state after the prompt
+        path = f"block_{index}/memory"
+        if path not in replays:
+            continue
+        mine, model = replays[path]["A"].weights, layer["memory"].memory.weights
+        gap = _norm(_difference(mine, model)) / _norm(model)
+        if not gap < 1e-4:
+            raise AssertionError(f"{path}: the replay ends {gap:.2e} (relative) from the model's memory state")
+        keys, values = (np.concatenate([np.asarray(piece[part]) for piece in needle[path]], axis=1) for part in (0, 1))
+        block, name = path.split("/")
+        figures[path] = write_figures(stream.params[block][name]["memory"], memory_config, at_end[path],
+                                      at_question[path], keys, values)
+        theta = np.concatenate([piece[0] for piece in gates[path]], axis=-1)[:, :question]
+        keep = None if gates[path][0][1] is None else np.concatenate([p[1] for p in gates[path]], axis=-1)[:, :question]
+        figures[path]["retention"] = needle_gates.layer_figures(theta, keep, start, end)["retention"]
+    return figures
+
+
+def run(run_dir, task: str, lengths, depth: float, per_cell: int, seed: int, window: int = 4096) -> list[dict]:
+    from titans_jax.data.tokenizers import ByteTokenizer
+    from titans_jax.long_context import make_examples
+    from titans_jax.long_context.training_mix import check_eval_seeds
+
+    check_eval_seeds(range(seed, seed + per_cell))
+    config, params, meta, model = needle_gates.load_streamable(run_dir)
+    if config.lmm.local_period:
+        raise SystemExit("TNT's local memory is not replayed here: models without it only")
+    stream = needle_gates.GateStream(model, params, window)
+    rows = []
+    for example in make_examples(task, lengths, (depth,), per_cell, seed, ByteTokenizer()):
+        rows.append({"task": task, "length": example.length, "seed": example.seed, "depth": depth,
+                     "answer": example.answer, "step": int(meta["step"]),
+                     "layers": example_figures(stream, config, example)})
+    return rows
+
+
+COLUMNS = (("retention", ".2g"), ("gates", ".2g"), ("kept", ".2g"), ("later_writes", ".2g"), ("read", ".2g"),
+           ("fit_end", ".2g"), ("fit_question", ".2g"), ("norm_growth", ".3g"))
+
+
+def report(rows: list[dict]) -> str:
+    lines = ["| length | layer | " + " | ".join(name.replace("_", " ") for name, _ in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
+    for length in sorted({row["length"] for row in rows}):
+        group = [row for row in rows if row["length"] == length]
+        for layer in group[0]["layers"]:
+            cells = []
+            for name, fmt in COLUMNS:
+                values = [row["layers"][layer][name] for row in group]
+                cells.append(f"{format(np.median(values), fmt)} [{format(min(values), fmt)}, {format(max(values), fmt)}]")
+            lines.append(f"| {length:,} | {layer} | " + " | ".join(cells) + " |")
+    if "exact" in rows[0]:
+        lines += ["", "| length | layer | later writes, right answers | wrong answers |", "|---|---|---|---|"]
+        for length in sorted({row["length"] for row in rows}):
+            group = [row for row in rows if row["length"] == length]
+            for layer in group[0]["layers"]:
+                cells = []
+                for part in ([row for row in group if row["exact"]], [row for row in group if not row["exact"]]):
+                    values = [row["layers"][layer]["later_writes"] for row in part]
+                    cells.append(f"{len(part)}: {np.median(values):.2g} [{min(values):.2g}, {max(values):.2g}]"
+                                 if part else "0")
+                lines.append(f"| {length:,} | {layer} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help="a trained run's directory (<out>/<variant>/seed<k>)")
+    parser.add_argument("--rows", help="report the rows of an earlier --out file instead of running a model")
+    parser.add_argument("--task", default="niah_single_1", choices=("niah_single_1", "niah_single_2"))
+    parser.add_argument("--lengths", default="1024,4096,16384")
+    parser.add_argument("--depth", type=float, default=0.5)
+    parser.add_argument("--per-cell", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="the first evaluation seed")
+    parser.add_argument("--window", type=int, default=4096, help="tokens a streamed call (the evaluation's)")
+    parser.add_argument("--exact", nargs="+", help="experiments.needle_cue --out files of this model on these "
+                                                    "examples: adds each example's exact match")
+    parser.add_argument("--out", help="JSON file for every example's figures")
+    args = parser.parse_args(argv)
+    if (args.run is None) == (args.rows is None):
+        parser.error("give one of --run (a trained model) and --rows (an earlier --out file)")
+    if args.rows:
+        earlier = json.loads(pathlib.Path(args.rows).read_text())
+        rows = earlier["rows"]
+        for key in ("run", "task", "depth", "per_cell"):
+            setattr(args, key, earlier["args"][key])
+    else:
+        rows = run(pathlib.Path(args.run), args.task, [int(n) for n in args.lengths.split(",")], args.depth,
+                   args.per_cell, args.seed, args.window)
+    if args.exact:
+        rows = needle_gates.join_exact_files(rows, args.run, args.exact)
+    print(f"{args.run}, {args.task} at depth {args.depth}, {args.per_cell} examples a length: median [range]\n")
+    print(report(rows))
+    if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""experiments.needle_write: the needle's write followed through the memory by four replays
+(with / without the needle's writes, with / without the writes after it), against the same
+replays computed independently: one whole-sequence call of the per-token reference memory on
+the model's unstreamed inputs, with the step sizes zeroed where each replay says."""
+
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import needle_gates, needle_write
+from experiments.gate_trace import memory_layers
+from titans_jax import memory as memory_lib
+from titans_jax import models
+
+PERSISTENT = 3
+
+
+def _model(**changes):
+    config = models.ModelConfig(arch="lmm", vocab_size=256, d_model=32, num_layers=2, num_heads=2, head_dim=16,
+                                mlp_hidden=64, window=8, num_persistent=PERSISTENT, dtype="float64",
+                                param_dtype="float64").replace(
+        {"lmm.memory.chunk_size": 4, "lmm.theta_max": 0.5, **changes})
+    model = models.TitansLM(config)
+    return config, model, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+# a prompt with a needle ("4711") and a question after its context; offsets are bytes
+PROMPT = "Some haystack text. The magic number is 4711. More haystack here, and more. Question: what? "
+EXAMPLE = types.SimpleNamespace(prompt=PROMPT, answer="4711", needle_chars=((20, 45),),
+                                context_chars=(0, PROMPT.index("Question")))
+
+
+def _reference_figures(config, model, params):
+    """The figures from whole-sequence reference calls (from M_0, persistent tokens first)."""
+    ids = np.frombuffer(PROMPT.encode(), np.uint8).astype(np.int32)
+    start, end = needle_gates.needle_span(PROMPT, "4711", EXAMPLE.needle_chars[0])
+    question = EXAMPLE.context_chars[1]
+    diagnostics = model.apply({"params": params}, jnp.asarray(ids[None]), mutable=["diagnostics"])[1]["diagnostics"]
+    memory_config = dataclasses.replace(config.memory_layer.resolve().memory_config, impl="reference")
+    figures = {}
+    for path, inputs in memory_layers(diagnostics):
+        layer_params = params[path[0]][path[1]]["memory"]
+        needle = slice(PERSISTENT + start, PERSISTENT + end)
+
+        def weights(stop, needle_writes, later_writes, inputs=inputs, layer_params=layer_params, needle=needle):
+            theta = inputs[3]
+            if not needle_writes:
+                theta = theta.at[..., needle].set(0.0)
+            if not later_writes:
+                theta = theta.at[..., PERSISTENT + end:].set(0.0)
+            cut = [None if x is None else x[:, :, :PERSISTENT + stop] for x in inputs[:3] + (theta,) + inputs[4:]]
+            return memory_lib.memory_apply(layer_params, *cut, memory_config)[1].weights
+
+        at_end = {"A": weights(end, True, True), "B": weights(end, False, True)}
+        at_question = {name: weights(question, *writes) for name, writes in
+                       zip(needle_write.REPLAYS, [(True, True), (False, True), (True, False), (False, False)])}
+        figures["/".join(path)] = needle_write.write_figures(layer_params, memory_config, at_end, at_question,
+                                                             inputs[0][0, :, needle], inputs[1][0, :, needle])
+        log_keep = inputs[5]
+        figures["/".join(path)]["retention"] = 1.0 if log_keep is None else float(np.exp(np.mean(np.sum(
+            np.asarray(log_keep[0, :, PERSISTENT + end:PERSISTENT + question], np.float64), axis=-1))))
+    return figures
+
+
+@pytest.mark.parametrize("changes", [{}, {"lmm.use_momentum": False, "lmm.use_forgetting": False}],
+                         ids=["lmm", "ttt"])
+def test_streamed_replays_are_the_whole_sequence_reference_replays(changes):
+    with jax.enable_x64(True):  # float64: the fits are small differences of losses
+        config, model, params = _model(**changes)
+        streamed = needle_write.example_figures(needle_gates.GateStream(model, params, window=8), config, EXAMPLE)
+        reference = _reference_figures(config, model, params)
+    assert list(streamed) == list(reference) == ["block_0/memory", "block_1/memory"]
+    for path in streamed:
+        assert streamed[path] == pytest.approx(reference[path], rel=1e-9, abs=1e-12), path
+        assert 0 < streamed[path]["fit_end"] < 1  # the needle's write lowers its own pairs' loss
+    if changes:  # no gate, no momentum: after the needle nothing but the later writes moves its write
+        for figures in streamed.values():
+            assert figures["retention"] == 1.0 and figures["gates"] == pytest.approx(1.0, rel=1e-12)
+    else:
+        assert all(figures["retention"] < 1.0 for figures in streamed.values())
+
+
+def test_a_needle_without_a_question_after_it_is_refused():
+    with jax.enable_x64(True):
+        config, model, params = _model()
+    late = types.SimpleNamespace(**{**vars(EXAMPLE), "context_chars": (0, 30)})  # the question inside the needle
+    with pytest.raises(ValueError, match="expected the needle, then the question"):
+        needle_write.example_figures(needle_gates.GateStream(model, params, window=8), config, late)
