@@ -111,7 +111,7 @@ def example_figures(stream: needle_gates.GateStream, config, example) -> dict:
     ids = ByteTokenizer().encode(example.prompt)
     start, end = needle_gates.needle_span(example.prompt, example.answer, example.needle_chars[0])
     question = len(example.prompt[:example.context_chars[1]].encode("utf-8"))
-    if not start < end < question < ids.size:
+    if not 0 < start < end < question < ids.size:
         raise ValueError(f"needle [{start}, {end}), question at {question}, prompt of {ids.size} tokens: "
                          "expected the needle, then the question, then the prompt's end")
     memory_config = config.memory_layer.resolve().memory_config
