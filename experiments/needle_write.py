@@ -34,8 +34,10 @@ token (|.| the Frobenius norm over the memory's layers and heads):
 - |W(q)| / |W(e)|: how the weights' norm grows or shrinks over the haystack after the needle.
 
 The replay A is checked against the model's own memory state at the prompt's end (the same
-function on the same pieces). With --exact the rows get each example's exact match, as in
-needle_gates. Byte-level LMM / MAG / MAL / linear memory / TTT models, as needle_gates.
+function on the same pieces, compiled apart; replay_gap, its relative distance, is in the rows:
+experiments.stream_drift measures the model's own float32 scale for it). With --exact the rows
+get each example's exact match, as in needle_gates. Byte-level LMM / MAG / MAL / linear memory /
+TTT models, as needle_gates.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ import numpy as np
 from experiments import needle_gates
 from titans_jax import memory as memory_lib
 
+# The replay runs the memory outside the model's compiled program, so float32 rounding differs
+# (~1e-7 relative over 16K-64K tokens of the linear memory, more on a few examples: replay_gap in
+# the rows and the report); a wrong state or wrong inputs are off by O(1). Float64: ~1e-14.
+REPLAY_TOLERANCE = 0.1
 REPLAYS = ("A", "B", "C", "D")  # (needle written, writes after the needle) = (1, 1), (0, 1), (1, 0), (0, 0)
 
 
@@ -149,7 +155,7 @@ def example_figures(stream: needle_gates.GateStream, config, example) -> dict:
             continue
         mine, model = replays[path]["A"].weights, layer["memory"].memory.weights
         gap = _norm(_difference(mine, model)) / _norm(model)
-        if not gap < 1e-4:
+        if not gap < REPLAY_TOLERANCE:
             raise AssertionError(f"{path}: the replay ends {gap:.2e} (relative) from the model's memory state")
         keys, values = (np.concatenate([np.asarray(piece[part]) for piece in needle[path]], axis=1) for part in (0, 1))
         block, name = path.split("/")
@@ -158,6 +164,7 @@ def example_figures(stream: needle_gates.GateStream, config, example) -> dict:
         theta = np.concatenate([piece[0] for piece in gates[path]], axis=-1)[:, :question]
         keep = None if gates[path][0][1] is None else np.concatenate([p[1] for p in gates[path]], axis=-1)[:, :question]
         figures[path]["retention"] = needle_gates.layer_figures(theta, keep, start, end)["retention"]
+        figures[path]["replay_gap"] = gap
     return figures
 
 
@@ -180,7 +187,7 @@ def run(run_dir, task: str, lengths, depth: float, per_cell: int, seed: int, win
 
 
 COLUMNS = (("retention", ".2g"), ("gates", ".2g"), ("kept", ".2g"), ("later_writes", ".2g"), ("read", ".2g"),
-           ("fit_end", ".2g"), ("fit_question", ".2g"), ("norm_growth", ".3g"))
+           ("fit_end", ".2g"), ("fit_question", ".2g"), ("norm_growth", ".3g"), ("replay_gap", ".1e"))
 
 
 def report(rows: list[dict]) -> str:
@@ -192,7 +199,8 @@ def report(rows: list[dict]) -> str:
             cells = []
             for name, fmt in COLUMNS:
                 values = [row["layers"][layer][name] for row in group]
-                cells.append(f"{format(np.median(values), fmt)} [{format(min(values), fmt)}, {format(max(values), fmt)}]")
+                low, middle, high = (format(value, fmt) for value in (min(values), np.median(values), max(values)))
+                cells.append(f"{middle} [{low}, {high}]")
             lines.append(f"| {length:,} | {layer} | " + " | ".join(cells) + " |")
     if "exact" in rows[0]:
         lines += ["", "| length | layer | later writes, right answers | wrong answers |", "|---|---|---|---|"]

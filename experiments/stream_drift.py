@@ -1,0 +1,70 @@
+"""How far apart do two window sizes leave a model's memory? The float32 scale of streaming. ([C2])
+
+    python -m experiments.stream_drift --run runs/lc_niah_mag_scratch_long16k/mag/seed1 \
+        --length 262144 --windows 4096,2048 --every 65536
+
+Streaming is exact in exact arithmetic: any split of a prompt into calls gives the same memory
+state (titans_jax.memory's contract, tested in float64). In float32 each split rounds
+differently, and a memory whose dynamics amplify small differences carries them to the end.
+This streams one S-NIAH prompt (RULER's passkey, depth 0.5, evaluation seed --seed) with each
+window size and prints, every --every tokens, the relative Frobenius distance between the two
+streams' memory weights per memory layer: the scale below which a replay of the memory outside
+the model (experiments.needle_write's replay_gap) cannot be told from the model itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import numpy as np
+
+from experiments import needle_gates
+
+
+def memory_weights(cache) -> list[np.ndarray]:
+    """Every memory layer's weights in a model cache, flattened (float64)."""
+    return [np.concatenate([np.ravel(np.asarray(leaf, np.float64))
+                            for leaf in jax.tree.leaves(layer["memory"].memory.weights)])
+            for layer in cache["layers"] if "memory" in layer]
+
+
+def drift(model, params, ids: np.ndarray, windows: tuple[int, int], every: int) -> list[tuple[int, list[float]]]:
+    """[(tokens, [relative distance per memory layer])] every `every` tokens and at the end."""
+    marks = tuple(range(every, ids.size, every))
+    states = []
+    for window in windows:
+        stream = needle_gates.GateStream(model, params, window)
+        states.append({stop: memory_weights(cache) for stop, cache, _ in stream.stream(ids, cuts=marks)
+                       if stop in marks or stop == ids.size})
+    return [(stop, [float(np.linalg.norm(a - b) / np.linalg.norm(b)) for a, b in zip(states[0][stop], states[1][stop])])
+            for stop in sorted(states[0])]
+
+
+def main(argv=None) -> list[tuple[int, list[float]]]:
+    from titans_jax.data.tokenizers import ByteTokenizer
+    from titans_jax.long_context import make_examples
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a trained run's directory (<out>/<variant>/seed<k>)")
+    parser.add_argument("--length", type=int, default=65536)
+    parser.add_argument("--windows", default="4096,2048", help="the two window sizes")
+    parser.add_argument("--every", type=int, default=16384, help="tokens between reports")
+    parser.add_argument("--seed", type=int, default=0, help="the evaluation seed of the prompt")
+    args = parser.parse_args(argv)
+    windows = tuple(int(w) for w in args.windows.split(","))
+    if len(windows) != 2 or windows[0] == windows[1]:
+        parser.error(f"--windows takes two different window sizes, got {args.windows}")
+    _, params, _, model = needle_gates.load_streamable(args.run)
+    example = make_examples("niah_single_1", [args.length], (0.5,), 1, args.seed, ByteTokenizer())[0]
+    rows = drift(model, params, ByteTokenizer().encode(example.prompt), windows, args.every)
+    print(f"{args.run}: memory weights streamed in windows of {windows[0]} and {windows[1]} tokens, relative distance")
+    print("\n| tokens | " + " | ".join(f"memory layer {i}" for i in range(len(rows[0][1]))) + " |")
+    print("|---|" + "---|" * len(rows[0][1]))
+    for stop, gaps in rows:
+        print(f"| {stop:,} | " + " | ".join(f"{gap:.1e}" for gap in gaps) + " |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
