@@ -6,7 +6,7 @@
 Streaming is exact in exact arithmetic: any split of a prompt into calls gives the same memory
 state (titans_jax.memory's contract, tested in float64). In float32 each split rounds
 differently, and a memory whose dynamics amplify small differences carries them to the end.
-This streams one S-NIAH prompt (RULER's passkey, depth 0.5, evaluation seed --seed) with each
+This streams S-NIAH prompts (RULER's passkey, depth 0.5, evaluation seeds from --seed) with each
 window size and prints, every --every tokens, the relative Frobenius distance between the two
 streams' memory weights per memory layer: the scale below which a replay of the memory outside
 the model (experiments.needle_write's replay_gap) cannot be told from the model itself.
@@ -41,7 +41,7 @@ def drift(model, params, ids: np.ndarray, windows: tuple[int, int], every: int) 
             for stop in sorted(states[0])]
 
 
-def main(argv=None) -> list[tuple[int, list[float]]]:
+def main(argv=None) -> list[tuple[int, int, list[float]]]:
     from titans_jax.data.tokenizers import ByteTokenizer
     from titans_jax.long_context import make_examples
 
@@ -50,19 +50,22 @@ def main(argv=None) -> list[tuple[int, list[float]]]:
     parser.add_argument("--length", type=int, default=65536)
     parser.add_argument("--windows", default="4096,2048", help="the two window sizes")
     parser.add_argument("--every", type=int, default=16384, help="tokens between reports")
-    parser.add_argument("--seed", type=int, default=0, help="the evaluation seed of the prompt")
+    parser.add_argument("--seed", type=int, default=0, help="the evaluation seed of the first prompt")
+    parser.add_argument("--prompts", type=int, default=1, help="prompts (evaluation seeds from --seed)")
     args = parser.parse_args(argv)
     windows = tuple(int(w) for w in args.windows.split(","))
     if len(windows) != 2 or windows[0] == windows[1]:
         parser.error(f"--windows takes two different window sizes, got {args.windows}")
     _, params, _, model = needle_gates.load_streamable(args.run)
-    example = make_examples("niah_single_1", [args.length], (0.5,), 1, args.seed, ByteTokenizer())[0]
-    rows = drift(model, params, ByteTokenizer().encode(example.prompt), windows, args.every)
+    rows = []
+    for example in make_examples("niah_single_1", [args.length], (0.5,), args.prompts, args.seed, ByteTokenizer()):
+        rows += [(example.seed, stop, gaps)
+                 for stop, gaps in drift(model, params, ByteTokenizer().encode(example.prompt), windows, args.every)]
     print(f"{args.run}: memory weights streamed in windows of {windows[0]} and {windows[1]} tokens, relative distance")
-    print("\n| tokens | " + " | ".join(f"memory layer {i}" for i in range(len(rows[0][1]))) + " |")
-    print("|---|" + "---|" * len(rows[0][1]))
-    for stop, gaps in rows:
-        print(f"| {stop:,} | " + " | ".join(f"{gap:.1e}" for gap in gaps) + " |")
+    print("\n| prompt | tokens | " + " | ".join(f"memory layer {i}" for i in range(len(rows[0][2]))) + " |")
+    print("|---|---|" + "---|" * len(rows[0][2]))
+    for seed, stop, gaps in rows:
+        print(f"| {seed} | {stop:,} | " + " | ".join(f"{gap:.1e}" for gap in gaps) + " |")
     return rows
 
 
