@@ -22,7 +22,8 @@ same with the gates and the momentum alone. The inputs of later tokens are A's i
 W(t) the weights after t tokens, e the needle's last digit + 1 and q the question's first
 token (|.| the Frobenius norm over the memory's layers and heads):
 
-- retention: the gates' product from e to q (needle_gates' figure, the geometric mean of heads);
+- retention: the gates' product from e to q (needle_gates' figure, which runs to the prompt's
+  end, taken to the question; the geometric mean of heads);
 - gates: |C(q) - D(q)| / |A(e) - B(e)|: what the gates and momentum leave of the write;
 - kept: |A(q) - B(q)| / |A(e) - B(e)|: what is left with the later writes too;
 - later writes: |A(q) - B(q)| / |C(q) - D(q)|: the later writes' factor on what the gates
@@ -120,8 +121,9 @@ def write_figures(params, config, at_end: dict, at_question: dict, keys, values)
                                              - np.asarray(values, np.float64)))) for name in ("A", "B")}
         return (loss["B"] - loss["A"]) / loss["B"]
 
+    gated_read = read_gap(weights_q, "C", "D")  # 0 where the gates leave nothing (MAL's saturated layers)
     return {"gates": gated / write, "kept": net / write, "later_writes": net / gated if gated else float("nan"),
-            "read": read_gap(weights_q, "A", "B") / read_gap(weights_q, "C", "D"),
+            "read": read_gap(weights_q, "A", "B") / gated_read if gated_read else float("nan"),
             "fit_end": fit(weights_e), "fit_question": fit(weights_q),
             "norm_growth": _norm(weights_q["A"]) / _norm(weights_e["A"])}
 

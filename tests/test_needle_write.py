@@ -104,3 +104,17 @@ def test_stream_drift_is_zero_in_float64_whatever_the_window():
         rows = stream_drift.drift(model, params, ids, (8, 16), every=32)
     assert [stop for stop, _ in rows] == [32, 64, ids.size]
     assert all(len(gaps) == 2 and max(gaps) < 1e-12 for _, gaps in rows)
+
+
+def test_a_write_the_gates_erase_has_no_later_writes_factor():
+    """Where the gates' product underflows (C = D at the question) the factors against it are
+    undefined (nan), not a division error; the rest is still reported."""
+    config = memory_lib.MemoryConfig(key_dim=4, value_dim=4, depth=1).resolve()
+    base = memory_lib.init_memory_params(jax.random.key(0), config, num_heads=2)
+    weights = lambda scale: ({"w": scale * base["layers"][0]["w"][None]},)  # noqa: E731  [1, H, I, O]
+    keys = np.asarray(jax.random.normal(jax.random.key(1), (2, 3, 4)))
+    figures = needle_write.write_figures(base, config, {"A": weights(1.5), "B": weights(1.0)},
+                                         {"A": weights(1.5), "B": weights(1.0), "C": weights(0.0), "D": weights(0.0)},
+                                         keys, keys)
+    assert figures["gates"] == 0.0 and figures["kept"] == pytest.approx(1.0)
+    assert np.isnan(figures["later_writes"]) and np.isnan(figures["read"])
