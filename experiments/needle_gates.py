@@ -215,19 +215,21 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cli(doc: str, run_fn, report_fn, argv=None, per_cell: int = 16, exact_help: str = "") -> list[dict]:
+    """The command line of needle_gates and needle_write: run `run_fn` on a trained model (or
+    read an earlier --out file), join --exact answers, print `report_fn`'s table, write --out."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a trained run's directory (<out>/<variant>/seed<k>)")
     parser.add_argument("--rows", help="report the rows of an earlier --out file instead of running a model")
     parser.add_argument("--task", default="niah_single_1", choices=("niah_single_1", "niah_single_2"))
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--depth", type=float, default=0.5)
-    parser.add_argument("--per-cell", type=int, default=16)
+    parser.add_argument("--per-cell", type=int, default=per_cell)
     parser.add_argument("--seed", type=int, default=0, help="the first evaluation seed")
     parser.add_argument("--window", type=int, default=4096, help="tokens a streamed call (the evaluation's)")
     parser.add_argument("--exact", nargs="+", help="experiments.needle_cue --out files of this model on these "
                                                     "examples (e.g. one per length): adds each example's exact "
-                                                    "match and the retention of right against wrong answers")
+                                                    "match" + exact_help)
     parser.add_argument("--out", help="JSON file for every example's figures")
     args = parser.parse_args(argv)
     if (args.run is None) == (args.rows is None):
@@ -238,16 +240,20 @@ def main(argv=None) -> list[dict]:
         for key in ("run", "task", "depth", "per_cell"):
             setattr(args, key, earlier["args"][key])
     else:
-        rows = run(pathlib.Path(args.run), args.task, [int(n) for n in args.lengths.split(",")], args.depth,
-                   args.per_cell, args.seed, args.window)
+        rows = run_fn(pathlib.Path(args.run), args.task, [int(n) for n in args.lengths.split(",")], args.depth,
+                      args.per_cell, args.seed, args.window)
     if args.exact:
         rows = join_exact_files(rows, args.run, args.exact)
     print(f"{args.run}, {args.task} at depth {args.depth}, {args.per_cell} examples a length: median [range]\n")
-    print(report(rows))
+    print(report_fn(rows))
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return rows
+
+
+def main(argv=None) -> list[dict]:
+    return cli(__doc__, run, report, argv, exact_help=" and the retention of right against wrong answers")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ token (|.| the Frobenius norm over the memory's layers and heads):
 - gates: |C(q) - D(q)| / |A(e) - B(e)|: what the gates and momentum leave of the write;
 - kept: |A(q) - B(q)| / |A(e) - B(e)|: what is left with the later writes too;
 - later writes: |A(q) - B(q)| / |C(q) - D(q)|: the later writes' factor on what the gates
-  leave (1: they leave the needle's write alone);
+  leave (1: they leave the needle's write alone; None where the gates leave exactly nothing);
 - read: the same factor on what the memory returns for the needle's own keys,
   |M_A(q)(k) - M_B(q)(k)| / |M_C(q)(k) - M_D(q)(k)| over the needle's digits;
 - fit at e and q: (l_B - l_A) / l_B with l the memory's loss on the needle's own (key, value)
@@ -44,10 +44,7 @@ TTT models, as needle_gates.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -122,8 +119,8 @@ def write_figures(params, config, at_end: dict, at_question: dict, keys, values)
         return (loss["B"] - loss["A"]) / loss["B"]
 
     gated_read = read_gap(weights_q, "C", "D")  # 0 where the gates leave nothing (MAL's saturated layers)
-    return {"gates": gated / write, "kept": net / write, "later_writes": net / gated if gated else float("nan"),
-            "read": read_gap(weights_q, "A", "B") / gated_read if gated_read else float("nan"),
+    return {"gates": gated / write, "kept": net / write, "later_writes": net / gated if gated else None,
+            "read": read_gap(weights_q, "A", "B") / gated_read if gated_read else None,
             "fit_end": fit(weights_e), "fit_question": fit(weights_q),
             "norm_growth": _norm(weights_q["A"]) / _norm(weights_e["A"])}
 
@@ -215,9 +212,13 @@ def report(rows: list[dict]) -> str:
         for layer in group[0]["layers"]:
             cells = []
             for name, fmt in COLUMNS:
-                values = [row["layers"][layer][name] for row in group]
+                values = [row["layers"][layer][name] for row in group if row["layers"][layer][name] is not None]
+                if not values:  # the gates left nothing of the write in any example
+                    cells.append("undefined")
+                    continue
                 low, middle, high = (format(value, fmt) for value in (min(values), np.median(values), max(values)))
-                cells.append(f"{middle} [{low}, {high}]")
+                some = f" ({len(values)} of {len(group)})" if len(values) < len(group) else ""
+                cells.append(f"{middle} [{low}, {high}]{some}")
             lines.append(f"| {length:,} | {layer} | " + " | ".join(cells) + " |")
     if "exact" in rows[0]:
         lines += ["", "| length | layer | later writes, right answers | wrong answers |", "|---|---|---|---|"]
@@ -226,45 +227,17 @@ def report(rows: list[dict]) -> str:
             for layer in group[0]["layers"]:
                 cells = []
                 for part in ([row for row in group if row["exact"]], [row for row in group if not row["exact"]]):
-                    values = [row["layers"][layer]["later_writes"] for row in part]
+                    values = [row["layers"][layer]["later_writes"] for row in part
+                              if row["layers"][layer]["later_writes"] is not None]
                     cells.append(f"{len(part)}: {np.median(values):.2g} [{min(values):.2g}, {max(values):.2g}]"
-                                 if part else "0")
+                                 if values else f"{len(part)}")
                 lines.append(f"| {length:,} | {layer} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", help="a trained run's directory (<out>/<variant>/seed<k>)")
-    parser.add_argument("--rows", help="report the rows of an earlier --out file instead of running a model")
-    parser.add_argument("--task", default="niah_single_1", choices=("niah_single_1", "niah_single_2"))
-    parser.add_argument("--lengths", default="1024,4096,16384")
-    parser.add_argument("--depth", type=float, default=0.5)
-    parser.add_argument("--per-cell", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="the first evaluation seed")
-    parser.add_argument("--window", type=int, default=4096, help="tokens a streamed call (the evaluation's)")
-    parser.add_argument("--exact", nargs="+", help="experiments.needle_cue --out files of this model on these "
-                                                    "examples: adds each example's exact match")
-    parser.add_argument("--out", help="JSON file for every example's figures")
-    args = parser.parse_args(argv)
-    if (args.run is None) == (args.rows is None):
-        parser.error("give one of --run (a trained model) and --rows (an earlier --out file)")
-    if args.rows:
-        earlier = json.loads(pathlib.Path(args.rows).read_text())
-        rows = earlier["rows"]
-        for key in ("run", "task", "depth", "per_cell"):
-            setattr(args, key, earlier["args"][key])
-    else:
-        rows = run(pathlib.Path(args.run), args.task, [int(n) for n in args.lengths.split(",")], args.depth,
-                   args.per_cell, args.seed, args.window)
-    if args.exact:
-        rows = needle_gates.join_exact_files(rows, args.run, args.exact)
-    print(f"{args.run}, {args.task} at depth {args.depth}, {args.per_cell} examples a length: median [range]\n")
-    print(report(rows))
-    if args.out:
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    return rows
+    return needle_gates.cli(__doc__, run, report, argv, per_cell=8,
+                            exact_help=" and the later writes' factor on right against wrong answers")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def test_stream_drift_is_zero_in_float64_whatever_the_window():
 
 def test_a_write_the_gates_erase_has_no_later_writes_factor():
     """Where the gates' product underflows (C = D at the question) the factors against it are
-    undefined (nan), not a division error; the rest is still reported."""
+    undefined (None in the rows, valid JSON), not a division error; the rest is still reported."""
     config = memory_lib.MemoryConfig(key_dim=4, value_dim=4, depth=1).resolve()
     base = memory_lib.init_memory_params(jax.random.key(0), config, num_heads=2)
     weights = lambda scale: ({"w": scale * base["layers"][0]["w"][None]},)  # noqa: E731  [1, H, I, O]
@@ -117,4 +117,8 @@ def test_a_write_the_gates_erase_has_no_later_writes_factor():
                                          {"A": weights(1.5), "B": weights(1.0), "C": weights(0.0), "D": weights(0.0)},
                                          keys, keys)
     assert figures["gates"] == 0.0 and figures["kept"] == pytest.approx(1.0)
-    assert np.isnan(figures["later_writes"]) and np.isnan(figures["read"])
+    assert figures["later_writes"] is None and figures["read"] is None
+    row = {"length": 1024, "layers": {"block_0/memory": {**figures, "retention": 0.0, "replay_gap": 0.0}}}
+    table = needle_write.report([row, {**row, "layers": {"block_0/memory": {**row["layers"]["block_0/memory"],
+                                                                           "read": 0.5}}}])
+    assert "| undefined |" in table and "0.5 [0.5, 0.5] (1 of 2)" in table
