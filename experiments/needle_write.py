@@ -57,7 +57,7 @@ from titans_jax import memory as memory_lib
 # After its first piece it must be the model's state (a wrong state or wrong inputs are off by
 # O(1)); by the prompt's end the rounding can have grown as the model's own does between two
 # window sizes (experiments.stream_drift: 1e-6 for the linear memory at 64K, 1e-2 for MAG at
-# 256K, 0.1 for the deep LMM at 16K): replay_gap in the rows and the report. Float64: ~1e-14.
+# 256K, up to 0.4 for the deep LMM at 16K): replay_gap in the rows and the report. Float64: ~1e-14.
 FIRST_PIECE_TOLERANCE = 1e-4
 REPLAYS = ("A", "B", "C", "D")  # (needle written, writes after the needle) = (1, 1), (0, 1), (1, 0), (0, 0)
 
@@ -158,9 +158,9 @@ def example_figures(stream: needle_gates.GateStream, config, example) -> dict:
             if offset == start:
                 _check_first_piece(path, replays[path]["A"].weights, cache)
             if stop == end:
-                at_end[path] = {name: replays[path][name].weights for name in ("A", "B")}
+                at_end[path] = {replay: replays[path][replay].weights for replay in ("A", "B")}
             if stop == question:
-                at_question[path] = {name: state.weights for name, state in replays[path].items()}
+                at_question[path] = {replay: state.weights for replay, state in replays[path].items()}
         if stop == start:
             cache_before = {f"block_{index}": layer["memory"].memory for index, layer in enumerate(cache["layers"])
                             if "memory" in layer}
