@@ -64,29 +64,48 @@ def weight_norms(params, inputs, config, window: int) -> np.ndarray:
     return np.array(out)
 
 
-def surprise_norms(params, inputs, config) -> np.ndarray:
-    """[B, H, T]: ||u_t||, the norm of each token's inner gradient (all memory layers) at the
-    weights of its chunk's start, before any surprise_clip: what MemoryConfig.surprise_clip caps.
-    Streams chunk by chunk; at a chunk boundary the state's weights are the gradient point."""
-    keys, values = inputs[0], inputs[1]
-    norm = params.get("norm")
-    apply = jax.jit(lambda state, *pieces: memory_lib.memory_apply(params, *pieces, config, state)[1])
-
-    def one_slice(weights, slice_norm, k, v):  # per-layer [I, O] weights; k, v [C, dim] -> [C]
+@functools.partial(jax.jit, static_argnames="config")
+def _chunk_surprise(params, weights, keys, values, config):
+    """[B, H, C]: each token's inner gradient norm (all layers) at `weights` (per layer [B, H, I, O])."""
+    def one_slice(slice_weights, slice_norm, k, v):  # per-layer [I, O] weights; k, v [C, dim] -> [C]
         grads = jax.vmap(jax.grad(memory_lib.inner_loss), in_axes=(None, None, 0, 0, None))(
-            weights, slice_norm, k, v, config)
+            slice_weights, slice_norm, k, v, config)
         return jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2, axis=tuple(range(1, g.ndim)))
                             for g in jax.tree.leaves(grads)))
 
+    norm = params.get("norm")
     over_heads = jax.vmap(one_slice, in_axes=(0, None if norm is None else 0, 0, 0))
-    per_chunk = jax.jit(jax.vmap(over_heads, in_axes=(0, None, 0, 0)))
-    state = memory_lib.init_memory_state(params, keys.shape[0], config, keys.dtype)
-    out = []
-    for start in range(0, keys.shape[2], config.chunk_size):
-        span = slice(start, start + config.chunk_size)
-        out.append(per_chunk(state.weights, norm, keys[:, :, span], values[:, :, span]))
-        state = apply(state, *(None if x is None else x[:, :, span] for x in inputs))
-    return np.asarray(jnp.concatenate(out, axis=-1))
+    return jax.vmap(over_heads, in_axes=(0, None, 0, 0))(weights, norm, keys, values)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _advance(params, state, inputs, config):
+    return memory_lib.memory_apply(params, *inputs, config, state)[1]
+
+
+def surprise_norms(params, inputs, config, state=None, weight_norms: bool = False):
+    """[B, H, T]: ||u_t||, the norm of each token's inner gradient (all memory layers) at the
+    weights of its chunk's start, before any surprise_clip: what MemoryConfig.surprise_clip caps.
+    Streams chunk by chunk from `state` (None: M_0), whose unfinished chunk (num_pending tokens)
+    is finished first at its chunk_weights; at a chunk boundary the state's weights are the
+    gradient point. weight_norms: also [B, H, T], each token's gradient point's Frobenius norm
+    (all layers), the scale a residual LayerNorm's gradient is inversely proportional to."""
+    keys, values = inputs[0], inputs[1]
+    if state is None:
+        state = memory_lib.init_memory_state(params, keys.shape[0], config, keys.dtype)
+    first = -int(state.num_pending) % config.chunk_size  # the tokens that finish the unfinished chunk
+    bounds = sorted({0, keys.shape[2], *range(first, keys.shape[2], config.chunk_size)})
+    out, scales = [], []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        span = slice(start, stop)
+        out.append(_chunk_surprise(params, state.chunk_weights, keys[:, :, span], values[:, :, span], config))
+        if weight_norms:
+            squares = sum(jnp.sum(leaf.astype(jnp.float32) ** 2, axis=tuple(range(2, leaf.ndim)))
+                          for leaf in jax.tree.leaves(state.chunk_weights))  # [B, H]
+            scales.append(jnp.broadcast_to(jnp.sqrt(squares)[..., None], (*squares.shape, stop - start)))
+        state = _advance(params, state, tuple(None if x is None else x[:, :, span] for x in inputs), config)
+    norms = np.asarray(jnp.concatenate(out, axis=-1))
+    return (norms, np.asarray(jnp.concatenate(scales, axis=-1))) if weight_norms else norms
 
 
 def key_gradients(params, inputs, config, window: int, seed: int = 0) -> np.ndarray:

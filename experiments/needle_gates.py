@@ -68,7 +68,8 @@ class GateStream:
     """Streams a prompt through `model` in windows of `window` tokens (batch 1, the evaluation's
     titans_jax.long_context.harness.StreamingRunner calls) with the memory layers' inputs kept:
     gates(ids) -> [(layer path, theta [H, T], log_keep [H, T] or None)] over the prompt's tokens
-    (the persistent prefix, which the empty cache has already run, excluded)."""
+    (the persistent prefix, which the empty cache has already run, excluded). `empty`: that
+    cache, the state before the prompt's first token."""
 
     def __init__(self, model, params, window: int = 4096):
         import jax
@@ -78,7 +79,7 @@ class GateStream:
         self.params, self.window = params, window
         self._call = jax.jit(lambda p, ids, cache: model.apply({"params": p}, ids, cache, logits_at="none",
                                                                 mutable=["diagnostics"]))
-        self._empty = jax.jit(lambda p: init_cache(model, p, 1, None))(params)
+        self.empty = jax.jit(lambda p: init_cache(model, p, 1, None))(params)
 
     def stream(self, ids: np.ndarray, cuts=()):
         """Yields (offset, cache, [(layer path, its memory inputs, batch axis dropped)]) after each
@@ -91,7 +92,7 @@ class GateStream:
         bounds = sorted({0, ids.size, *cuts})
         if bounds[0] < 0 or bounds[-1] > ids.size:
             raise ValueError(f"cuts {sorted(cuts)} outside the prompt's {ids.size} tokens")
-        cache, offset = self._empty, 0
+        cache, offset = self.empty, 0
         for stop in bounds[1:]:
             for piece in window_pieces(stop - offset, self.window):
                 (_, cache), collected = self._call(self.params, ids[None, offset:offset + piece], cache)

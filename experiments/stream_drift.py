@@ -10,6 +10,15 @@ This streams S-NIAH prompts (RULER's passkey, depth 0.5, evaluation seeds from -
 window size and prints, every --every tokens, the relative Frobenius distance between the two
 streams' memory weights per memory layer: the scale below which a replay of the memory outside
 the model (experiments.needle_write's replay_gap) cannot be told from the model itself.
+
+With --norms it also streams each prompt once more (the first window size) and prints, per
+memory layer and stretch between reports, what the residual LayerNorm hypothesis is about: the
+memory's weight norm |W| at the stretch's end, the median norm |u| of a token's inner gradient
+(gate_trace.surprise_norms: at its chunk's start, before any surprise_clip) and the median
+relative step theta * |u| / |W| (|u| capped at surprise_clip where the model has one). With
+M(x) = x + LN(f(x)) and f's last layer linear, scaling that layer by c leaves the read unchanged
+and scales its gradient by 1 / c, so a gate that shrinks the weights raises the relative step
+like 1 / c^2 (the "effective learning rate" of scale-invariant weights under weight decay).
 """
 
 from __future__ import annotations
@@ -41,6 +50,40 @@ def drift(model, params, ids: np.ndarray, windows: tuple[int, int], every: int) 
             for stop in sorted(states[0])]
 
 
+def norms(model, params, memory_config, ids: np.ndarray, window: int, every: int) -> list[tuple[int, list[dict]]]:
+    """[(tokens, [{"weights", "surprise", "step"} per memory layer])] every `every` tokens and at
+    the end: |W| there (mean over heads), and the medians of |u| and theta * |u| / |W| over the
+    stretch's tokens and heads."""
+    from experiments.gate_trace import surprise_norms
+
+    marks = tuple(range(every, ids.size, every))
+    stream = needle_gates.GateStream(model, params, window)
+    before, stretch, rows = stream.empty, {}, []
+    for stop, cache, layers in stream.stream(ids, cuts=marks):
+        for path, inputs in layers:
+            index = int(path.split("/")[0].removeprefix("block_"))
+            block, name = path.split("/")
+            batched = tuple(None if x is None else x[None] for x in inputs)
+            surprise, scale = surprise_norms(params[block][name]["memory"], batched, memory_config,
+                                             before["layers"][index]["memory"].memory, weight_norms=True)
+            clip = memory_config.surprise_clip
+            capped = surprise if clip is None else np.minimum(surprise, clip)
+            stretch.setdefault(index, []).append((surprise[0], np.asarray(inputs[3]) * capped[0] / scale[0]))
+        before = cache
+        if stop in marks or stop == ids.size:
+            row = []
+            for index, pieces in sorted(stretch.items()):
+                weights = cache["layers"][index]["memory"].memory.weights
+                squares = sum(np.sum(np.square(np.asarray(leaf[0], np.float64)).reshape(leaf.shape[1], -1), axis=1)
+                              for leaf in jax.tree.leaves(weights))  # [H]
+                row.append({"weights": float(np.mean(np.sqrt(squares))),
+                            "surprise": float(np.median(np.concatenate([u for u, _ in pieces], axis=-1))),
+                            "step": float(np.median(np.concatenate([step for _, step in pieces], axis=-1)))})
+            rows.append((stop, row))
+            stretch = {}
+    return rows
+
+
 def main(argv=None) -> list[tuple[int, int, list[float]]]:
     from titans_jax.data.tokenizers import ByteTokenizer
     from titans_jax.long_context import make_examples
@@ -52,20 +95,35 @@ def main(argv=None) -> list[tuple[int, int, list[float]]]:
     parser.add_argument("--every", type=int, default=16384, help="tokens between reports")
     parser.add_argument("--seed", type=int, default=0, help="the evaluation seed of the first prompt")
     parser.add_argument("--prompts", type=int, default=1, help="prompts (evaluation seeds from --seed)")
+    parser.add_argument("--norms", action="store_true",
+                        help="also |W|, the inner gradient's norm and the relative step per layer (the docstring)")
     args = parser.parse_args(argv)
     windows = tuple(int(w) for w in args.windows.split(","))
     if len(windows) != 2 or windows[0] == windows[1]:
         parser.error(f"--windows takes two different window sizes, got {args.windows}")
-    _, params, _, model = needle_gates.load_streamable(args.run)
-    rows = []
+    config, params, _, model = needle_gates.load_streamable(args.run)
+    memory_config = config.memory_layer.resolve().memory_config
+    rows, norm_rows = [], []
     for example in make_examples("niah_single_1", [args.length], (0.5,), args.prompts, args.seed, ByteTokenizer()):
-        rows += [(example.seed, stop, gaps)
-                 for stop, gaps in drift(model, params, ByteTokenizer().encode(example.prompt), windows, args.every)]
+        ids = ByteTokenizer().encode(example.prompt)
+        rows += [(example.seed, stop, gaps) for stop, gaps in drift(model, params, ids, windows, args.every)]
+        if args.norms:
+            norm_rows += [(example.seed, stop, layers)
+                          for stop, layers in norms(model, params, memory_config, ids, windows[0], args.every)]
     print(f"{args.run}: memory weights streamed in windows of {windows[0]} and {windows[1]} tokens, relative distance")
     print("\n| prompt | tokens | " + " | ".join(f"memory layer {i}" for i in range(len(rows[0][2]))) + " |")
     print("|---|---|" + "---|" * len(rows[0][2]))
     for seed, stop, gaps in rows:
         print(f"| {seed} | {stop:,} | " + " | ".join(f"{gap:.1e}" for gap in gaps) + " |")
+    if norm_rows:
+        print(f"\nstreamed in windows of {windows[0]}: per memory layer |W| at the stretch's end, the medians of |u| and "
+              "theta |u| / |W| over it")
+        print("\n| prompt | tokens | " + " | ".join(f"layer {i}: abs W, abs u, step" for i in range(len(norm_rows[0][2])))
+              + " |")
+        print("|---|---|" + "---|" * len(norm_rows[0][2]))
+        for seed, stop, layers in norm_rows:
+            print(f"| {seed} | {stop:,} | " + " | ".join(
+                f"{layer['weights']:.3g}, {layer['surprise']:.3g}, {layer['step']:.2e}" for layer in layers) + " |")
     return rows
 
 

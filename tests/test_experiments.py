@@ -73,6 +73,7 @@ def test_gate_trace_surprise_norms_are_the_tokens_gradients_at_their_chunk_start
     weights the memory held when t's chunk began, found by running the memory up to there."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from experiments.gate_trace import surprise_norms
     from titans_jax import memory as mem
@@ -82,7 +83,7 @@ def test_gate_trace_surprise_norms_are_the_tokens_gradients_at_their_chunk_start
         config = mem.MemoryConfig(key_dim=4, value_dim=4, depth=2, expansion=2, chunk_size=3, use_bias=True)
         params = random_memory_params(config, heads=2)
         inputs = random_memory_inputs(5, 8, batch=1, heads=2, key_dim=4)
-        norms = surprise_norms(params, inputs, config)
+        norms, scales = surprise_norms(params, inputs, config, weight_norms=True)
         keys, values = inputs[0], inputs[1]
         inner_grad = jax.jit(jax.grad(mem.inner_loss), static_argnums=4)
         chunk_start_weights = {0: mem.init_memory_state(params, 1, config).weights}
@@ -97,6 +98,13 @@ def test_gate_trace_surprise_norms_are_the_tokens_gradients_at_their_chunk_start
                 grads = inner_grad(w, n, keys[0, h, t], values[0, h, t], config)
                 expected = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
                 assert abs(norms[0, h, t] - float(expected)) <= 1e-5 * float(expected)
+                weight_norm = jnp.sqrt(sum(jnp.sum(leaf * leaf) for leaf in jax.tree.leaves(w)))
+                assert abs(scales[0, h, t] - float(weight_norm)) <= 1e-5 * float(weight_norm)
+        # from a carried state two tokens into a chunk: that chunk is finished at its start's weights
+        _, state = mem.memory_apply(params, *(x[:, :, :2] for x in inputs), config)
+        assert int(state.num_pending) == 2
+        carried = surprise_norms(params, tuple(x[:, :, 2:] for x in inputs), config, state)
+        np.testing.assert_allclose(carried, norms[..., 2:], rtol=1e-6)
 
 
 @pytest.mark.slow  # compiles and traces a layer's forward+backward (~8 s); classification is tested below

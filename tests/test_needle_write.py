@@ -122,3 +122,32 @@ def test_a_write_the_gates_erase_has_no_later_writes_factor():
     table = needle_write.report([row, {**row, "layers": {"block_0/memory": {**row["layers"]["block_0/memory"],
                                                                            "read": 0.5}}}])
     assert "| undefined |" in table and "0.5 [0.5, 0.5] (1 of 2)" in table
+
+
+def test_stream_norms_are_the_whole_sequence_figures():
+    """stream_drift.norms (windows of 8, the prompt starting 3 tokens into a chunk of 4 after the
+    persistent prefix) against one whole-sequence call's memory inputs: |u| and |W| per token
+    from M_0 (gate_trace.surprise_norms), the weights' norm from the memory run to each mark."""
+    from experiments import stream_drift
+    from experiments.gate_trace import surprise_norms
+
+    ids = np.frombuffer(PROMPT.encode(), np.uint8).astype(np.int32)
+    with jax.enable_x64(True):
+        config, model, params = _model()
+        memory_config = config.memory_layer.resolve().memory_config
+        rows = stream_drift.norms(model, params, memory_config, ids, window=8, every=32)
+        diagnostics = model.apply({"params": params}, jnp.asarray(ids[None]), mutable=["diagnostics"])[1]["diagnostics"]
+        assert [stop for stop, _ in rows] == [32, 64, ids.size]
+        for index, (path, inputs) in enumerate(memory_layers(diagnostics)):
+            layer_params = params[path[0]][path[1]]["memory"]
+            surprise, scale = (x[0, :, PERSISTENT:] for x in surprise_norms(layer_params, inputs, memory_config,
+                                                                           weight_norms=True))
+            step = np.asarray(inputs[3][0, :, PERSISTENT:]) * surprise / scale
+            for (stop, layers), start in zip(rows, [0, 32, 64]):
+                _, state = memory_lib.memory_apply(layer_params, *(None if x is None else x[:, :, :PERSISTENT + stop]
+                                                                   for x in inputs), memory_config)
+                weights = np.mean(np.sqrt(sum(np.sum(np.square(np.asarray(leaf[0])).reshape(2, -1), axis=1)
+                                              for leaf in jax.tree.leaves(state.weights))))
+                assert layers[index] == pytest.approx({"weights": weights,
+                                                       "surprise": np.median(surprise[:, start:stop]),
+                                                       "step": np.median(step[:, start:stop])}, rel=1e-6), (path, stop)
