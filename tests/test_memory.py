@@ -423,3 +423,29 @@ def test_a_clipped_linear_memory_leaves_the_affine_sequence_parallel_path():
     linear = mem.MemoryConfig(key_dim=4, value_dim=4, depth=1, residual_norm=False)
     assert is_affine(linear)
     assert not is_affine(dataclasses.replace(linear, surprise_clip=1.0))
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_residual_norm_read_ignores_the_last_layers_scale_and_its_gradient_scales_inversely(use_bias):
+    """M(x) = x + LN(f(x)) with f's last layer linear: scaling that layer (and its bias) by c
+    leaves the read unchanged and divides the layer's inner gradient by c (LN's eps negligible, here
+    1e-30). What a forgetting gate that shrinks the weights does to the relative step
+    (experiments.stream_drift --norms); without the norm, no such identity."""
+    with jax.enable_x64(True):
+        config = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2, use_bias=use_bias,
+                                  norm_eps=1e-30)
+        params = make_params(config)
+        weights = tuple({name: leaf[0] for name, leaf in layer.items()} for layer in params["layers"])
+        norm = {name: leaf[0] for name, leaf in params["norm"].items()}
+        key, value = (jax.random.normal(jax.random.key(seed), (KEY_DIM,), jnp.float64) for seed in (1, 2))
+        c = 0.2
+        scaled = (weights[0], jax.tree.map(lambda leaf: c * leaf, weights[1]))
+        np.testing.assert_allclose(mem.memory_mlp(scaled, norm, key, config), mem.memory_mlp(weights, norm, key, config),
+                                   rtol=1e-12)
+        grads = jax.grad(mem.inner_loss)(weights, norm, key, value, config)
+        grads_scaled = jax.grad(mem.inner_loss)(scaled, norm, key, value, config)
+        for name in grads[1]:
+            np.testing.assert_allclose(grads_scaled[1][name], grads[1][name] / c, rtol=1e-10)
+        np.testing.assert_allclose(grads_scaled[0]["w"], grads[0]["w"], rtol=1e-10)  # f(x) scales, LN(f(x)) does not
+        plain = dataclasses.replace(config, residual_norm=False)
+        assert not np.allclose(mem.memory_mlp(scaled, None, key, plain), mem.memory_mlp(weights, None, key, plain))
