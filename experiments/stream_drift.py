@@ -51,14 +51,21 @@ def drift(model, params, ids: np.ndarray, windows: tuple[int, int], every: int) 
 
 
 def norms(model, params, memory_config, ids: np.ndarray, window: int, every: int) -> list[tuple[int, list[dict]]]:
-    """[(tokens, [{"weights", "surprise", "step"} per memory layer])] every `every` tokens and at
-    the end: |W| there (mean over heads), and the medians of |u| and theta * |u| / |W| over the
-    stretch's tokens and heads."""
+    """[(tokens, [{"weights", "surprise", "step"} per memory layer])] before the prompt (0 tokens:
+    |W| only, the others None), every `every` tokens and at the end: |W| there (mean over heads),
+    and the medians of |u| and theta * |u| / |W| over the stretch's tokens and heads."""
     from experiments.gate_trace import surprise_norms
+
+    def weight_norm(cache, index: int) -> float:
+        squares = sum(np.sum(np.square(np.asarray(leaf[0], np.float64)).reshape(leaf.shape[1], -1), axis=1)
+                      for leaf in jax.tree.leaves(cache["layers"][index]["memory"].memory.weights))  # [H]
+        return float(np.mean(np.sqrt(squares)))
 
     marks = tuple(range(every, ids.size, every))
     stream = needle_gates.GateStream(model, params, window)
-    before, stretch, rows = stream.empty, {}, []
+    before, stretch = stream.empty, {}
+    indices = [index for index, layer in enumerate(before["layers"]) if "memory" in layer]
+    rows = [(0, [{"weights": weight_norm(before, index), "surprise": None, "step": None} for index in indices])]
     for stop, cache, layers in stream.stream(ids, cuts=marks):
         for path, inputs in layers:
             index = int(path.split("/")[0].removeprefix("block_"))
@@ -71,15 +78,10 @@ def norms(model, params, memory_config, ids: np.ndarray, window: int, every: int
             stretch.setdefault(index, []).append((surprise[0], np.asarray(inputs[3]) * capped[0] / scale[0]))
         before = cache
         if stop in marks or stop == ids.size:
-            row = []
-            for index, pieces in sorted(stretch.items()):
-                weights = cache["layers"][index]["memory"].memory.weights
-                squares = sum(np.sum(np.square(np.asarray(leaf[0], np.float64)).reshape(leaf.shape[1], -1), axis=1)
-                              for leaf in jax.tree.leaves(weights))  # [H]
-                row.append({"weights": float(np.mean(np.sqrt(squares))),
-                            "surprise": float(np.median(np.concatenate([u for u, _ in pieces], axis=-1))),
-                            "step": float(np.median(np.concatenate([step for _, step in pieces], axis=-1)))})
-            rows.append((stop, row))
+            rows.append((stop, [{"weights": weight_norm(cache, index),
+                                 "surprise": float(np.median(np.concatenate([u for u, _ in stretch[index]], axis=-1))),
+                                 "step": float(np.median(np.concatenate([step for _, step in stretch[index]], axis=-1)))}
+                                for index in indices]))
             stretch = {}
     return rows
 
@@ -117,12 +119,13 @@ def main(argv=None) -> list[tuple[int, int, list[float]]]:
         print(f"| {seed} | {stop:,} | " + " | ".join(f"{gap:.1e}" for gap in gaps) + " |")
     if norm_rows:
         print(f"\nstreamed in windows of {windows[0]}: per memory layer |W| at the stretch's end, the medians of |u| and "
-              "theta |u| / |W| over it")
+              "theta |u| / |W| over it (0 tokens: |W| before the prompt)")
         print("\n| prompt | tokens | " + " | ".join(f"layer {i}: abs W, abs u, step" for i in range(len(norm_rows[0][2])))
               + " |")
         print("|---|---|" + "---|" * len(norm_rows[0][2]))
         for seed, stop, layers in norm_rows:
             print(f"| {seed} | {stop:,} | " + " | ".join(
+                f"{layer['weights']:.3g}, -, -" if layer["step"] is None else
                 f"{layer['weights']:.3g}, {layer['surprise']:.3g}, {layer['step']:.2e}" for layer in layers) + " |")
     return rows
 
