@@ -13,9 +13,10 @@ the model (experiments.needle_write's replay_gap) cannot be told from the model 
 
 With --norms it also streams each prompt once more (the first window size) and prints, per
 memory layer and stretch between reports, what the residual LayerNorm hypothesis is about: the
-memory's weight norm |W| at the stretch's end, the median norm |u| of a token's inner gradient
-(gate_trace.surprise_norms: at its chunk's start, before any surprise_clip) and the median
-relative step theta * |u| / |W| (|u| capped at surprise_clip where the model has one). With
+memory's weight norm |W| at the stretch's end, the median step size theta, the median norm |u|
+of a token's inner gradient (gate_trace.surprise_norms: at its chunk's start, before any
+surprise_clip) and the median relative step theta * |u| / |W| (|u| capped at surprise_clip where
+the model has one). With
 M(x) = x + LN(f(x)) and f's last layer linear, scaling that layer by c leaves the read unchanged
 and scales its gradient by 1 / c, so a gate that shrinks the weights raises the relative step
 like 1 / c^2 (the "effective learning rate" of scale-invariant weights under weight decay).
@@ -51,9 +52,9 @@ def drift(model, params, ids: np.ndarray, windows: tuple[int, int], every: int) 
 
 
 def norms(model, params, memory_config, ids: np.ndarray, window: int, every: int) -> list[tuple[int, list[dict]]]:
-    """[(tokens, [{"weights", "surprise", "step"} per memory layer])] before the prompt (0 tokens:
-    |W| only, the others None), every `every` tokens and at the end: |W| there (mean over heads),
-    and the medians of |u| and theta * |u| / |W| over the stretch's tokens and heads."""
+    """[(tokens, [{"weights", "theta", "surprise", "step"} per memory layer])] before the prompt (0
+    tokens: |W| only, the others None), every `every` tokens and at the end: |W| there (mean over
+    heads), and the medians of theta, |u| and theta * |u| / |W| over the stretch's tokens and heads."""
     from experiments.gate_trace import surprise_norms
 
     def weight_norm(cache, index: int) -> float:
@@ -65,7 +66,8 @@ def norms(model, params, memory_config, ids: np.ndarray, window: int, every: int
     stream = needle_gates.GateStream(model, params, window)
     before, stretch = stream.empty, {}
     indices = [index for index, layer in enumerate(before["layers"]) if "memory" in layer]
-    rows = [(0, [{"weights": weight_norm(before, index), "surprise": None, "step": None} for index in indices])]
+    rows = [(0, [{"weights": weight_norm(before, index), "theta": None, "surprise": None, "step": None}
+                 for index in indices])]
     for stop, cache, layers in stream.stream(ids, cuts=marks):
         for path, inputs in layers:
             index = int(path.split("/")[0].removeprefix("block_"))
@@ -75,13 +77,15 @@ def norms(model, params, memory_config, ids: np.ndarray, window: int, every: int
                                              before["layers"][index]["memory"].memory, weight_norms=True)
             clip = memory_config.surprise_clip
             capped = surprise if clip is None else np.minimum(surprise, clip)
-            stretch.setdefault(index, []).append((surprise[0], np.asarray(inputs[3]) * capped[0] / scale[0]))
+            theta = np.asarray(inputs[3])
+            stretch.setdefault(index, []).append((theta, surprise[0], theta * capped[0] / scale[0]))
         before = cache
         if stop in marks or stop == ids.size:
-            rows.append((stop, [{"weights": weight_norm(cache, index),
-                                 "surprise": float(np.median(np.concatenate([u for u, _ in stretch[index]], axis=-1))),
-                                 "step": float(np.median(np.concatenate([step for _, step in stretch[index]], axis=-1)))}
-                                for index in indices]))
+            def figures(index):
+                medians = (float(np.median(np.concatenate(parts, axis=-1))) for parts in zip(*stretch[index]))
+                return {"weights": weight_norm(cache, index), **dict(zip(("theta", "surprise", "step"), medians))}
+
+            rows.append((stop, [figures(index) for index in indices]))
             stretch = {}
     return rows
 
@@ -98,7 +102,7 @@ def main(argv=None) -> list[tuple[int, int, list[float]]]:
     parser.add_argument("--seed", type=int, default=0, help="the evaluation seed of the first prompt")
     parser.add_argument("--prompts", type=int, default=1, help="prompts (evaluation seeds from --seed)")
     parser.add_argument("--norms", action="store_true",
-                        help="also |W|, the inner gradient's norm and the relative step per layer (the docstring)")
+                        help="also |W|, theta, the inner gradient's norm and the relative step per layer (the docstring)")
     args = parser.parse_args(argv)
     windows = tuple(int(w) for w in args.windows.split(","))
     if len(windows) != 2 or windows[0] == windows[1]:
@@ -118,15 +122,16 @@ def main(argv=None) -> list[tuple[int, int, list[float]]]:
     for seed, stop, gaps in rows:
         print(f"| {seed} | {stop:,} | " + " | ".join(f"{gap:.1e}" for gap in gaps) + " |")
     if norm_rows:
-        print(f"\nstreamed in windows of {windows[0]}: per memory layer |W| at the stretch's end, the medians of |u| and "
-              "theta |u| / |W| over it (0 tokens: |W| before the prompt)")
-        print("\n| prompt | tokens | " + " | ".join(f"layer {i}: abs W, abs u, step" for i in range(len(norm_rows[0][2])))
-              + " |")
+        print(f"\nstreamed in windows of {windows[0]}: per memory layer |W| at the stretch's end, the medians of theta, "
+              "|u| and theta |u| / |W| over it (0 tokens: |W| before the prompt)")
+        print("\n| prompt | tokens | " + " | ".join(f"layer {i}: abs W, theta, abs u, step"
+                                                   for i in range(len(norm_rows[0][2]))) + " |")
         print("|---|---|" + "---|" * len(norm_rows[0][2]))
         for seed, stop, layers in norm_rows:
             print(f"| {seed} | {stop:,} | " + " | ".join(
-                f"{layer['weights']:.3g}, -, -" if layer["step"] is None else
-                f"{layer['weights']:.3g}, {layer['surprise']:.3g}, {layer['step']:.2e}" for layer in layers) + " |")
+                f"{layer['weights']:.3g}, -, -, -" if layer["step"] is None else
+                f"{layer['weights']:.3g}, {layer['theta']:.2e}, {layer['surprise']:.3g}, {layer['step']:.2e}"
+                for layer in layers) + " |")
     return rows
 
 

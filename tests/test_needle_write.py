@@ -142,15 +142,17 @@ def test_stream_norms_are_the_whole_sequence_figures():
             layer_params = params[path[0]][path[1]]["memory"]
             surprise, scale = (x[0, :, PERSISTENT:] for x in surprise_norms(layer_params, inputs, memory_config,
                                                                            weight_norms=True))
-            step = np.asarray(inputs[3][0, :, PERSISTENT:]) * surprise / scale
+            theta = np.asarray(inputs[3][0, :, PERSISTENT:])
+            step = theta * surprise / scale
             for (stop, layers), start in zip(rows, [None, 0, 32, 64]):
                 _, state = memory_lib.memory_apply(layer_params, *(None if x is None else x[:, :, :PERSISTENT + stop]
                                                                    for x in inputs), memory_config)
                 weights = np.mean(np.sqrt(sum(np.sum(np.square(np.asarray(leaf[0])).reshape(2, -1), axis=1)
                                               for leaf in jax.tree.leaves(state.weights))))
                 if start is None:  # before the prompt: the state after the persistent tokens
-                    assert layers[index]["surprise"] is None and layers[index]["step"] is None
+                    assert layers[index]["theta"] is layers[index]["surprise"] is layers[index]["step"] is None
                     assert layers[index]["weights"] == pytest.approx(weights, rel=1e-12)
                     continue
-                assert layers[index] == pytest.approx({"weights": weights, "surprise": np.median(surprise[:, start:stop]),
+                assert layers[index] == pytest.approx({"weights": weights, "theta": np.median(theta[:, start:stop]),
+                                                       "surprise": np.median(surprise[:, start:stop]),
                                                        "step": np.median(step[:, start:stop])}, rel=1e-6), (path, stop)
