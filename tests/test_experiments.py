@@ -181,3 +181,17 @@ def test_arch_bench_set_parses_typed_changes_and_keeps_lmm_ones_to_memory_models
         arch_bench.parse_changes(["lmm.memory.impl"])
     with pytest.raises(ValueError, match="no field 'impll'"):
         arch_bench.parse_changes(["lmm.memory.impll=fused"])
+
+
+def test_run_losses_reads_the_last_steps_once_each_and_the_last_books_figure(tmp_path):
+    """A resumed run logs steps twice: the later value counts, once; a missing log is named."""
+    import json
+
+    from experiments.run_losses import run_losses
+
+    rows = [{"step": s, "loss": 9.0} for s in range(1, 6)] + [{"step": 4, "loss": 2.0}, {"step": 5, "loss": 4.0},
+                                                                {"step": 5, "eval/books/bits_per_byte": 2.5}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    assert run_losses(tmp_path, steps=2) == {"loss": 3.0, "books_bits_per_byte": 2.5}
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl is missing"):
+        run_losses(tmp_path / "nowhere")

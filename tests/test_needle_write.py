@@ -124,16 +124,18 @@ def test_a_write_the_gates_erase_has_no_later_writes_factor():
     assert "| undefined |" in table and "0.5 [0.5, 0.5] (1 of 2)" in table
 
 
-def test_stream_norms_are_the_whole_sequence_figures():
+@pytest.mark.parametrize("clip", [None, 2.0], ids=["uncapped", "capped"])
+def test_stream_norms_are_the_whole_sequence_figures(clip):
     """stream_drift.norms (windows of 8, the prompt starting 3 tokens into a chunk of 4 after the
     persistent prefix) against one whole-sequence call's memory inputs: |u| and |W| per token
-    from M_0 (gate_trace.surprise_norms), the weights' norm from the memory run to each mark."""
+    from M_0 (gate_trace.surprise_norms), the weights' norm from the memory run to each mark; with
+    a surprise cap the step takes min(|u|, cap)."""
     from experiments import stream_drift
     from experiments.gate_trace import surprise_norms
 
     ids = np.frombuffer(PROMPT.encode(), np.uint8).astype(np.int32)
     with jax.enable_x64(True):
-        config, model, params = _model()
+        config, model, params = _model(**({} if clip is None else {"lmm.memory.surprise_clip": clip}))
         memory_config = config.memory_layer.resolve().memory_config
         rows = stream_drift.norms(model, params, memory_config, ids, window=8, every=32)
         diagnostics = model.apply({"params": params}, jnp.asarray(ids[None]), mutable=["diagnostics"])[1]["diagnostics"]
@@ -143,7 +145,9 @@ def test_stream_norms_are_the_whole_sequence_figures():
             surprise, scale = (x[0, :, PERSISTENT:] for x in surprise_norms(layer_params, inputs, memory_config,
                                                                            weight_norms=True))
             theta = np.asarray(inputs[3][0, :, PERSISTENT:])
-            step = theta * surprise / scale
+            if clip is not None:  # the cap binds on most tokens (so on the medians), not all
+                assert 0.5 < np.mean(surprise > clip) < 1
+            step = theta * (surprise if clip is None else np.minimum(surprise, clip)) / scale
             for (stop, layers), start in zip(rows, [None, 0, 32, 64]):
                 _, state = memory_lib.memory_apply(layer_params, *(None if x is None else x[:, :, :PERSISTENT + stop]
                                                                    for x in inputs), memory_config)
