@@ -24,7 +24,10 @@ def run_losses(directory: pathlib.Path, steps: int = 100) -> dict:
         raise FileNotFoundError(f"{path} is missing: not a training run's directory (<out>/<variant>/seed<k>)")
     books = [row["eval/books/bits_per_byte"] for row in map(json.loads, path.read_text().splitlines())
              if "eval/books/bits_per_byte" in row]
-    return {"loss": recent_loss(directory, steps), "books_bits_per_byte": books[-1] if books else None}
+    loss = recent_loss(directory, steps)
+    if loss is None:
+        raise ValueError(f"{path} logs no training loss yet")
+    return {"loss": loss, "books_bits_per_byte": books[-1] if books else None}
 
 
 def main(argv=None) -> list[dict]:

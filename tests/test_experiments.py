@@ -195,3 +195,6 @@ def test_run_losses_reads_the_last_steps_once_each_and_the_last_books_figure(tmp
     assert run_losses(tmp_path, steps=2) == {"loss": 3.0, "books_bits_per_byte": 2.5}
     with pytest.raises(FileNotFoundError, match="metrics.jsonl is missing"):
         run_losses(tmp_path / "nowhere")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 5, "eval/books/bits_per_byte": 2.5}))
+    with pytest.raises(ValueError, match="logs no training loss yet"):
+        run_losses(tmp_path)
