@@ -1,0 +1,92 @@
+"""experiments.needle_recipe: the S-NIAH recipe of the committed results as one command."""
+
+import json
+import pathlib
+
+import pytest
+
+from experiments import needle_recipe as nr
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "results" / "long_context_niah"
+
+
+def committed_command(name: str) -> str:
+    """The driver command a committed stage table records (its third line, in backticks)."""
+    return (RESULTS / name).read_text().splitlines()[2].strip("`")
+
+
+@pytest.mark.parametrize("variant,seed,tag,sets,stage,table", [
+    ("lmm", 1, "lmm_noln", ["model.lmm.memory.residual_norm=false"], "stage1", "lc_niah_lmm_noln_scratch_seed1_table.md"),
+    ("lmm", 1, "lmm_noln", ["model.lmm.memory.residual_norm=false"], "stage2",
+     "lc_niah_lmm_noln_scratch_stage2_seed1_table.md"),
+    ("mal", 1, "mal", [], "stage2", "lc_niah_mal_scratch_stage2_seed1_table.md"),
+    ("ttt", 0, "ttt", [], "stage2", "lc_niah_ttt_scratch_stage2_seed0_table.md"),
+    ("mag", 1, "mag", [], "long16k", "lc_niah_mag_scratch_long16k_seed1_table.md"),
+])
+def test_the_stages_are_the_commands_of_the_committed_results(variant, seed, tag, sets, stage, table):
+    phases = {p["name"]: p for p in nr.plan(variant, seed, tag, sets, pathlib.Path("runs"), stage16k=True)}
+    assert nr.command(phases[stage]) == committed_command(table)
+    assert phases[stage]["results"][phases[stage]["out"] / "table.md"] == table
+
+
+@pytest.mark.parametrize("phase,file", [
+    ("passkeys", "needle_cue_lmm_noln_scratch_seed1.json"),
+    ("numbers", "needle_cue_lmm_clip_scratch_seed1_number.json"),
+    ("long16k passkeys", "needle_cue_lmm_linear_scratch_long16k_seed0.json"),
+])
+def test_the_needles_are_those_of_the_committed_files(phase, file):
+    saved = json.loads((RESULTS / file).read_text())["args"]
+    variant, tag = saved["run"].split("/")[-2], file.split("needle_cue_")[1].split("_scratch")[0]
+    seed = int(saved["run"].rsplit("seed", 1)[1])
+    phases = {p["name"]: p for p in nr.plan(variant, seed, tag, [], pathlib.Path("runs"), numbers=48, stage16k=True)}
+    assert {key: saved[key] for key in phases[phase]["options"]} == phases[phase]["options"]
+    assert phases[phase]["out"] == pathlib.Path(saved["out"]) and phases[phase]["results"] == {
+        phases[phase]["out"]: file}
+
+
+def test_stage2_data_seed():
+    assert [nr.stage2_data_seed(s) for s in (0, 1, 2)] == [1, 1001, 1002]
+
+
+def test_a_needle_file_is_reused_only_when_made_with_the_same_options(tmp_path):
+    phase = nr.plan("lmm", 2, "lmm", [], tmp_path)[2]
+    assert phase["name"] == "passkeys" and not nr.finished(phase)
+    phase["out"].write_text(json.dumps({"args": dict(phase["options"], out=str(phase["out"]), window=4096)}))
+    assert nr.finished(phase)
+    phase["out"].write_text(json.dumps({"args": dict(phase["options"], per_cell=32)}))
+    with pytest.raises(SystemExit, match=r"other options \{'per_cell': \(32, 96\)\}"):
+        nr.finished(phase)
+    phase["out"].write_text("{")
+    with pytest.raises(SystemExit, match="not a needle_cue --out file"):
+        nr.finished(phase)
+    assert not nr.finished(nr.plan("lmm", 2, "lmm", [], tmp_path)[0])  # a training stage: the driver decides
+
+
+def test_bad_arguments_are_named(capsys):
+    with pytest.raises(SystemExit):
+        nr.main(["--variant", "lmm", "--seed", "0", "--set", "model.lmm.memory.residual_norm=false", "--dry-run"])
+    assert "give it a --tag of its own" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        nr.main(["--variant", "nope", "--seed", "0", "--dry-run"])
+    assert "unknown variant 'nope'" in capsys.readouterr().err
+    phases = nr.main(["--variant", "lmm", "--seed", "0", "--dry-run"])
+    assert [p["name"] for p in phases] == ["stage1", "stage2", "passkeys"]
+    assert "[recipe] passkeys: python -m experiments.needle_cue --run runs/lc_niah_lmm_scratch_stage2/lmm/seed0" in (
+        capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_quick_recipe_runs_every_phase_and_a_rerun_skips_them(tmp_path, capsys):
+    """Every phase on the tiny preset, the outputs copied under their committed names; run again,
+    nothing is trained or evaluated anew (~1.5 minutes on 2 cores)."""
+    argv = ["--variant", "lmm", "--seed", "0", "--quick", "--numbers", "1", "--stage16k", "--runs", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "results")]
+    phases = nr.main(argv)
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted(
+        name for phase in phases for name in phase["results"].values())
+    assert json.loads((tmp_path / "results" / "needle_cue_lmm_scratch_seed0_number.json").read_text())["args"][
+        "task"] == "niah_single_2"
+    capsys.readouterr()
+    nr.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("done, skipping") == 3 and out.count("exists with these options, skipping") == 3
