@@ -15,9 +15,11 @@ step started from were finite and which parameters' gradients are not, re-runs t
 gradient of each row alone (with the row's longest run of one repeated token), with
 jax_debug_nans and with checkify's NaN checks to name the first operation (source line) giving a
 NaN, saves the parameters and batch with --dump, and stops. --from-dump repeats the analysis on a
-saved step without replaying (per non-finite row); with JAX_ENABLE_X64=1 and
-`--set model.dtype=float64 --set model.param_dtype=float64` it runs the saved float32 step in
-float64.
+saved step without replaying (per non-finite row), and for the first non-finite row says at which
+token its forward first leaves the finite range and how each memory layer's weight norm grows
+along the row up to there (a memory whose own inner gradient descent diverges); with
+JAX_ENABLE_X64=1 and `--set model.dtype=float64 --set model.param_dtype=float64` it runs the
+saved float32 step in float64 (a row that is non-finite there too is not a float32 overflow).
 """
 
 from __future__ import annotations
@@ -153,6 +155,79 @@ def precision_by_module(model, model64, params, tokens, top: int = 12) -> list[t
     return errors
 
 
+def blowup_position(model, params, tokens, stretch: int = 64) -> list[tuple[str, int, list[float]]]:
+    """Where in a row the forward first leaves the finite range: for every submodule output with a
+    token axis ([1, P + T, ...] after P persistent tokens; capture_intermediates, under jit so that
+    no input check stops it), the first position whose output is not finite (T when none is),
+    earliest first, with the largest |output| of each `stretch`-token stretch before it. A causal
+    model's outputs at a position depend only on earlier tokens, so the earliest position is where
+    it starts; which module starts it is not decided by position (every module after it in the
+    same token is non-finite too): printed are the top-level modules non-finite at that token, in
+    the model's order, and the growth of the first one's output (memory_growth names the layer
+    whose own recurrence diverges)."""
+    @jax.jit
+    def outputs(weights, ids):
+        _, state = model.apply({"params": weights}, ids, capture_intermediates=True, mutable=["intermediates"])
+        return {jax.tree_util.keystr(path): leaf for path, leaf
+                in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]}
+
+    found = []
+    length = tokens.shape[1] - 1
+    for name, value in outputs(params, tokens[:, :-1]).items():
+        value = np.asarray(value, np.float64)
+        if value.ndim < 3 or value.shape[0] != 1 or value.shape[1] < length:
+            continue  # not a per-token output (e.g. a memory state)
+        per_token = value[0, value.shape[1] - length:].reshape(length, -1)  # after any persistent tokens
+        finite = np.isfinite(per_token).all(axis=1)
+        first = int(np.argmin(finite)) if not finite.all() else length
+        peaks = [float(np.abs(per_token[lo:min(lo + stretch, first)]).max()) for lo in range(0, first, stretch)]
+        found.append((name, first, peaks))
+    found.sort(key=lambda item: item[1])
+    blown = [item for item in found if item[1] < length]
+    print(f"{len(blown)} of {len(found)} module outputs leave the finite range in this row")
+    if blown:
+        first = blown[0][1]
+        order = {name: index for index, name in enumerate(params)}
+        top = [item for item in blown if item[1] == first and item[0].count("['") == 2]  # ['<module>']['__call__']
+        top.sort(key=lambda item: order.get(item[0][2:].split("'")[0], len(order)))
+        print(f"  the earliest at token {first}, in {', '.join(item[0].split(chr(39))[1] for item in top)}; the "
+              f"largest |output| of {top[0][0]} per {stretch} tokens before it: " + " ".join(
+                  f"{peak:.3g}" for peak in top[0][2]) if top else f"  the earliest at token {first}")
+    return found
+
+
+def memory_growth(model, params, tokens, every: int = 64) -> dict[str, np.ndarray]:
+    """Each memory layer's weight norm (experiments.gate_trace.weight_norms: the mean over heads of
+    sqrt(sum over its MLP's layers of |W|^2)) after every `every` tokens of one row, streamed
+    from its sown inputs; printed up to the first stretch where it is not finite. Says whether a
+    non-finite forward is the memory's own recurrence diverging (its inner gradient descent) and
+    in which layer: that layer's norm grows, the others' stay until its output reaches them."""
+    import functools
+    import operator
+
+    from experiments.gate_trace import _memory_config, memory_layers, weight_norms
+
+    collected = jax.jit(lambda p, ids: model.apply({"params": p}, ids, mutable=["diagnostics"])[1])(params, tokens)
+    if "diagnostics" not in collected:
+        print("no memory layer in this model")
+        return {}
+    config = _memory_config(model.config)
+    found = {}
+    for layer_path, inputs in memory_layers(collected["diagnostics"]):
+        node = functools.reduce(operator.getitem, layer_path, params)
+        length = inputs[0].shape[2] // every * every  # whole stretches (the persistent tokens come first)
+        norms = weight_norms(node["memory"], tuple(None if x is None else x[:, :, :length] for x in inputs),
+                             config, every)
+        name = "/".join(layer_path)
+        found[name] = norms
+        bad = np.flatnonzero(~np.isfinite(norms))
+        end = bad[0] + 1 if bad.size else len(norms)
+        print(f"  {name}: |W| every {every} tokens: " + " ".join(f"{n:.3g}" for n in norms[:end])
+              + (f" (not finite from token {bad[0] * every} to {(bad[0] + 1) * every} on)" if bad.size
+                 else " (finite throughout)"))
+    return found
+
+
 def device_batch(batch):
     """A host batch (tokens, or (tokens, mask)) as device arrays."""
     return tuple(jnp.asarray(part) for part in batch) if isinstance(batch, tuple) else jnp.asarray(batch)
@@ -216,6 +291,11 @@ def main(argv=None) -> list | None:
             print(f"row {row} alone:")
             first_nonfinite(loss, params, tokens[row:row + 1], mask[row:row + 1])
             checkified_nan(loss, params, tokens[row:row + 1], mask[row:row + 1])
+        for row in bad[:1]:
+            print(f"row {row}, where the forward leaves the finite range:")
+            blowup_position(programs.model, params, tokens[row:row + 1])
+            print(f"row {row}, the memory layers' weights along it:")
+            memory_growth(programs.model, params, tokens[row:row + 1, :-1])
         if args.compare_float64:
             model_config = config.model_config(vocab_size=256)
             model64 = TitansLM(dataclasses.replace(model_config, dtype="float64", param_dtype="float64"))

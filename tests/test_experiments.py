@@ -68,6 +68,37 @@ def test_first_nonfinite_names_the_operation_that_made_the_nan():
     assert grad_spikes.checkified_nan(scanned, {"w": jnp.full(3, 3.0)}, None, jnp.ones(3)) is None
 
 
+@pytest.mark.parametrize("theta_max", [0.001, 3.0])
+def test_blowup_position_and_memory_growth_find_where_a_memory_diverges(theta_max):
+    """A tiny LMM without the residual norm: with a step of ~0.001 its memories stay finite, with
+    ~3 their inner gradient descent diverges. The first non-finite token is where the logits
+    (computed directly) first are, and the memory layers' weight norms end non-finite."""
+    import jax
+    import numpy as np
+
+    from experiments import grad_spikes
+    from titans_jax.models import TitansLM
+    from titans_jax.presets import preset
+
+    config = preset("tiny", "lmm", {"lmm.memory.residual_norm": False, "lmm.theta_max": theta_max,
+                                    "lmm.theta_bias_init": 4.0})
+    model = TitansLM(config)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 129), 0, config.vocab_size)
+    params = model.init(jax.random.PRNGKey(1), tokens[:, :8])["params"]
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, tokens[:, :-1]))[0]
+    finite_logits = np.isfinite(logits).all(axis=-1)
+    found = grad_spikes.blowup_position(model, params, tokens)
+    first = min(position for _, position, _ in found)
+    growth = grad_spikes.memory_growth(model, params, tokens[:, :-1], every=32)
+    assert sorted(growth) == ["block_0/memory", "block_1/memory"] and all(len(n) == 4 for n in growth.values())
+    if theta_max < 1:
+        assert finite_logits.all() and first == 128
+        assert all(np.isfinite(n).all() and (n > 0).all() for n in growth.values())
+    else:
+        assert first == int(np.argmin(finite_logits)) < 128
+        assert not np.isfinite(growth["block_0/memory"][-1])
+
+
 def test_gate_trace_surprise_norms_are_the_tokens_gradients_at_their_chunk_start():
     """gate_trace.surprise_norms against a loop: token t's inner gradient (all layers) at the
     weights the memory held when t's chunk began, found by running the memory up to there."""
