@@ -198,8 +198,9 @@ def blowup_position(model, params, tokens, stretch: int = 64) -> list[tuple[str,
 
 def memory_growth(model, params, tokens, every: int = 64) -> dict[str, np.ndarray]:
     """Each memory layer's weight norm (experiments.gate_trace.weight_norms: the mean over heads of
-    sqrt(sum over its MLP's layers of |W|^2)) after every `every` tokens of one row, streamed
-    from its sown inputs; printed up to the first stretch where it is not finite. Says whether a
+    sqrt(sum over its MLP's layers of |W|^2)) after every `every` positions of its input stream
+    (the row's tokens after the model's persistent ones), from its sown inputs; printed up to the
+    first stretch where it is not finite. Says whether a
     non-finite forward is the memory's own recurrence diverging (its inner gradient descent) and
     in which layer: that layer's norm grows, the others' stay until its output reaches them."""
     import functools
@@ -223,7 +224,7 @@ def memory_growth(model, params, tokens, every: int = 64) -> dict[str, np.ndarra
         bad = np.flatnonzero(~np.isfinite(norms))
         end = bad[0] + 1 if bad.size else len(norms)
         print(f"  {name}: |W| every {every} tokens: " + " ".join(f"{n:.3g}" for n in norms[:end])
-              + (f" (not finite from token {bad[0] * every} to {(bad[0] + 1) * every} on)" if bad.size
+              + (f" (not finite from position {bad[0] * every} to {(bad[0] + 1) * every} on)" if bad.size
                  else " (finite throughout)"))
     return found
 
