@@ -16,7 +16,8 @@ def committed_command(name: str) -> str:
 
 
 @pytest.mark.parametrize("variant,seed,tag,sets,stage,table", [
-    ("lmm", 1, "lmm_noln", ["model.lmm.memory.residual_norm=false"], "stage1", "lc_niah_lmm_noln_scratch_seed1_table.md"),
+    ("lmm", 1, "lmm_noln", ["model.lmm.memory.residual_norm=false"], "stage1",
+     "lc_niah_lmm_noln_scratch_seed1_table.md"),
     ("lmm", 1, "lmm_noln", ["model.lmm.memory.residual_norm=false"], "stage2",
      "lc_niah_lmm_noln_scratch_stage2_seed1_table.md"),
     ("mal", 1, "mal", [], "stage2", "lc_niah_mal_scratch_stage2_seed1_table.md"),
@@ -79,8 +80,8 @@ def test_bad_arguments_are_named(capsys):
 def test_quick_recipe_runs_every_phase_and_a_rerun_skips_them(tmp_path, capsys):
     """Every phase on the tiny preset, the outputs copied under their committed names; run again,
     nothing is trained or evaluated anew (~1.5 minutes on 2 cores)."""
-    argv = ["--variant", "lmm", "--seed", "0", "--quick", "--numbers", "1", "--stage16k", "--runs", str(tmp_path / "runs"),
-            "--results", str(tmp_path / "results")]
+    argv = ["--variant", "lmm", "--seed", "0", "--quick", "--numbers", "1", "--stage16k",
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
     phases = nr.main(argv)
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted(
         name for phase in phases for name in phase["results"].values())
