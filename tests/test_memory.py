@@ -50,7 +50,7 @@ def test_implementations_agree_forward_and_gradients(depth, chunk_size):
 
 
 @pytest.mark.parametrize("variant", ["bias_residual_norm", "no_momentum", "no_forgetting", "silu_mean_loss",
-                                     "first_order", "surprise_clip"])
+                                     "first_order", "surprise_clip", "last_layer_floor"])
 def test_implementations_agree_variants(variant):
     results = run_all_implementations(2, 5, variant)
     ref_out, ref_grads = results["reference"]
@@ -337,7 +337,8 @@ def small():
                                          ("impl", "fast"), ("activation", "swish2"), ("remat_every", -1),
                                          ("loss_scale", 0.0), ("surprise_gradient", "second_order"),
                                          ("surprise_clip", 0.0), ("surprise_clip", -1.0),
-                                         ("surprise_clip", float("inf")), ("surprise_clip", True)])
+                                         ("surprise_clip", float("inf")), ("surprise_clip", True),
+                                         ("last_layer_floor", 1)])
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field):
         mem.MemoryConfig(residual_norm=False, key_dim=4, value_dim=4, **{field: value})
@@ -449,3 +450,63 @@ def test_residual_norm_read_ignores_the_last_layers_scale_and_its_gradient_scale
         np.testing.assert_allclose(grads_scaled[0]["w"], grads[0]["w"], rtol=1e-10)  # f(x) scales, LN(f(x)) does not
         plain = dataclasses.replace(config, residual_norm=False)
         assert not np.allclose(mem.memory_mlp(scaled, None, key, plain), mem.memory_mlp(weights, None, key, plain))
+
+
+def test_last_layer_floor_needs_the_residual_norm_and_the_xla_path():
+    with pytest.raises(ValueError, match="last_layer_floor needs residual_norm"):
+        mem.MemoryConfig(key_dim=4, value_dim=4, residual_norm=False, last_layer_floor=True)
+    with pytest.raises(ValueError, match="not implemented by the fused kernels"):
+        mem.MemoryConfig(key_dim=4, value_dim=4, depth=1, impl="fused", last_layer_floor=True)
+
+
+def _gate_dominated_inputs(length):
+    """Inputs under which the forgetting gate outpaces the writes: the last layer shrinks."""
+    keys, values, queries, theta, log_eta, _ = make_inputs(5, length)
+    return keys, values, queries, 0.02 * theta, log_eta, jnp.full(theta.shape, np.log(0.8))
+
+
+def _last_norm(weights):
+    return np.sqrt(np.asarray(mem.layer_squared_norm(weights[-1])))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_last_layer_floor_holds_the_norm_reads_alike_and_streams_exactly(impl):
+    """MemoryConfig.last_layer_floor under a gate that shrinks the weights: the first chunk is
+    untouched; after it the last layer's norm is M_0's at every boundary (0.8^5 per chunk
+    without the floor); the floored state reads what the unfloored one reads (the LayerNorm
+    ignores the last layer's scale) while the steps after it differ; pieces and single tokens
+    give the one call's outputs and state."""
+    chunk, length = 5, 17
+    with jax.enable_x64(True):
+        base = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2, use_bias=True,
+                                chunk_size=chunk, norm_eps=1e-30, impl=impl)
+        floored = dataclasses.replace(base, last_layer_floor=True)
+        params = make_params(base)
+        inputs = _gate_dominated_inputs(length)
+        initial = _last_norm(params["layers"])  # [H]
+        free_out, _ = mem.memory_apply(params, *inputs, base)
+        out, state = mem.memory_apply(params, *inputs, floored)
+        np.testing.assert_array_equal(np.asarray(out[:, :, :chunk]), np.asarray(free_out[:, :, :chunk]))
+        assert np.max(np.abs(np.asarray(out[:, :, chunk:] - free_out[:, :, chunk:]))) > 1e-3
+        np.testing.assert_allclose(_last_norm(state.chunk_weights), np.broadcast_to(initial, (BATCH, HEADS)),
+                                   rtol=1e-12)  # the boundary after token 15
+        first = [x[:, :, :chunk] for x in inputs]  # one chunk: its end is a boundary
+        _, free_state = mem.memory_apply(params, *first, base)
+        _, floor_state = mem.memory_apply(params, *first, floored)
+        scale = initial / _last_norm(free_state.weights)  # [B, H]
+        assert np.all(scale > 1.6)
+        for floor_tree, free_tree in ((floor_state.weights, free_state.weights),
+                                      (floor_state.momentum, free_state.momentum)):  # the last layer scaled alike
+            assert max_abs_diff(floor_tree[:-1], free_tree[:-1]) == 0
+            for name, leaf in free_tree[-1].items():
+                expected = leaf * scale.reshape(scale.shape + (1,) * (leaf.ndim - 2))
+                np.testing.assert_allclose(floor_tree[-1][name], expected, rtol=1e-12)
+        read = jax.vmap(jax.vmap(mem.memory_mlp, in_axes=(0, 0, 0, None)), in_axes=(0, None, 0, None))
+        query = inputs[2][:, :, 0]  # the same read: the LayerNorm ignores the last layer's scale
+        np.testing.assert_allclose(read(floor_state.weights, params["norm"], query, floored),
+                                   read(free_state.weights, params["norm"], query, base), rtol=1e-11)
+        pieces, pieces_state = stream(floored, params, inputs, [7, 4, 6])
+        tokens, tokens_state = stream(floored, params, inputs, [1] * length)
+    for other, other_state in ((pieces, pieces_state), (tokens, tokens_state)):
+        assert max_abs_diff(other, out) < 1e-12
+        assert max_abs_diff(other_state, state) < 1e-12

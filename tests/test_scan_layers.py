@@ -239,7 +239,8 @@ def test_presets_optimiser_and_checkpoints_know_the_stacked_layout():
     assert stacked_mask["blocks"]["mlp"]["up"]["kernel"] and not stacked_mask["blocks"]["mlp_norm"]["scale"]
     older = json.loads(json.dumps(dataclasses.asdict(unrolled)))  # what checkpoints recorded before the fields
     del older["scan_layers"]
-    del older["lmm"]["memory"]["surprise_clip"]  # a nested field added later
+    del older["lmm"]["memory"]["surprise_clip"]  # nested fields added later
+    del older["lmm"]["memory"]["last_layer_floor"]
     assert mismatches({"model_config": older}, {"model_config": model_identity(unrolled)}, ["model_config"]) == []
     assert mismatches({"model_config": older}, {"model_config": model_identity(scanned)}, ["model_config"]) == [
         "model_config.scan_layers: (absent) -> True"]
@@ -248,6 +249,9 @@ def test_presets_optimiser_and_checkpoints_know_the_stacked_layout():
     clipped = unrolled.replace({"lmm.memory.surprise_clip": 10.0})
     assert mismatches({"model_config": older}, {"model_config": model_identity(clipped)}, ["model_config"]) == [
         "model_config.lmm.memory.surprise_clip: (absent) -> 10.0"]
+    floored = unrolled.replace({"lmm.memory.last_layer_floor": True})
+    assert mismatches({"model_config": older}, {"model_config": model_identity(floored)}, ["model_config"]) == [
+        "model_config.lmm.memory.last_layer_floor: (absent) -> True"]
 
 
 def test_the_stacked_parameters_shard_like_the_unrolled_ones_with_a_layers_axis():

@@ -117,6 +117,16 @@ class MemoryConfig:
         (experiments/results/long_context_probe_cpu.md). The cap bounds every token's write to
         theta_t * surprise_clip. The outer gradient flows through the scale (it is a function
         of u_t); the clipped update is no longer affine in the state.
+      last_layer_floor: False (the paper's update) or True: at every chunk boundary the last
+        layer's weights and bias, and their momentum, are scaled by c = max(1, r / |W_L|), r the
+        Frobenius norm of M_0's last layer (per head, weights and bias together): the forgetting
+        gate can no longer shrink that layer below its initial norm. Under the residual LayerNorm
+        (required) the read ignores the last layer's scale (up to the norm's epsilon), so this
+        changes no read at the boundary; it changes the steps after it, whose size relative to
+        the weights would otherwise grow like 1 / |W_L|^2 as the gate shrinks them (the
+        amplifying layers of experiments/results/long_context_niah_cpu.md, "What the later
+        writes do to it"). The momentum is scaled alike so that it keeps its size relative to
+        the weights. Not affine in the state; not in the fused kernels.
     """
 
     key_dim: int | None = None
@@ -133,6 +143,7 @@ class MemoryConfig:
     norm_eps: float | None = None
     surprise_gradient: str = "full"
     surprise_clip: float | None = None
+    last_layer_floor: bool = False
 
     def __post_init__(self):
         for name in ("key_dim", "value_dim", "depth", "expansion", "chunk_size"):
@@ -167,6 +178,14 @@ class MemoryConfig:
                 and math.isfinite(self.surprise_clip))):
             raise ValueError(f"MemoryConfig.surprise_clip must be a positive finite number (or None), "
                              f"got {self.surprise_clip!r}")
+        if not isinstance(self.last_layer_floor, (bool, np.bool_)):
+            raise ValueError(f"MemoryConfig.last_layer_floor must be True or False, got {self.last_layer_floor!r}")
+        if self.last_layer_floor and not self.residual_norm:
+            raise ValueError("MemoryConfig.last_layer_floor needs residual_norm=True: only under the residual "
+                             "LayerNorm does the read ignore the last layer's scale")
+        if self.last_layer_floor and self.impl == "fused":
+            raise ValueError("MemoryConfig.last_layer_floor is not implemented by the fused kernels "
+                             "(impl='fused'): use impl='chunked'")
         if not (self.loss_scale > 0 and math.isfinite(self.loss_scale)):
             raise ValueError(f"MemoryConfig.loss_scale must be a positive finite number, got {self.loss_scale!r}")
 
@@ -304,6 +323,28 @@ def _select(predicate: Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), on_true, on_false)
 
 
+def layer_squared_norm(layer: dict) -> Array:
+    """|W|^2 + |b|^2 of one memory layer, over its own axes only: [..., I, O] and [..., O] -> [...]."""
+    return sum(jnp.sum(leaf * leaf, axis=(-2, -1) if name == "w" else -1) for name, leaf in layer.items())
+
+
+def floor_last_layer(weights: tuple, momentum: tuple, norm: dict | None, config: MemoryConfig):
+    """At a chunk boundary (MemoryConfig.last_layer_floor): the last layer and its momentum
+    scaled by max(1, r / |W_L|), r = norm["floor"] (M_0's, from memory_apply). Works on one
+    slice ([I, O], r a scalar) or on a batch ([B, H, I, O], r [H]); the identity when not set."""
+    if not config.last_layer_floor:
+        return weights, momentum
+    squared = layer_squared_norm(weights[-1])
+    tiny = jnp.finfo(squared.dtype).tiny
+    scale = jnp.maximum(1.0, norm["floor"] * jax.lax.rsqrt(jnp.maximum(squared, tiny)))
+
+    def rescale(layer):
+        return {name: leaf * scale[..., None, None] if name == "w" else leaf * scale[..., None]
+                for name, leaf in layer.items()}
+
+    return weights[:-1] + (rescale(weights[-1]),), momentum[:-1] + (rescale(momentum[-1]),)
+
+
 # ----------------------------------------------------------------------------------------------
 # One token: the recurrence itself (the reference's step and the O(1) decoding path)
 
@@ -343,6 +384,7 @@ def _reference_slice(chunk_weights, weights, momentum, norm, keys, values, queri
         real = index < num_valid
         w, s = _select(real, new_w, w), _select(real, new_s, s)
         commit = real & ((offset + index) % chunk == chunk - 1)  # the chunk is complete: new gradient point
+        w, s = _select(commit, floor_last_layer(w, s, norm, config), (w, s))
         return (_select(commit, w, chunk_w), w, s), out
 
     (chunk_weights, weights, momentum), outputs = jax.lax.scan(
@@ -556,7 +598,7 @@ def _fresh_chunk_slice(weights, momentum, norm, keys, values, queries, gates, co
         def body(carry, chunk_inputs):
             w, s = carry
             out, w, s = chunk_fn(w, w, s, norm, *chunk_inputs, None, config)
-            return (w, s), out
+            return floor_last_layer(w, s, norm, config), out
 
         pieces = [x[:num_full * chunk].reshape((num_full, chunk) + x.shape[1:]) for x in (keys, values, queries, gates)]
         (weights, momentum), out = _group_scan(body, (weights, momentum), pieces, num_full, config)
@@ -593,7 +635,9 @@ def _streaming_chunk_slice(chunk_weights, weights, momentum, norm, keys, values,
         chunk_w, w, s = carry
         *inputs, chunk_valid = chunk_inputs
         out, w, s = chunk_fn(chunk_w, w, s, norm, *inputs, chunk_valid, config)
-        return (_select(chunk_valid[-1], w, chunk_w), w, s), out
+        complete = chunk_valid[-1]  # the chunk's last position is real: a boundary
+        w, s = _select(complete, floor_last_layer(w, s, norm, config), (w, s))
+        return (_select(complete, w, chunk_w), w, s), out
 
     (chunk_weights, weights, momentum), outputs = _group_scan(
         body, (chunk_weights, weights, momentum), pieces, num_chunks, config)
@@ -669,6 +713,9 @@ def memory_apply(
                                                   state.weights[0]["w"].dtype)
     chunk = config.chunk_size
     norm = params.get("norm")
+    if config.last_layer_floor:  # the per-head floor travels with the norm's parameters
+        floor = jnp.sqrt(layer_squared_norm(params["layers"][-1])).astype(state.weights[0]["w"].dtype)
+        norm = {**norm, "floor": floor}
 
     def over_slices(fn, num_state, *args):
         """vmap fn over heads then batch: the first num_state args are per-slice states, then
@@ -706,6 +753,7 @@ def memory_apply(
         outputs, weights, momentum = over_slices(
             one_token, 3, state.chunk_weights, state.weights, state.momentum, keys, values, queries, gates)
         complete = num_pending + 1 == chunk
+        weights, momentum = _select(complete, floor_last_layer(weights, momentum, norm, config), (weights, momentum))
         chunk_weights = _select(complete, weights, state.chunk_weights)
     elif config.impl == "reference":
         fn = functools.partial(_reference_slice, config=config)

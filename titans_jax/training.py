@@ -122,7 +122,7 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
 # ModelConfig fields (dotted paths for nested ones) added after checkpoints were written, with the
 # value those checkpoints had: at that value a field is left out of a checkpoint's identity, so
 # the older checkpoints resume.
-_ADDED_MODEL_FIELDS = {"scan_layers": False, "lmm.memory.surprise_clip": None}
+_ADDED_MODEL_FIELDS = {"scan_layers": False, "lmm.memory.surprise_clip": None, "lmm.memory.last_layer_floor": False}
 
 
 def model_identity(config: ModelConfig) -> dict:
