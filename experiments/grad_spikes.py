@@ -129,12 +129,15 @@ def nonfinite_rows(loss, params, tokens, mask) -> list[tuple[int, float, bool, i
 def precision_by_module(model, model64, params, tokens, top: int = 12) -> list[tuple[str, float]]:
     """Every submodule's output for `tokens` in the model's dtype against the same parameters in
     float64 (capture_intermediates; needs JAX_ENABLE_X64=1): (module path, max |a - a64| / max
-    |a64|, inf where not finite); printed: the non-finite ones, then the `top` largest errors."""
+    |a64|, inf where not finite); printed: the non-finite ones, then the `top` largest errors. Under
+    jit, so that a non-finite output reaches the next module instead of stopping at its eager input
+    check (the memory's)."""
     params64 = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.float64), params)
 
     def outputs(module, weights):
-        _, state = module.apply({"params": weights}, tokens[:, :-1], capture_intermediates=True,
-                                mutable=["intermediates"])
+        apply = jax.jit(lambda weights, ids: module.apply({"params": weights}, ids, capture_intermediates=True,
+                                                          mutable=["intermediates"]))
+        _, state = apply(weights, tokens[:, :-1])
         return {jax.tree_util.keystr(path): leaf for path, leaf
                 in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]}
 

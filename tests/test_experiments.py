@@ -91,12 +91,17 @@ def test_blowup_position_and_memory_growth_find_where_a_memory_diverges(theta_ma
     first = min(position for _, position, _ in found)
     growth = grad_spikes.memory_growth(model, params, tokens[:, :-1], every=32)
     assert sorted(growth) == ["block_0/memory", "block_1/memory"] and all(len(n) == 4 for n in growth.values())
+    with jax.enable_x64(True):  # float32 against float64 module by module, also where float32 is not finite
+        model64 = TitansLM(config.replace({"dtype": "float64", "param_dtype": "float64"}))
+        errors = dict(grad_spikes.precision_by_module(model, model64, params, tokens))
     if theta_max < 1:
         assert finite_logits.all() and first == 128
         assert all(np.isfinite(n).all() and (n > 0).all() for n in growth.values())
+        assert all(np.isfinite(list(errors.values())))
     else:
         assert first == int(np.argmin(finite_logits)) < 128
         assert not np.isfinite(growth["block_0/memory"][-1])
+        assert any(np.isinf(list(errors.values()))) and any(np.isfinite(list(errors.values())))
 
 
 def test_gate_trace_surprise_norms_are_the_tokens_gradients_at_their_chunk_start():
