@@ -62,7 +62,8 @@ VARIANTS = {
     "first_order": dict(use_bias=True, residual_norm=True, surprise_gradient="first_order"),
     # per-token surprise norms of these inputs at M_0 range 2-24: a cap of 12 clips about half
     "surprise_clip": dict(use_bias=True, residual_norm=True, surprise_clip=12.0),
-    # the writes mostly outgrow the gate here; the floor acts at some boundaries (test_memory checks where)
+    # the writes mostly outgrow the gate here: the floor acts in batch 0, head 0 by the last boundary (a
+    # reference without it fails this case); test_memory has a case where it acts at every boundary
     "last_layer_floor": dict(use_bias=True, residual_norm=True, last_layer_floor=True),
 }
 
