@@ -472,8 +472,8 @@ def _last_norm(weights):
 @pytest.mark.parametrize("impl", ["chunked", "reference"])
 def test_last_layer_floor_holds_the_norm_reads_alike_and_streams_exactly(impl):
     """MemoryConfig.last_layer_floor under a gate that shrinks the weights: the first chunk is
-    untouched; after it the last layer's norm is M_0's at every boundary (0.8^5 per chunk
-    without the floor); the floored state reads what the unfloored one reads (the LayerNorm
+    untouched; the last layer's norm is M_0's after the first boundary and the last (tokens 5
+    and 15; 0.8^5 a chunk without the floor); the floored state reads what the unfloored one reads (the LayerNorm
     ignores the last layer's scale) while the steps after it differ; pieces and single tokens
     give the one call's outputs and state."""
     chunk, length = 5, 17
