@@ -64,14 +64,25 @@ def weight_norms(params, inputs, config, window: int) -> np.ndarray:
     return np.array(out)
 
 
+def wide(x):
+    """x in at least float32 (bfloat16 parameters), float64 where the memory runs in it."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnames="config")
-def _chunk_surprise(params, weights, keys, values, config):
-    """[B, H, C]: each token's inner gradient norm (all layers) at `weights` (per layer [B, H, I, O])."""
-    def one_slice(slice_weights, slice_norm, k, v):  # per-layer [I, O] weights; k, v [C, dim] -> [C]
+def _chunk_figures(params, weights, keys, values, config):
+    """Per token at `weights` (per layer [B, H, I, O]): ([B, H, C, L] the norm of its inner
+    gradient in each layer of the memory's MLP, [B, H, C] the standard deviation over features of
+    the MLP's output f(k) before the residual LayerNorm, the scale that norm divides by)."""
+    plain = dataclasses.replace(config, residual_norm=False, last_layer_floor=False)  # memory_mlp returns f(k)
+
+    def one_slice(slice_weights, slice_norm, k, v):  # per-layer [I, O] weights; k, v [C, dim]
         grads = jax.vmap(jax.grad(memory_lib.inner_loss), in_axes=(None, None, 0, 0, None))(
             slice_weights, slice_norm, k, v, config)
-        return jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2, axis=tuple(range(1, g.ndim)))
-                            for g in jax.tree.leaves(grads)))
+        per_layer = jnp.stack([jnp.sqrt(sum(jnp.sum(wide(g) ** 2, axis=tuple(range(1, g.ndim)))
+                                            for g in jax.tree.leaves(layer))) for layer in grads], axis=-1)
+        output = wide(memory_lib.memory_mlp(slice_weights, None, k, plain))
+        return per_layer, jnp.std(output, axis=-1)
 
     norm = params.get("norm")
     over_heads = jax.vmap(one_slice, in_axes=(0, None if norm is None else 0, 0, 0))
@@ -83,29 +94,42 @@ def _advance(params, state, inputs, config):
     return memory_lib.memory_apply(params, *inputs, config, state)[1]
 
 
-def surprise_norms(params, inputs, config, state=None, weight_norms: bool = False):
-    """[B, H, T]: ||u_t||, the norm of each token's inner gradient (all memory layers) at the
-    weights of its chunk's start, before any surprise_clip: what MemoryConfig.surprise_clip caps.
-    Streams chunk by chunk from `state` (None: M_0), whose unfinished chunk (num_pending tokens)
-    is finished first at its chunk_weights; at a chunk boundary the state's weights are the
-    gradient point. weight_norms: also [B, H, T], each token's gradient point's Frobenius norm
-    (all layers), the scale a residual LayerNorm's gradient is inversely proportional to."""
+def inner_figures(params, inputs, config, state=None) -> dict:
+    """Per token, at the weights of its chunk's start (what its inner gradient is taken at),
+    by layer of the memory's MLP: {"surprise": [B, H, T, L] the norm of its inner gradient in
+    each layer, before any surprise_clip; "weights": [B, H, T, L] each layer's Frobenius norm;
+    "norm_input": [B, H, T] the standard deviation of f(k), the MLP's output before the residual
+    LayerNorm (M(x) = x + LN(f(x)))}. Streams chunk by chunk from `state` (None: M_0), whose
+    unfinished chunk (num_pending tokens) is finished first at its chunk_weights; at a chunk
+    boundary the state's weights are the gradient point."""
     keys, values = inputs[0], inputs[1]
     if state is None:
         state = memory_lib.init_memory_state(params, keys.shape[0], config, keys.dtype)
     first = -int(state.num_pending) % config.chunk_size  # the tokens that finish the unfinished chunk
     bounds = sorted({0, keys.shape[2], *range(first, keys.shape[2], config.chunk_size)})
-    out, scales = [], []
+    out = {"surprise": [], "weights": [], "norm_input": []}
     for start, stop in zip(bounds[:-1], bounds[1:]):
         span = slice(start, stop)
-        out.append(_chunk_surprise(params, state.chunk_weights, keys[:, :, span], values[:, :, span], config))
-        if weight_norms:
-            squares = sum(jnp.sum(leaf.astype(jnp.float32) ** 2, axis=tuple(range(2, leaf.ndim)))
-                          for leaf in jax.tree.leaves(state.chunk_weights))  # [B, H]
-            scales.append(jnp.broadcast_to(jnp.sqrt(squares)[..., None], (*squares.shape, stop - start)))
+        surprise, norm_input = _chunk_figures(params, state.chunk_weights, keys[:, :, span], values[:, :, span], config)
+        out["surprise"].append(surprise)
+        out["norm_input"].append(norm_input)
+        layers = jnp.stack([jnp.sqrt(sum(jnp.sum(wide(leaf) ** 2, axis=tuple(range(2, leaf.ndim)))
+                                         for leaf in jax.tree.leaves(layer))) for layer in state.chunk_weights], -1)
+        out["weights"].append(jnp.broadcast_to(layers[:, :, None], (*layers.shape[:2], stop - start, layers.shape[-1])))
         state = _advance(params, state, tuple(None if x is None else x[:, :, span] for x in inputs), config)
-    norms = np.asarray(jnp.concatenate(out, axis=-1))
-    return (norms, np.asarray(jnp.concatenate(scales, axis=-1))) if weight_norms else norms
+    return {name: np.asarray(jnp.concatenate(parts, axis=2)) for name, parts in out.items()}
+
+
+def surprise_norms(params, inputs, config, state=None, weight_norms: bool = False):
+    """[B, H, T]: ||u_t||, the norm of each token's inner gradient (all memory layers) at the
+    weights of its chunk's start, before any surprise_clip: what MemoryConfig.surprise_clip caps
+    (inner_figures, over the MLP's layers). weight_norms: also [B, H, T], each token's gradient
+    point's Frobenius norm (all layers), the scale a residual LayerNorm's gradient is inversely
+    proportional to."""
+    figures = inner_figures(params, inputs, config, state)
+    norms, scales = (np.sqrt(np.sum(np.square(figures[name], dtype=np.float64), axis=-1)).astype(figures[name].dtype)
+                     for name in ("surprise", "weights"))
+    return (norms, scales) if weight_norms else norms
 
 
 def key_gradients(params, inputs, config, window: int, seed: int = 0) -> np.ndarray:

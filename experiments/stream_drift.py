@@ -20,6 +20,12 @@ the model has one). With
 M(x) = x + LN(f(x)) and f's last layer linear, scaling that layer by c leaves the read unchanged
 and scales its gradient by 1 / c, so a gate that shrinks the weights raises the relative step
 like 1 / c^2 (the "effective learning rate" of scale-invariant weights under weight decay).
+A second table splits this by layer of the memory's MLP (f(x) = W_2 act(W_1 x) at depth 2):
+|W_l| and the median relative step theta |u_l| / |W_l| of each, and the median standard
+deviation of f(k) over features, what the LayerNorm divides by. Where W_1 k is small the
+activation is nearly linear, f nearly homogeneous in W_1, and the first layer nearly scale-free
+too: a gate that shrinks it raises its relative step, and the read's gain 1 / std f, as the last
+layer's (MemoryConfig.last_layer_floor holds only the last).
 """
 
 from __future__ import annotations
@@ -52,40 +58,56 @@ def drift(model, params, ids: np.ndarray, windows: tuple[int, int], every: int) 
 
 
 def norms(model, params, memory_config, ids: np.ndarray, window: int, every: int) -> list[tuple[int, list[dict]]]:
-    """[(tokens, [{"weights", "theta", "surprise", "step"} per memory layer])] before the prompt (0
-    tokens: |W| only, the others None), every `every` tokens and at the end: |W| there (mean over
-    heads), and the medians of theta, |u| and theta * |u| / |W| over the stretch's tokens and heads."""
-    from experiments.gate_trace import surprise_norms
+    """[(tokens, [figures per memory layer])] before the prompt (0 tokens: the weight norms only,
+    the others None), every `every` tokens and at the end. Figures: "weights", |W| there (all
+    the MLP's layers, mean over heads), and the medians of "theta", "surprise" |u| and "step"
+    theta * |u| / |W| over the stretch's tokens and heads; by layer l of the memory's MLP,
+    "layer_weights" |W_l| there and "layer_steps", the medians of theta * |u_l| / |W_l| (u_l
+    scaled as u by any surprise_clip); "norm_input", the median standard deviation of f(k), the
+    MLP's output before the residual LayerNorm (gate_trace.inner_figures), at each token's
+    chunk-start weights."""
+    from experiments.gate_trace import inner_figures
 
-    def weight_norm(cache, index: int) -> float:
-        squares = sum(np.sum(np.square(np.asarray(leaf[0], np.float64)).reshape(leaf.shape[1], -1), axis=1)
-                      for leaf in jax.tree.leaves(cache["layers"][index]["memory"].memory.weights))  # [H]
-        return float(np.mean(np.sqrt(squares)))
+    def weight_norms(cache, index: int) -> np.ndarray:  # [L + 1]: all layers, then each, mean over heads
+        layers = [sum(np.sum(np.square(np.asarray(leaf[0], np.float64)).reshape(leaf.shape[1], -1), axis=1)
+                      for leaf in jax.tree.leaves(layer)) for layer in cache["layers"][index]["memory"].memory.weights]
+        return np.array([np.mean(np.sqrt(sum(layers)))] + [np.mean(np.sqrt(squares)) for squares in layers])
+
+    def weight_figures(cache, index: int) -> dict:
+        every_layer, *by_layer = weight_norms(cache, index)
+        return {"weights": float(every_layer), "layer_weights": [float(x) for x in by_layer]}
 
     marks = tuple(range(every, ids.size, every))
     stream = needle_gates.GateStream(model, params, window)
     before, stretch = stream.empty, {}
     indices = [index for index, layer in enumerate(before["layers"]) if "memory" in layer]
-    rows = [(0, [{"weights": weight_norm(before, index), "theta": None, "surprise": None, "step": None}
-                 for index in indices])]
+    empty = dict.fromkeys(("theta", "surprise", "step", "layer_steps", "norm_input"))
+    rows = [(0, [{**weight_figures(before, index), **empty} for index in indices])]
     for stop, cache, layers in stream.stream(ids, cuts=marks):
         for path, inputs in layers:
             index = int(path.split("/")[0].removeprefix("block_"))
             block, name = path.split("/")
             batched = tuple(None if x is None else x[None] for x in inputs)
-            surprise, scale = surprise_norms(params[block][name]["memory"], batched, memory_config,
-                                             before["layers"][index]["memory"].memory, weight_norms=True)
+            figures = inner_figures(params[block][name]["memory"], batched, memory_config,
+                                    before["layers"][index]["memory"].memory)
+            by_layer = figures["surprise"][0].astype(np.float64)  # [H, n, L]
+            surprise = np.sqrt(np.sum(np.square(by_layer), axis=-1))
+            scale = np.sqrt(np.sum(np.square(figures["weights"][0].astype(np.float64)), axis=-1))
             clip = memory_config.surprise_clip
-            capped = surprise if clip is None else np.minimum(surprise, clip)
+            cap = 1.0 if clip is None else np.minimum(1.0, clip / np.maximum(surprise, np.finfo(np.float64).tiny))
             theta = np.asarray(inputs[3])
-            stretch.setdefault(index, []).append((theta, surprise[0], theta * capped[0] / scale[0]))
+            layer_steps = (theta * cap)[..., None] * by_layer / figures["weights"][0]
+            stretch.setdefault(index, []).append((theta, surprise, theta * cap * surprise / scale,
+                                                  figures["norm_input"][0], *np.moveaxis(layer_steps, -1, 0)))
         before = cache
         if stop in marks or stop == ids.size:
-            def figures(index):
-                medians = (float(np.median(np.concatenate(parts, axis=-1))) for parts in zip(*stretch[index]))
-                return {"weights": weight_norm(cache, index), **dict(zip(("theta", "surprise", "step"), medians))}
+            def figures_at(index):
+                theta, surprise, step, norm_input, *steps = (float(np.median(np.concatenate(parts, axis=-1)))
+                                                             for parts in zip(*stretch[index]))
+                return {**weight_figures(cache, index), "theta": theta, "surprise": surprise, "step": step,
+                        "layer_steps": steps, "norm_input": norm_input}
 
-            rows.append((stop, [figures(index) for index in indices]))
+            rows.append((stop, [figures_at(index) for index in indices]))
             stretch = {}
     return rows
 
@@ -131,6 +153,20 @@ def main(argv=None) -> list[tuple[int, int, list[float]]]:
             print(f"| {seed} | {stop:,} | " + " | ".join(
                 f"{layer['weights']:.3g}, -, -, -" if layer["step"] is None else
                 f"{layer['weights']:.3g}, {layer['theta']:.2e}, {layer['surprise']:.3g}, {layer['step']:.2e}"
+                for layer in layers) + " |")
+        print("\nby layer of the memory's MLP (W_1 first): |W_l| at the stretch's end and the median of "
+              "theta |u_l| / |W_l| over it, and the median standard deviation of f(k), the MLP's output "
+              "before the residual LayerNorm (what that norm divides by)")
+        depth = len(norm_rows[0][2][0]["layer_weights"])
+        print("\n| prompt | tokens | " + " | ".join(
+            f"layer {i}: " + ", ".join(f"abs W_{l + 1}" for l in range(depth)) + ", "
+            + ", ".join(f"step_{l + 1}" for l in range(depth)) + ", std f" for i in range(len(norm_rows[0][2]))) + " |")
+        print("|---|---|" + "---|" * len(norm_rows[0][2]))
+        for seed, stop, layers in norm_rows:
+            print(f"| {seed} | {stop:,} | " + " | ".join(
+                ", ".join(f"{x:.3g}" for x in layer["layer_weights"]) + ", "
+                + (", ".join(["-"] * (depth + 1)) if layer["step"] is None else
+                   ", ".join(f"{x:.2e}" for x in layer["layer_steps"]) + f", {layer['norm_input']:.3g}")
                 for layer in layers) + " |")
     return rows
 

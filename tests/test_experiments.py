@@ -104,22 +104,26 @@ def test_blowup_position_and_memory_growth_find_where_a_memory_diverges(theta_ma
         assert any(np.isinf(list(errors.values()))) and any(np.isfinite(list(errors.values())))
 
 
-def test_gate_trace_surprise_norms_are_the_tokens_gradients_at_their_chunk_start():
-    """gate_trace.surprise_norms against a loop: token t's inner gradient (all layers) at the
-    weights the memory held when t's chunk began, found by running the memory up to there."""
+@pytest.mark.parametrize("floor", [False, True], ids=["plain", "last_layer_floor"])
+def test_gate_trace_surprise_norms_are_the_tokens_gradients_at_their_chunk_start(floor):
+    """gate_trace.surprise_norms and inner_figures against a loop: token t's inner gradient (all
+    layers, and by layer) at the weights the memory held when t's chunk began, found by running
+    the memory up to there; the MLP's output before the residual LayerNorm at those weights."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from experiments.gate_trace import surprise_norms
+    from experiments.gate_trace import inner_figures, surprise_norms
     from titans_jax import memory as mem
     from titans_jax.testing import random_memory_inputs, random_memory_params
 
     with jax.enable_x64(True):
-        config = mem.MemoryConfig(key_dim=4, value_dim=4, depth=2, expansion=2, chunk_size=3, use_bias=True)
+        config = mem.MemoryConfig(key_dim=4, value_dim=4, depth=2, expansion=2, chunk_size=3, use_bias=True,
+                                  last_layer_floor=floor)
         params = random_memory_params(config, heads=2)
         inputs = random_memory_inputs(5, 8, batch=1, heads=2, key_dim=4)
         norms, scales = surprise_norms(params, inputs, config, weight_norms=True)
+        figures = inner_figures(params, inputs, config)
         keys, values = inputs[0], inputs[1]
         inner_grad = jax.jit(jax.grad(mem.inner_loss), static_argnums=4)
         chunk_start_weights = {0: mem.init_memory_state(params, 1, config).weights}
@@ -136,6 +140,15 @@ def test_gate_trace_surprise_norms_are_the_tokens_gradients_at_their_chunk_start
                 assert abs(norms[0, h, t] - float(expected)) <= 1e-5 * float(expected)
                 weight_norm = jnp.sqrt(sum(jnp.sum(leaf * leaf) for leaf in jax.tree.leaves(w)))
                 assert abs(scales[0, h, t] - float(weight_norm)) <= 1e-5 * float(weight_norm)
+                # by layer of the MLP, and the MLP's output before the residual LayerNorm
+                for layer in range(config.depth):
+                    np.testing.assert_allclose(figures["surprise"][0, h, t, layer], jnp.sqrt(
+                        sum(jnp.sum(g * g) for g in grads[layer].values())), rtol=1e-12)
+                    np.testing.assert_allclose(figures["weights"][0, h, t, layer], jnp.sqrt(
+                        sum(jnp.sum(leaf * leaf) for leaf in w[layer].values())), rtol=1e-12)
+                hidden = mem.ACTIVATIONS[config.activation](keys[0, h, t] @ w[0]["w"] + w[0]["b"])
+                np.testing.assert_allclose(figures["norm_input"][0, h, t], jnp.std(hidden @ w[1]["w"] + w[1]["b"]),
+                                           rtol=1e-12)
         # from a carried state two tokens into a chunk: that chunk is finished at its start's weights
         _, state = mem.memory_apply(params, *(x[:, :, :2] for x in inputs), config)
         assert int(state.num_pending) == 2

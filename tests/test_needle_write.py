@@ -131,7 +131,7 @@ def test_stream_norms_are_the_whole_sequence_figures(clip):
     from M_0 (gate_trace.surprise_norms), the weights' norm from the memory run to each mark; with
     a surprise cap the step takes min(|u|, cap)."""
     from experiments import stream_drift
-    from experiments.gate_trace import surprise_norms
+    from experiments.gate_trace import inner_figures, surprise_norms
 
     ids = np.frombuffer(PROMPT.encode(), np.uint8).astype(np.int32)
     with jax.enable_x64(True):
@@ -148,15 +148,28 @@ def test_stream_norms_are_the_whole_sequence_figures(clip):
             if clip is not None:  # the cap binds on most tokens (so on the medians), not all
                 assert 0.5 < np.mean(surprise > clip) < 1
             step = theta * (surprise if clip is None else np.minimum(surprise, clip)) / scale
+            figures = {name: x[0, :, PERSISTENT:] for name, x in inner_figures(layer_params, inputs, memory_config).items()}
+            layer_steps = (theta * (1 if clip is None else np.minimum(1, clip / surprise)))[..., None] * (
+                figures["surprise"] / figures["weights"])  # [H, T, L]
             for (stop, layers), start in zip(rows, [None, 0, 32, 64]):
                 _, state = memory_lib.memory_apply(layer_params, *(None if x is None else x[:, :, :PERSISTENT + stop]
                                                                    for x in inputs), memory_config)
                 weights = np.mean(np.sqrt(sum(np.sum(np.square(np.asarray(leaf[0])).reshape(2, -1), axis=1)
                                               for leaf in jax.tree.leaves(state.weights))))
+                layer_weights = [np.mean(np.sqrt(sum(np.sum(np.square(np.asarray(leaf[0])).reshape(2, -1), axis=1)
+                                                     for leaf in layer.values()))) for layer in state.weights]
+                assert layers[index]["layer_weights"] == pytest.approx(layer_weights, rel=1e-12)
                 if start is None:  # before the prompt: the state after the persistent tokens
                     assert layers[index]["theta"] is layers[index]["surprise"] is layers[index]["step"] is None
+                    assert layers[index]["layer_steps"] is layers[index]["norm_input"] is None
                     assert layers[index]["weights"] == pytest.approx(weights, rel=1e-12)
                     continue
-                assert layers[index] == pytest.approx({"weights": weights, "theta": np.median(theta[:, start:stop]),
-                                                       "surprise": np.median(surprise[:, start:stop]),
-                                                       "step": np.median(step[:, start:stop])}, rel=1e-6), (path, stop)
+                mine = dict(layers[index])
+                assert mine.pop("layer_steps") == pytest.approx(list(np.median(layer_steps[:, start:stop], axis=(0, 1))),
+                                                                rel=1e-6), (path, stop)
+                assert mine.pop("layer_weights") == pytest.approx(layer_weights, rel=1e-12)
+                assert mine == pytest.approx({"weights": weights, "theta": np.median(theta[:, start:stop]),
+                                              "surprise": np.median(surprise[:, start:stop]),
+                                              "step": np.median(step[:, start:stop]),
+                                              "norm_input": np.median(figures["norm_input"][:, start:stop])},
+                                             rel=1e-6), (path, stop)
