@@ -74,7 +74,8 @@ def _chunk_figures(params, weights, keys, values, config):
     """Per token at `weights` (per layer [B, H, I, O]): ([B, H, C, L] the norm of its inner
     gradient in each layer of the memory's MLP, [B, H, C] the standard deviation over features of
     the MLP's output f(k) before the residual LayerNorm, the scale that norm divides by)."""
-    plain = dataclasses.replace(config, residual_norm=False, last_layer_floor=False)  # memory_mlp returns f(k)
+    plain = dataclasses.replace(config, residual_norm=False, last_layer_floor=False,
+                                every_layer_floor=False)  # memory_mlp then returns f(k)
 
     def one_slice(slice_weights, slice_norm, k, v):  # per-layer [I, O] weights; k, v [C, dim]
         grads = jax.vmap(jax.grad(memory_lib.inner_loss), in_axes=(None, None, 0, 0, None))(

@@ -50,7 +50,7 @@ def test_implementations_agree_forward_and_gradients(depth, chunk_size):
 
 
 @pytest.mark.parametrize("variant", ["bias_residual_norm", "no_momentum", "no_forgetting", "silu_mean_loss",
-                                     "first_order", "surprise_clip", "last_layer_floor"])
+                                     "first_order", "surprise_clip", "last_layer_floor", "every_layer_floor"])
 def test_implementations_agree_variants(variant):
     results = run_all_implementations(2, 5, variant)
     ref_out, ref_grads = results["reference"]
@@ -338,7 +338,7 @@ def small():
                                          ("loss_scale", 0.0), ("surprise_gradient", "second_order"),
                                          ("surprise_clip", 0.0), ("surprise_clip", -1.0),
                                          ("surprise_clip", float("inf")), ("surprise_clip", True),
-                                         ("last_layer_floor", 1)])
+                                         ("last_layer_floor", 1), ("every_layer_floor", "yes")])
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field):
         mem.MemoryConfig(residual_norm=False, key_dim=4, value_dim=4, **{field: value})
@@ -452,11 +452,12 @@ def test_residual_norm_read_ignores_the_last_layers_scale_and_its_gradient_scale
         assert not np.allclose(mem.memory_mlp(scaled, None, key, plain), mem.memory_mlp(weights, None, key, plain))
 
 
-def test_last_layer_floor_needs_the_residual_norm_and_the_xla_path():
-    with pytest.raises(ValueError, match="last_layer_floor needs residual_norm"):
-        mem.MemoryConfig(key_dim=4, value_dim=4, residual_norm=False, last_layer_floor=True)
-    with pytest.raises(ValueError, match="not implemented by the fused kernels"):
-        mem.MemoryConfig(key_dim=4, value_dim=4, depth=1, impl="fused", last_layer_floor=True)
+@pytest.mark.parametrize("field", ["last_layer_floor", "every_layer_floor"])
+def test_layer_floors_need_the_residual_norm_and_the_xla_path(field):
+    with pytest.raises(ValueError, match=f"{field} needs residual_norm"):
+        mem.MemoryConfig(key_dim=4, value_dim=4, residual_norm=False, **{field: True})
+    with pytest.raises(ValueError, match=f"{field} is not implemented by the fused kernels"):
+        mem.MemoryConfig(key_dim=4, value_dim=4, depth=1, impl="fused", **{field: True})
 
 
 def _gate_dominated_inputs(length):
@@ -505,6 +506,46 @@ def test_last_layer_floor_holds_the_norm_reads_alike_and_streams_exactly(impl):
         query = inputs[2][:, :, 0]  # the same read: the LayerNorm ignores the last layer's scale
         np.testing.assert_allclose(read(floor_state.weights, params["norm"], query, floored),
                                    read(free_state.weights, params["norm"], query, base), rtol=1e-11)
+        pieces, pieces_state = stream(floored, params, inputs, [7, 4, 6])
+        tokens, tokens_state = stream(floored, params, inputs, [1] * length)
+    for other, other_state in ((pieces, pieces_state), (tokens, tokens_state)):
+        assert max_abs_diff(other, out) < 1e-12
+        assert max_abs_diff(other_state, state) < 1e-12
+
+
+def test_every_layer_floor_holds_each_layers_norm_and_streams_exactly():
+    """MemoryConfig.every_layer_floor under a gate that shrinks the weights: after a chunk every
+    layer and its momentum are the unfloored ones scaled up to that layer's M_0 norm (each by its
+    own factor), and the read changes (the first layer's scale passes through the activation);
+    at the last boundary every layer is at M_0's norm; pieces and single tokens give the one
+    call's outputs and state."""
+    chunk, length = 5, 17
+    with jax.enable_x64(True):
+        base = mem.MemoryConfig(key_dim=KEY_DIM, value_dim=KEY_DIM, depth=2, expansion=2, use_bias=True,
+                                chunk_size=chunk, norm_eps=1e-30)
+        floored = dataclasses.replace(base, every_layer_floor=True)
+        params = make_params(base)
+        inputs = _gate_dominated_inputs(length)
+        norms = lambda weights: [np.sqrt(np.asarray(mem.layer_squared_norm(layer))) for layer in weights]
+        initial = norms(params["layers"])  # per layer [H]
+        out, state = mem.memory_apply(params, *inputs, floored)
+        for layer, expected in zip(norms(state.chunk_weights), initial):  # the boundary after token 15
+            np.testing.assert_allclose(layer, np.broadcast_to(expected, (BATCH, HEADS)), rtol=1e-12)
+        first = [x[:, :, :chunk] for x in inputs]
+        _, free_state = mem.memory_apply(params, *first, base)
+        _, floor_state = mem.memory_apply(params, *first, floored)
+        scales = [r / n for r, n in zip(initial, norms(free_state.weights))]  # [B, H] per layer
+        assert all(np.all(scale > 1.2) for scale in scales) and not np.allclose(scales[0], scales[1])
+        for floor_tree, free_tree in ((floor_state.weights, free_state.weights),
+                                      (floor_state.momentum, free_state.momentum)):
+            for floor_layer, free_layer, scale in zip(floor_tree, free_tree, scales):
+                for name, leaf in free_layer.items():
+                    expected = leaf * scale.reshape(scale.shape + (1,) * (leaf.ndim - 2))
+                    np.testing.assert_allclose(floor_layer[name], expected, rtol=1e-12)
+        read = jax.vmap(jax.vmap(mem.memory_mlp, in_axes=(0, 0, 0, None)), in_axes=(0, None, 0, None))
+        query = inputs[2][:, :, 0]
+        assert max_abs_diff(read(floor_state.weights, params["norm"], query, floored),
+                            read(free_state.weights, params["norm"], query, base)) > 1e-3
         pieces, pieces_state = stream(floored, params, inputs, [7, 4, 6])
         tokens, tokens_state = stream(floored, params, inputs, [1] * length)
     for other, other_state in ((pieces, pieces_state), (tokens, tokens_state)):

@@ -127,6 +127,13 @@ class MemoryConfig:
         amplifying layers of experiments/results/long_context_niah_cpu.md, "What the later
         writes do to it"). The momentum is scaled alike so that it keeps its size relative to
         the weights. Not affine in the state; not in the fused kernels.
+      every_layer_floor: the same floor on every layer of the MLP, each at its own M_0 norm
+        (implies last_layer_floor's; same requirements). With the last layer held, a gate shrinks
+        the layers before it instead, and where W_1 k is small the activation is nearly linear, so
+        under the LayerNorm W_1 is nearly scale-free too and its relative step grows the same way
+        (experiments.stream_drift --norms, by layer of the MLP). Unlike the last layer's, scaling
+        an earlier layer up changes the read (through the activation): an intervention, not an
+        identity.
     """
 
     key_dim: int | None = None
@@ -144,6 +151,7 @@ class MemoryConfig:
     surprise_gradient: str = "full"
     surprise_clip: float | None = None
     last_layer_floor: bool = False
+    every_layer_floor: bool = False
 
     def __post_init__(self):
         for name in ("key_dim", "value_dim", "depth", "expansion", "chunk_size"):
@@ -178,14 +186,16 @@ class MemoryConfig:
                 and math.isfinite(self.surprise_clip))):
             raise ValueError(f"MemoryConfig.surprise_clip must be a positive finite number (or None), "
                              f"got {self.surprise_clip!r}")
-        if not isinstance(self.last_layer_floor, (bool, np.bool_)):
-            raise ValueError(f"MemoryConfig.last_layer_floor must be True or False, got {self.last_layer_floor!r}")
-        if self.last_layer_floor and not self.residual_norm:
-            raise ValueError("MemoryConfig.last_layer_floor needs residual_norm=True: only under the residual "
-                             "LayerNorm does the read ignore the last layer's scale")
-        if self.last_layer_floor and self.impl == "fused":
-            raise ValueError("MemoryConfig.last_layer_floor is not implemented by the fused kernels "
-                             "(impl='fused'): use impl='chunked'")
+        for name in ("last_layer_floor", "every_layer_floor"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"MemoryConfig.{name} must be True or False, got {value!r}")
+            if value and not self.residual_norm:
+                raise ValueError(f"MemoryConfig.{name} needs residual_norm=True: only under the residual "
+                                 "LayerNorm does the read ignore the last layer's scale")
+            if value and self.impl == "fused":
+                raise ValueError(f"MemoryConfig.{name} is not implemented by the fused kernels "
+                                 "(impl='fused'): use impl='chunked'")
         if not (self.loss_scale > 0 and math.isfinite(self.loss_scale)):
             raise ValueError(f"MemoryConfig.loss_scale must be a positive finite number, got {self.loss_scale!r}")
 
@@ -328,21 +338,32 @@ def layer_squared_norm(layer: dict) -> Array:
     return sum(jnp.sum(leaf * leaf, axis=(-2, -1) if name == "w" else -1) for name, leaf in layer.items())
 
 
-def floor_last_layer(weights: tuple, momentum: tuple, norm: dict | None, config: MemoryConfig):
-    """At a chunk boundary (MemoryConfig.last_layer_floor): the last layer and its momentum
-    scaled by max(1, r / |W_L|), r = norm["floor"] (M_0's, from memory_apply). Works on one
-    slice ([I, O], r a scalar) or on a batch ([B, H, I, O], r [H]); the identity when not set."""
-    if not config.last_layer_floor:
-        return weights, momentum
-    squared = layer_squared_norm(weights[-1])
-    tiny = jnp.finfo(squared.dtype).tiny
-    scale = jnp.maximum(1.0, norm["floor"] * jax.lax.rsqrt(jnp.maximum(squared, tiny)))
+def floored_layers(config: MemoryConfig) -> tuple[int, ...]:
+    """The layers of the MLP a floor holds (MemoryConfig.last_layer_floor / every_layer_floor)."""
+    if config.every_layer_floor:
+        return tuple(range(config.depth))
+    return (config.depth - 1,) if config.last_layer_floor else ()
 
-    def rescale(layer):
+
+def floor_layers(weights: tuple, momentum: tuple, norm: dict | None, config: MemoryConfig):
+    """At a chunk boundary (MemoryConfig.last_layer_floor / every_layer_floor): each floored
+    layer l and its momentum scaled by max(1, r_l / |W_l|), r = norm["floor"] (M_0's layer
+    norms, [..., L], from memory_apply). Works on one slice ([I, O], r [L]) or on a batch
+    ([B, H, I, O], r [H, L]); the identity when no floor is set."""
+    layers = floored_layers(config)
+    if not layers:
+        return weights, momentum
+    def rescale(layer, scale):
         return {name: leaf * scale[..., None, None] if name == "w" else leaf * scale[..., None]
                 for name, leaf in layer.items()}
 
-    return weights[:-1] + (rescale(weights[-1]),), momentum[:-1] + (rescale(momentum[-1]),)
+    weights, momentum = list(weights), list(momentum)
+    for index in layers:
+        squared = layer_squared_norm(weights[index])
+        tiny = jnp.finfo(squared.dtype).tiny
+        scale = jnp.maximum(1.0, norm["floor"][..., index] * jax.lax.rsqrt(jnp.maximum(squared, tiny)))
+        weights[index], momentum[index] = rescale(weights[index], scale), rescale(momentum[index], scale)
+    return tuple(weights), tuple(momentum)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +405,7 @@ def _reference_slice(chunk_weights, weights, momentum, norm, keys, values, queri
         real = index < num_valid
         w, s = _select(real, new_w, w), _select(real, new_s, s)
         commit = real & ((offset + index) % chunk == chunk - 1)  # the chunk is complete: new gradient point
-        w, s = _select(commit, floor_last_layer(w, s, norm, config), (w, s))
+        w, s = _select(commit, floor_layers(w, s, norm, config), (w, s))
         return (_select(commit, w, chunk_w), w, s), out
 
     (chunk_weights, weights, momentum), outputs = jax.lax.scan(
@@ -598,7 +619,7 @@ def _fresh_chunk_slice(weights, momentum, norm, keys, values, queries, gates, co
         def body(carry, chunk_inputs):
             w, s = carry
             out, w, s = chunk_fn(w, w, s, norm, *chunk_inputs, None, config)
-            return floor_last_layer(w, s, norm, config), out
+            return floor_layers(w, s, norm, config), out
 
         pieces = [x[:num_full * chunk].reshape((num_full, chunk) + x.shape[1:]) for x in (keys, values, queries, gates)]
         (weights, momentum), out = _group_scan(body, (weights, momentum), pieces, num_full, config)
@@ -636,7 +657,7 @@ def _streaming_chunk_slice(chunk_weights, weights, momentum, norm, keys, values,
         *inputs, chunk_valid = chunk_inputs
         out, w, s = chunk_fn(chunk_w, w, s, norm, *inputs, chunk_valid, config)
         complete = chunk_valid[-1]  # the chunk's last position is real: a boundary
-        w, s = _select(complete, floor_last_layer(w, s, norm, config), (w, s))
+        w, s = _select(complete, floor_layers(w, s, norm, config), (w, s))
         return (_select(complete, w, chunk_w), w, s), out
 
     (chunk_weights, weights, momentum), outputs = _group_scan(
@@ -713,9 +734,9 @@ def memory_apply(
                                                   state.weights[0]["w"].dtype)
     chunk = config.chunk_size
     norm = params.get("norm")
-    if config.last_layer_floor:  # the per-head floor travels with the norm's parameters
-        floor = jnp.sqrt(layer_squared_norm(params["layers"][-1])).astype(state.weights[0]["w"].dtype)
-        norm = {**norm, "floor": floor}
+    if floored_layers(config):  # the per-head floors [H, L] travel with the norm's parameters
+        floor = jnp.stack([jnp.sqrt(layer_squared_norm(layer)) for layer in params["layers"]], axis=-1)
+        norm = {**norm, "floor": floor.astype(state.weights[0]["w"].dtype)}
 
     def over_slices(fn, num_state, *args):
         """vmap fn over heads then batch: the first num_state args are per-slice states, then
@@ -753,7 +774,7 @@ def memory_apply(
         outputs, weights, momentum = over_slices(
             one_token, 3, state.chunk_weights, state.weights, state.momentum, keys, values, queries, gates)
         complete = num_pending + 1 == chunk
-        weights, momentum = _select(complete, floor_last_layer(weights, momentum, norm, config), (weights, momentum))
+        weights, momentum = _select(complete, floor_layers(weights, momentum, norm, config), (weights, momentum))
         chunk_weights = _select(complete, weights, state.chunk_weights)
     elif config.impl == "reference":
         fn = functools.partial(_reference_slice, config=config)

@@ -65,6 +65,9 @@ VARIANTS = {
     # the writes mostly outgrow the gate here: the floor acts in batch 0, head 0 by the last boundary (a
     # reference without it fails this case); test_memory has a case where it acts at every boundary
     "last_layer_floor": dict(use_bias=True, residual_norm=True, last_layer_floor=True),
+    # under these inputs the writes outgrow the gate in the first layer: run_all_implementations
+    # shrinks the steps and strengthens the forgetting for this one so that every layer's floor acts
+    "every_layer_floor": dict(use_bias=True, residual_norm=True, every_layer_floor=True),
 }
 
 
@@ -79,6 +82,8 @@ def run_all_implementations(depth: int, chunk_size: int, variant: str = "plain",
             inputs[4] = None
         if variant == "no_forgetting":
             inputs[5] = None
+        if variant == "every_layer_floor":  # the gate outpaces the writes: every layer shrinks
+            inputs[3], inputs[5] = 0.05 * inputs[3], inputs[5] + jnp.log(0.7)
         for impl in mem.IMPLEMENTATIONS:
             config = mem.MemoryConfig(key_dim=key_dim, value_dim=key_dim, depth=depth, expansion=2,
                                       chunk_size=chunk_size, impl=impl, **VARIANTS[variant])

@@ -122,7 +122,8 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
 # ModelConfig fields (dotted paths for nested ones) added after checkpoints were written, with the
 # value those checkpoints had: at that value a field is left out of a checkpoint's identity, so
 # the older checkpoints resume.
-_ADDED_MODEL_FIELDS = {"scan_layers": False, "lmm.memory.surprise_clip": None, "lmm.memory.last_layer_floor": False}
+_ADDED_MODEL_FIELDS = {"scan_layers": False, "lmm.memory.surprise_clip": None, "lmm.memory.last_layer_floor": False,
+                       "lmm.memory.every_layer_floor": False}
 
 
 def model_identity(config: ModelConfig) -> dict:
@@ -1005,10 +1006,15 @@ def _init_from_params(programs: Programs, params) -> Callable[[], dict]:
     return lambda: start(jax.tree.map(_to_host, params))  # only when no checkpoint is resumed
 
 
-def load_trained(run_dir: str | pathlib.Path) -> tuple[ModelConfig, Any, dict]:
+def load_trained(run_dir: str | pathlib.Path, changes: dict | None = None) -> tuple[ModelConfig, Any, dict]:
     """(model config, parameters, checkpoint metadata) of the newest good checkpoint of a run
     written by `train` (its config.json names the model and optimiser; damaged steps fall back
-    as on resume). Raises FileNotFoundError naming what is missing."""
+    as on resume). Raises FileNotFoundError naming what is missing.
+
+    `changes` (ModelConfig.replace's dotted paths): evaluate the trained parameters under a
+    changed model config, e.g. {"lmm.memory.every_layer_floor": True}: an intervention on what the
+    model computes with the same parameters. A change that alters the parameters' tree or shapes
+    raises ValueError naming the first leaf that differs."""
     run_dir = pathlib.Path(run_dir)
     record_path = run_dir / "config.json"
     if not record_path.exists():
@@ -1031,4 +1037,15 @@ def load_trained(run_dir: str | pathlib.Path) -> tuple[ModelConfig, Any, dict]:
     if restored is None:
         raise FileNotFoundError(f"no usable checkpoint in {run_dir / 'checkpoints'}")
     state, meta, _ = restored
+    if changes:
+        changed = model_config.replace(changes)
+        expected = jax.eval_shape(lambda: init_params(changed, jax.random.PRNGKey(0)))
+        leaves = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+        trained = dict(jax.tree_util.tree_flatten_with_path(state["params"])[0])
+        for path in sorted(set(leaves) | set(trained), key=jax.tree_util.keystr):
+            if path not in leaves or path not in trained or leaves[path].shape != trained[path].shape:
+                raise ValueError(f"{changes} changes the model's parameters at {jax.tree_util.keystr(path)} "
+                                 f"(trained {getattr(trained.get(path), 'shape', 'absent')}, changed "
+                                 f"{getattr(leaves.get(path), 'shape', 'absent')}): only changes that keep them apply")
+        model_config = changed
     return model_config, state["params"], meta
