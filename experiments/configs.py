@@ -163,6 +163,24 @@ def get_config(name: str) -> ExperimentConfig:
 # Overrides
 
 
+def model_changes(items: list[str]) -> dict:
+    """`model.<field>=value` strings (nested fields by dotted path) as {field path: parsed value},
+    for ModelConfig.replace: what an evaluation changes in a trained model (its --set). Errors name
+    the item."""
+    changes = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section != "model" or not name:
+            raise ValueError(f"--set {item!r}: expected model.<field>=value "
+                             "(e.g. model.lmm.memory.every_layer_floor=true)")
+        try:
+            changes[name] = config_tree.parse_value(text, config_tree.annotation_at(ModelConfig, name), key)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"--set {item}: {error}") from None
+    return changes
+
+
 def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
     """Apply `key=value` strings: top-level fields (preset, arch), `model.<ModelConfig field>`
     (nested ones by dotted path: model.lmm.theta_max, model.lmm.memory.impl),

@@ -78,7 +78,7 @@ def cue_rows(runner, examples, cues, tokenizer, progress: bool = False) -> list[
 
 
 def run(run_dir: pathlib.Path, task: str, lengths, depth: float, per_cell: int, seed: int, cues, window: int,
-        progress: bool = False) -> list[dict]:
+        progress: bool = False, changes: dict | None = None) -> list[dict]:
     from titans_jax.data.tokenizers import ByteTokenizer
     from titans_jax.long_context import harness, make_examples
     from titans_jax.long_context.training_mix import check_eval_seeds
@@ -86,7 +86,7 @@ def run(run_dir: pathlib.Path, task: str, lengths, depth: float, per_cell: int, 
     from titans_jax.training import load_trained
 
     check_eval_seeds(range(seed, seed + per_cell))
-    config, params, meta = load_trained(run_dir)
+    config, params, meta = load_trained(run_dir, changes)
     tokenizer = ByteTokenizer()
     runner = harness.StreamingRunner(TitansLM(config), params, window)
     examples = make_examples(task, lengths, (depth,), per_cell, seed, tokenizer)
@@ -281,6 +281,9 @@ def main(argv=None) -> str:
     parser.add_argument("--seed", type=int, default=0, help="first evaluation seed")
     parser.add_argument("--cues", default="0,1", help="digits of the needle given, comma-separated")
     parser.add_argument("--window", type=int, default=4096)
+    parser.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                        help="evaluate the trained parameters under this change of the model config (an intervention "
+                             "that keeps the parameters, e.g. model.lmm.memory.every_layer_floor=true); repeatable")
     parser.add_argument("--out", help="write the rows (JSON) here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -317,10 +320,18 @@ def main(argv=None) -> str:
     run_dir = pathlib.Path(args.run)
     if not (run_dir / "config.json").exists():
         raise SystemExit(f"{run_dir} is not a trained run (no config.json): train it with experiments.train")
+    from experiments.configs import model_changes
+
+    try:
+        changes = model_changes(args.set)
+    except ValueError as error:
+        parser.error(str(error))
     started = time.perf_counter()
     rows = run(run_dir, args.task, tuple(int(n) for n in args.lengths.split(",")), args.depth, args.per_cell,
-               args.seed, tuple(int(c) for c in args.cues.split(",")), args.window, progress=not args.no_progress)
-    text = f"`{args.run}`, {args.task}, depth {args.depth}, seeds {args.seed}..{args.seed + args.per_cell - 1}\n\n"
+               args.seed, tuple(int(c) for c in args.cues.split(",")), args.window, progress=not args.no_progress,
+               changes=changes)
+    text = f"`{args.run}`, {args.task}, depth {args.depth}, seeds {args.seed}..{args.seed + args.per_cell - 1}"
+    text += f", evaluated with {', '.join(args.set)}\n\n" if args.set else "\n\n"
     text += report(rows)
     print(text)
     if args.out:

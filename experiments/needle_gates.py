@@ -123,14 +123,15 @@ def example_figures(stream: GateStream, example) -> dict:
     return {path: layer_figures(theta, log_keep, start, end) for path, theta, log_keep in stream.gates(ids)}
 
 
-def load_streamable(run_dir):
+def load_streamable(run_dir, changes: dict | None = None):
     """(config, params, meta, TitansLM) of a trained run whose memory layers read the prompt's
-    bytes token by token; other models are refused with the reason."""
+    bytes token by token; other models are refused with the reason. `changes`: as
+    training.load_trained's (an evaluation-time change of the model config)."""
     from titans_jax.data.tokenizers import ByteTokenizer
     from titans_jax.models import TitansLM
     from titans_jax.training import load_trained
 
-    config, params, meta = load_trained(run_dir)
+    config, params, meta = load_trained(run_dir, changes)
     if config.vocab_size != ByteTokenizer.vocab_size:
         raise SystemExit(f"the needle's offsets are byte offsets: byte-level models only (vocabulary "
                          f"{ByteTokenizer.vocab_size}); this run's vocabulary is {config.vocab_size}")

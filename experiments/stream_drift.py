@@ -125,11 +125,20 @@ def main(argv=None) -> list[tuple[int, int, list[float]]]:
     parser.add_argument("--prompts", type=int, default=1, help="prompts (evaluation seeds from --seed)")
     parser.add_argument("--norms", action="store_true",
                         help="also |W|, theta, the inner gradient's norm and the relative step per layer (the docstring)")
+    parser.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                        help="stream the trained parameters under this change of the model config (an intervention "
+                             "that keeps the parameters, e.g. model.lmm.memory.every_layer_floor=true); repeatable")
     args = parser.parse_args(argv)
     windows = tuple(int(w) for w in args.windows.split(","))
     if len(windows) != 2 or windows[0] == windows[1]:
         parser.error(f"--windows takes two different window sizes, got {args.windows}")
-    config, params, _, model = needle_gates.load_streamable(args.run)
+    from experiments.configs import model_changes
+
+    try:
+        changes = model_changes(args.set)
+    except ValueError as error:
+        parser.error(str(error))
+    config, params, _, model = needle_gates.load_streamable(args.run, changes)
     memory_config = config.memory_layer.resolve().memory_config
     rows, norm_rows = [], []
     for example in make_examples("niah_single_1", [args.length], (0.5,), args.prompts, args.seed, ByteTokenizer()):
@@ -138,7 +147,9 @@ def main(argv=None) -> list[tuple[int, int, list[float]]]:
         if args.norms:
             norm_rows += [(example.seed, stop, layers)
                           for stop, layers in norms(model, params, memory_config, ids, windows[0], args.every)]
-    print(f"{args.run}: memory weights streamed in windows of {windows[0]} and {windows[1]} tokens, relative distance")
+    changed = f" (with {', '.join(args.set)})" if args.set else ""
+    print(f"{args.run}{changed}: memory weights streamed in windows of {windows[0]} and {windows[1]} tokens, "
+          "relative distance")
     print("\n| prompt | tokens | " + " | ".join(f"memory layer {i}" for i in range(len(rows[0][2]))) + " |")
     print("|---|---|" + "---|" * len(rows[0][2]))
     for seed, stop, gaps in rows:

@@ -247,3 +247,16 @@ def test_run_losses_reads_the_last_steps_once_each_and_the_last_books_figure(tmp
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 5, "eval/books/bits_per_byte": 2.5}))
     with pytest.raises(ValueError, match="logs no training loss yet"):
         run_losses(tmp_path)
+
+
+def test_model_changes_parse_model_fields_and_name_bad_items():
+    """configs.model_changes: what --set gives an evaluation (needle_cue, stream_drift)."""
+    from experiments.configs import model_changes
+
+    assert model_changes(["model.lmm.memory.every_layer_floor=true", "model.lmm.theta_max=0.01"]) == {
+        "lmm.memory.every_layer_floor": True, "lmm.theta_max": 0.01}
+    for item, message in [("lmm.theta_max=0.01", "expected model"), ("model.lmm.theta_max", "expected model"),
+                          ("model.lmm.nothing=1", "nothing"), ("model.lmm.memory.depth=two", "depth")]:
+        with pytest.raises(ValueError, match=message):
+            model_changes([item])
+

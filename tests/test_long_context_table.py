@@ -57,6 +57,23 @@ def test_quick_grid_runs_every_phase_and_a_rerun_reuses_it(tmp_path, monkeypatch
         out / "table.md").read_text()  # the command as it can be pasted back, empty arguments included
     check_prompt_length_probe(out / "mac" / "seed0")
     check_init_from(out / "mac" / "seed0", tmp_path / "continued")
+    check_evaluation_changes(out / "mac" / "seed0")
+
+
+def check_evaluation_changes(run):
+    """load_trained(run, changes): the trained parameters under a changed model config where the
+    change keeps them; a change of their shapes is refused, naming a leaf."""
+    import jax
+    import numpy as np
+
+    from titans_jax.training import load_trained
+
+    config, params, _ = load_trained(run)
+    changed, same_params, _ = load_trained(run, {"lmm.theta_max": 0.123})
+    assert changed == config.replace({"lmm.theta_max": 0.123}) != config
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, same_params))
+    with pytest.raises(ValueError, match=r"changes the model's parameters at \['block_.*only changes that keep"):
+        load_trained(run, {"lmm.memory.expansion": 2})
 
 
 def check_init_from(parent, out):

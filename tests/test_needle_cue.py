@@ -48,8 +48,8 @@ def test_main_evaluates_a_run_and_writes_its_rows(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     calls = []
 
-    def fake_run(run_dir, task, lengths, depth, per_cell, seed, cues, window, progress=False):
-        calls.append((run_dir, task, lengths, depth, per_cell, seed, cues, window))
+    def fake_run(run_dir, task, lengths, depth, per_cell, seed, cues, window, progress=False, changes=None):
+        calls.append((run_dir, task, lengths, depth, per_cell, seed, cues, window, changes))
         return [{"cue": cue, "length": n, "exact": float(i == 0), "in_place": 1.0, "depth": depth}
                 for n in lengths for i in range(per_cell) for cue in cues]
 
@@ -57,10 +57,18 @@ def test_main_evaluates_a_run_and_writes_its_rows(tmp_path, monkeypatch):
     out = tmp_path / "rows.json"
     text = nc.main(["--run", str(tmp_path), "--lengths", "1024,4096", "--per-cell", "2", "--cues", "0",
                     "--depth", "0.1", "--no-progress", "--out", str(out)])
-    assert calls == [(tmp_path, "niah_single_1", (1024, 4096), 0.1, 2, 0, (0,), 4096)]
-    assert "depth 0.1, seeds 0..1" in text and "| 0 | 50 [9, 91] / 100 (n=2) | 50 [9, 91] / 100 (n=2) |" in text
+    assert calls == [(tmp_path, "niah_single_1", (1024, 4096), 0.1, 2, 0, (0,), 4096, {})]
+    assert "depth 0.1, seeds 0..1\n" in text and "| 0 | 50 [9, 91] / 100 (n=2) | 50 [9, 91] / 100 (n=2) |" in text
     written_rows = json.loads(out.read_text())
     assert written_rows["args"]["depth"] == 0.1 and len(written_rows["rows"]) == 4
+    # an evaluation-time change of the model config: parsed, passed on, named in the report and the file
+    text = nc.main(["--run", str(tmp_path), "--per-cell", "1", "--cues", "0", "--no-progress", "--out", str(out),
+                    "--set", "model.lmm.memory.every_layer_floor=true"])
+    assert calls[-1][-1] == {"lmm.memory.every_layer_floor": True}
+    assert "seeds 0..0, evaluated with model.lmm.memory.every_layer_floor=true" in text
+    assert json.loads(out.read_text())["args"]["set"] == ["model.lmm.memory.every_layer_floor=true"]
+    with pytest.raises(SystemExit):
+        nc.main(["--run", str(tmp_path), "--set", "lmm.theta_max=1"])
 
 
 def _cue_file(per_cell, exact_by_length):

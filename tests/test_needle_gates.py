@@ -98,6 +98,7 @@ def test_models_it_cannot_map_are_refused_by_name(monkeypatch):
 
     for config, reason in [(models.ModelConfig(arch="lmm", vocab_size=1000), "byte-level models only"),
                            (models.ModelConfig(arch="mac", vocab_size=256), "MAC's memory reads per-segment")]:
-        monkeypatch.setattr(training, "load_trained", lambda run_dir, config=config: (config, None, {"step": 0}))
+        monkeypatch.setattr(training, "load_trained",
+                            lambda run_dir, changes=None, config=config: (config, None, {"step": 0}))
         with pytest.raises(SystemExit, match=reason):
             needle_gates.run("run", "niah_single_1", [1024], 0.5, 1, 0)
