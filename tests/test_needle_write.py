@@ -148,7 +148,8 @@ def test_stream_norms_are_the_whole_sequence_figures(clip):
             if clip is not None:  # the cap binds on most tokens (so on the medians), not all
                 assert 0.5 < np.mean(surprise > clip) < 1
             step = theta * (surprise if clip is None else np.minimum(surprise, clip)) / scale
-            figures = {name: x[0, :, PERSISTENT:] for name, x in inner_figures(layer_params, inputs, memory_config).items()}
+            figures = {name: x[0, :, PERSISTENT:]
+                       for name, x in inner_figures(layer_params, inputs, memory_config).items()}
             layer_steps = (theta * (1 if clip is None else np.minimum(1, clip / surprise)))[..., None] * (
                 figures["surprise"] / figures["weights"])  # [H, T, L]
             for (stop, layers), start in zip(rows, [None, 0, 32, 64]):
@@ -165,8 +166,8 @@ def test_stream_norms_are_the_whole_sequence_figures(clip):
                     assert layers[index]["weights"] == pytest.approx(weights, rel=1e-12)
                     continue
                 mine = dict(layers[index])
-                assert mine.pop("layer_steps") == pytest.approx(list(np.median(layer_steps[:, start:stop], axis=(0, 1))),
-                                                                rel=1e-6), (path, stop)
+                medians = list(np.median(layer_steps[:, start:stop], axis=(0, 1)))
+                assert mine.pop("layer_steps") == pytest.approx(medians, rel=1e-6), (path, stop)
                 assert mine.pop("layer_weights") == pytest.approx(layer_weights, rel=1e-12)
                 assert mine == pytest.approx({"weights": weights, "theta": np.median(theta[:, start:stop]),
                                               "surprise": np.median(surprise[:, start:stop]),
