@@ -144,13 +144,14 @@ def load_streamable(run_dir, changes: dict | None = None):
     return config, params, meta, TitansLM(config)
 
 
-def run(run_dir, task: str, lengths, depth: float, per_cell: int, seed: int, window: int = 4096) -> list[dict]:
+def run(run_dir, task: str, lengths, depth: float, per_cell: int, seed: int, window: int = 4096,
+        changes: dict | None = None) -> list[dict]:
     from titans_jax.data.tokenizers import ByteTokenizer
     from titans_jax.long_context import make_examples
     from titans_jax.long_context.training_mix import check_eval_seeds
 
     check_eval_seeds(range(seed, seed + per_cell))
-    _, params, meta, model = load_streamable(run_dir)
+    _, params, meta, model = load_streamable(run_dir, changes)
     stream = GateStream(model, params, window)
     rows = []
     for example in make_examples(task, lengths, (depth,), per_cell, seed, ByteTokenizer()):
@@ -180,13 +181,16 @@ def join_exact(rows: list[dict], cue_file: dict) -> list[dict]:
     return [{**row, "exact": answers[(row["length"], row["seed"])]} for row in rows]
 
 
-def join_exact_files(rows: list[dict], run, paths) -> list[dict]:
+def join_exact_files(rows: list[dict], run, paths, changes=()) -> list[dict]:
     """join_exact with the answers of needle_cue --out files (e.g. one a length), which must be
-    of the same run."""
+    of the same run, evaluated with the same --set changes."""
     files = [json.loads(pathlib.Path(path).read_text()) for path in paths]
     for path, contents in zip(paths, files):
         if pathlib.Path(contents["args"]["run"]) != pathlib.Path(run):
             raise SystemExit(f"{path} answers for {contents['args']['run']}, these figures are of {run}")
+        if list(contents["args"].get("set", [])) != list(changes):
+            raise SystemExit(f"{path} answers with --set {contents['args'].get('set', [])}, these figures are "
+                             f"with --set {list(changes)}")
     return join_exact(rows, {"rows": [row for contents in files for row in contents["rows"]]})
 
 
@@ -232,21 +236,33 @@ def cli(doc: str, run_fn, report_fn, argv=None, per_cell: int = 16, exact_help: 
     parser.add_argument("--exact", nargs="+", help="experiments.needle_cue --out files of this model on these "
                                                     "examples (e.g. one per length): adds each example's exact "
                                                     "match" + exact_help)
+    parser.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                        help="run the trained parameters under this change of the model config (an intervention "
+                             "that keeps the parameters, e.g. model.lmm.memory.every_layer_floor=true); repeatable")
     parser.add_argument("--out", help="JSON file for every example's figures")
     args = parser.parse_args(argv)
     if (args.run is None) == (args.rows is None):
         parser.error("give one of --run (a trained model) and --rows (an earlier --out file)")
+    from experiments.configs import model_changes
+
+    try:
+        changes = model_changes(args.set)
+    except ValueError as error:
+        parser.error(str(error))
     if args.rows:
         earlier = json.loads(pathlib.Path(args.rows).read_text())
         rows = earlier["rows"]
         for key in ("run", "task", "depth", "per_cell"):
             setattr(args, key, earlier["args"][key])
+        args.set = earlier["args"].get("set", [])  # files written before --set ran the model as trained
     else:
         rows = run_fn(pathlib.Path(args.run), args.task, [int(n) for n in args.lengths.split(",")], args.depth,
-                      args.per_cell, args.seed, args.window)
+                      args.per_cell, args.seed, args.window, changes=changes)
     if args.exact:
-        rows = join_exact_files(rows, args.run, args.exact)
-    print(f"{args.run}, {args.task} at depth {args.depth}, {args.per_cell} examples a length: median [range]\n")
+        rows = join_exact_files(rows, args.run, args.exact, args.set)
+    changed = f" (with {', '.join(args.set)})" if args.set else ""
+    print(f"{args.run}{changed}, {args.task} at depth {args.depth}, {args.per_cell} examples a length: "
+          "median [range]\n")
     print(report_fn(rows))
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)

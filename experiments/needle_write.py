@@ -182,13 +182,14 @@ def example_figures(stream: needle_gates.GateStream, config, example) -> dict:
     return figures
 
 
-def run(run_dir, task: str, lengths, depth: float, per_cell: int, seed: int, window: int = 4096) -> list[dict]:
+def run(run_dir, task: str, lengths, depth: float, per_cell: int, seed: int, window: int = 4096,
+        changes: dict | None = None) -> list[dict]:
     from titans_jax.data.tokenizers import ByteTokenizer
     from titans_jax.long_context import make_examples
     from titans_jax.long_context.training_mix import check_eval_seeds
 
     check_eval_seeds(range(seed, seed + per_cell))
-    config, params, meta, model = needle_gates.load_streamable(run_dir)
+    config, params, meta, model = needle_gates.load_streamable(run_dir, changes)
     if config.lmm.local_period:
         raise SystemExit("TNT's local memory is not replayed here: models without it only")
     stream = needle_gates.GateStream(model, params, window)

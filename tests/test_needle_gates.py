@@ -88,6 +88,29 @@ def test_exact_answers_are_joined_by_length_and_evaluation_seed(tmp_path, capsys
     other.write_text(json.dumps({**cue, "args": {"run": "runs/r/seed1"}}))
     with pytest.raises(SystemExit, match="answers for runs/r/seed1, these figures are of runs/r/seed0"):
         needle_gates.main(["--rows", str(earlier), "--exact", str(other)])
+    changed = tmp_path / "changed.json"  # the same model's answers under an evaluation-time change
+    changed.write_text(json.dumps({**cue, "args": {**cue["args"], "set": ["model.lmm.theta_max=0.1"]}}))
+    with pytest.raises(SystemExit, match=r"answers with --set \['model.lmm.theta_max=0.1'\], these figures are "
+                                         r"with --set \[\]"):
+        needle_gates.main(["--rows", str(earlier), "--exact", str(changed)])
+
+
+def test_set_reaches_the_model_and_is_named(capsys):
+    """--set: parsed, passed to the run (load_streamable's changes), named in the report's header."""
+    calls = []
+
+    def fake_run(run_dir, task, lengths, depth, per_cell, seed, window, changes=None):
+        calls.append(changes)
+        return [{"task": task, "depth": depth, "length": 1024, "seed": 0, "step": 1,
+                 "layers": {"block_0/memory": {"alpha": 0.0, "retention": 1.0, "retention_best_head": 1.0,
+                                               "write": 1.0}}}]
+
+    needle_gates.cli("doc", fake_run, needle_gates.report,
+                     ["--run", "runs/r/seed0", "--set", "model.lmm.memory.every_layer_floor=true"])
+    assert calls == [{"lmm.memory.every_layer_floor": True}]
+    assert "runs/r/seed0 (with model.lmm.memory.every_layer_floor=true), niah_single_1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        needle_gates.cli("doc", fake_run, needle_gates.report, ["--run", "runs/r/seed0", "--set", "theta=1"])
 
 
 def test_models_it_cannot_map_are_refused_by_name(monkeypatch):
