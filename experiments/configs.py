@@ -181,6 +181,22 @@ def model_changes(items: list[str]) -> dict:
     return changes
 
 
+def add_model_changes_argument(parser) -> None:
+    """The --set of the tools that evaluate a trained model (needle_cue, needle_gates, needle_write,
+    stream_drift); parse_model_changes reads it."""
+    parser.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                        help="run the trained parameters under this change of the model config (an intervention "
+                             "that keeps the parameters, e.g. model.lmm.memory.every_layer_floor=true); repeatable")
+
+
+def parse_model_changes(parser, items: list[str]) -> dict:
+    """model_changes(items), a bad item reported as the parser's usage error."""
+    try:
+        return model_changes(items)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
     """Apply `key=value` strings: top-level fields (preset, arch), `model.<ModelConfig field>`
     (nested ones by dotted path: model.lmm.theta_max, model.lmm.memory.impl),

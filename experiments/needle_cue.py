@@ -265,6 +265,8 @@ def read_files(paths) -> dict[str, dict]:
 
 
 def main(argv=None) -> str:
+    from experiments.configs import add_model_changes_argument, parse_model_changes
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a trained run directory (experiments.train)")
@@ -281,9 +283,7 @@ def main(argv=None) -> str:
     parser.add_argument("--seed", type=int, default=0, help="first evaluation seed")
     parser.add_argument("--cues", default="0,1", help="digits of the needle given, comma-separated")
     parser.add_argument("--window", type=int, default=4096)
-    parser.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
-                        help="evaluate the trained parameters under this change of the model config (an intervention "
-                             "that keeps the parameters, e.g. model.lmm.memory.every_layer_floor=true); repeatable")
+    add_model_changes_argument(parser)
     parser.add_argument("--out", help="write the rows (JSON) here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -320,12 +320,7 @@ def main(argv=None) -> str:
     run_dir = pathlib.Path(args.run)
     if not (run_dir / "config.json").exists():
         raise SystemExit(f"{run_dir} is not a trained run (no config.json): train it with experiments.train")
-    from experiments.configs import model_changes
-
-    try:
-        changes = model_changes(args.set)
-    except ValueError as error:
-        parser.error(str(error))
+    changes = parse_model_changes(parser, args.set)
     started = time.perf_counter()
     rows = run(run_dir, args.task, tuple(int(n) for n in args.lengths.split(",")), args.depth, args.per_cell,
                args.seed, tuple(int(c) for c in args.cues.split(",")), args.window, progress=not args.no_progress,

@@ -224,6 +224,8 @@ def report(rows: list[dict]) -> str:
 def cli(doc: str, run_fn, report_fn, argv=None, per_cell: int = 16, exact_help: str = "") -> list[dict]:
     """The command line of needle_gates and needle_write: run `run_fn` on a trained model (or
     read an earlier --out file), join --exact answers, print `report_fn`'s table, write --out."""
+    from experiments.configs import add_model_changes_argument, parse_model_changes
+
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a trained run's directory (<out>/<variant>/seed<k>)")
     parser.add_argument("--rows", help="report the rows of an earlier --out file instead of running a model")
@@ -236,19 +238,14 @@ def cli(doc: str, run_fn, report_fn, argv=None, per_cell: int = 16, exact_help: 
     parser.add_argument("--exact", nargs="+", help="experiments.needle_cue --out files of this model on these "
                                                     "examples (e.g. one per length): adds each example's exact "
                                                     "match" + exact_help)
-    parser.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
-                        help="run the trained parameters under this change of the model config (an intervention "
-                             "that keeps the parameters, e.g. model.lmm.memory.every_layer_floor=true); repeatable")
+    add_model_changes_argument(parser)
     parser.add_argument("--out", help="JSON file for every example's figures")
     args = parser.parse_args(argv)
     if (args.run is None) == (args.rows is None):
         parser.error("give one of --run (a trained model) and --rows (an earlier --out file)")
-    from experiments.configs import model_changes
-
-    try:
-        changes = model_changes(args.set)
-    except ValueError as error:
-        parser.error(str(error))
+    if args.rows and args.set:
+        parser.error("--set changes the model a --run evaluates; an earlier --out file keeps its own")
+    changes = parse_model_changes(parser, args.set)
     if args.rows:
         earlier = json.loads(pathlib.Path(args.rows).read_text())
         rows = earlier["rows"]

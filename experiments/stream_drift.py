@@ -113,6 +113,7 @@ def norms(model, params, memory_config, ids: np.ndarray, window: int, every: int
 
 
 def main(argv=None) -> list[tuple[int, int, list[float]]]:
+    from experiments.configs import add_model_changes_argument, parse_model_changes
     from titans_jax.data.tokenizers import ByteTokenizer
     from titans_jax.long_context import make_examples
 
@@ -125,19 +126,12 @@ def main(argv=None) -> list[tuple[int, int, list[float]]]:
     parser.add_argument("--prompts", type=int, default=1, help="prompts (evaluation seeds from --seed)")
     parser.add_argument("--norms", action="store_true",
                         help="also |W|, theta, the inner gradient's norm and the relative step per layer (the docstring)")
-    parser.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
-                        help="stream the trained parameters under this change of the model config (an intervention "
-                             "that keeps the parameters, e.g. model.lmm.memory.every_layer_floor=true); repeatable")
+    add_model_changes_argument(parser)
     args = parser.parse_args(argv)
     windows = tuple(int(w) for w in args.windows.split(","))
     if len(windows) != 2 or windows[0] == windows[1]:
         parser.error(f"--windows takes two different window sizes, got {args.windows}")
-    from experiments.configs import model_changes
-
-    try:
-        changes = model_changes(args.set)
-    except ValueError as error:
-        parser.error(str(error))
+    changes = parse_model_changes(parser, args.set)
     config, params, _, model = needle_gates.load_streamable(args.run, changes)
     memory_config = config.memory_layer.resolve().memory_config
     rows, norm_rows = [], []

@@ -93,6 +93,8 @@ def test_exact_answers_are_joined_by_length_and_evaluation_seed(tmp_path, capsys
     with pytest.raises(SystemExit, match=r"answers with --set \['model.lmm.theta_max=0.1'\], these figures are "
                                          r"with --set \[\]"):
         needle_gates.main(["--rows", str(earlier), "--exact", str(changed)])
+    with pytest.raises(SystemExit):  # an earlier file keeps the changes it was made with
+        needle_gates.main(["--rows", str(earlier), "--set", "model.lmm.theta_max=0.1"])
 
 
 def test_set_reaches_the_model_and_is_named(capsys):
