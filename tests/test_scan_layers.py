@@ -241,6 +241,7 @@ def test_presets_optimiser_and_checkpoints_know_the_stacked_layout():
     del older["scan_layers"]
     del older["lmm"]["memory"]["surprise_clip"]  # nested fields added later
     del older["lmm"]["memory"]["last_layer_floor"]
+    del older["lmm"]["memory"]["every_layer_floor"]
     assert mismatches({"model_config": older}, {"model_config": model_identity(unrolled)}, ["model_config"]) == []
     assert mismatches({"model_config": older}, {"model_config": model_identity(scanned)}, ["model_config"]) == [
         "model_config.scan_layers: (absent) -> True"]
@@ -252,6 +253,9 @@ def test_presets_optimiser_and_checkpoints_know_the_stacked_layout():
     floored = unrolled.replace({"lmm.memory.last_layer_floor": True})
     assert mismatches({"model_config": older}, {"model_config": model_identity(floored)}, ["model_config"]) == [
         "model_config.lmm.memory.last_layer_floor: (absent) -> True"]
+    every = unrolled.replace({"lmm.memory.every_layer_floor": True})
+    assert mismatches({"model_config": older}, {"model_config": model_identity(every)}, ["model_config"]) == [
+        "model_config.lmm.memory.every_layer_floor: (absent) -> True"]
 
 
 def test_the_stacked_parameters_shard_like_the_unrolled_ones_with_a_layers_axis():
