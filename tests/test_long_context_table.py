@@ -74,6 +74,8 @@ def check_evaluation_changes(run):
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, same_params))
     with pytest.raises(ValueError, match=r"changes the model's parameters at \['block_.*only changes that keep"):
         load_trained(run, {"lmm.memory.expansion": 2})
+    with pytest.raises(ValueError, match=r"\(trained float32\[.*\], changed bfloat16\["):
+        load_trained(run, {"param_dtype": "bfloat16", "dtype": "bfloat16"})
 
 
 def check_init_from(parent, out):

@@ -1013,8 +1013,8 @@ def load_trained(run_dir: str | pathlib.Path, changes: dict | None = None) -> tu
 
     `changes` (ModelConfig.replace's dotted paths): evaluate the trained parameters under a
     changed model config, e.g. {"lmm.memory.every_layer_floor": True}: an intervention on what the
-    model computes with the same parameters. A change that alters the parameters' tree or shapes
-    raises ValueError naming the first leaf that differs."""
+    model computes with the same parameters. A change that alters the parameters' tree, shapes or
+    dtypes raises ValueError naming the first leaf that differs."""
     run_dir = pathlib.Path(run_dir)
     record_path = run_dir / "config.json"
     if not record_path.exists():
@@ -1043,9 +1043,13 @@ def load_trained(run_dir: str | pathlib.Path, changes: dict | None = None) -> tu
         leaves = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
         trained = dict(jax.tree_util.tree_flatten_with_path(state["params"])[0])
         for path in sorted(set(leaves) | set(trained), key=jax.tree_util.keystr):
-            if path not in leaves or path not in trained or leaves[path].shape != trained[path].shape:
+            def spec(tree):
+                leaf = tree.get(path)
+                return "absent" if leaf is None else f"{leaf.dtype}{list(leaf.shape)}"
+
+            if spec(leaves) != spec(trained):
                 raise ValueError(f"{changes} changes the model's parameters at {jax.tree_util.keystr(path)} "
-                                 f"(trained {getattr(trained.get(path), 'shape', 'absent')}, changed "
-                                 f"{getattr(leaves.get(path), 'shape', 'absent')}): only changes that keep them apply")
+                                 f"(trained {spec(trained)}, changed {spec(leaves)}): only changes that keep "
+                                 "them apply")
         model_config = changed
     return model_config, state["params"], meta
