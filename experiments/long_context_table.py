@@ -331,11 +331,13 @@ def report(out, args, table, variants, tasks, lengths, rows, ablations, ablation
         for (variant, _), results in long_rows.items():
             text += [f"| {variant} | {r['task']} | {r['length']:,} | {r['stream_seconds']:.1f} | "
                      f"{r['peak_rss_bytes'] / 2**20:,.0f} | {int(r['score'])} |" for r in results]
-    (out / "table.md").write_text("\n".join(text) + "\n")
+    table_md = "\n".join(text) + "\n"
+    (out / "table.md").write_text(table_md)
     flat = [dict(row, variant=variant, run_seed=seed, phase=phase)
             for phase, by_run in (("main", rows), ("long", long_rows))
             for (variant, seed), results in by_run.items() for row in results]
-    (out / "results.json").write_text(json.dumps(flat, indent=1))
+    results_json = json.dumps(flat, indent=1)
+    (out / "results.json").write_text(results_json)
     for variant in variants:
         mine = [row for (v, _), results in rows.items() if v == variant for row in results]
         for task in sorted({r["task"] for r in mine} & set(NIAH_TASKS)):
@@ -344,7 +346,8 @@ def report(out, args, table, variants, tasks, lengths, rows, ablations, ablation
         both = {key: results + long_rows.get(key, []) for key, results in rows.items() if key[0] in variants}
         plot_curves(collect(both), variants, tasks, out / "accuracy_vs_length.png")
     print("\n".join(text), flush=True)
-    return {"table": table, "rows": rows, "long_rows": long_rows}
+    return {"table": table, "rows": rows, "long_rows": long_rows, "files": {"table.md": table_md,
+                                                                        "results.json": results_json}}
 
 
 if __name__ == "__main__":

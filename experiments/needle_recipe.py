@@ -21,9 +21,10 @@ its last checkpoint, experiments.train):
 Then it prints each run's loss over its last 100 steps and its books bits per byte
 (experiments.run_losses). With --results DIR every output is copied there under the names the
 committed results use: lc_niah_<tag>_scratch{,_stage2}_seed<k>{.json,_table.md} (the driver's
-results.json and table.md of that stage, which the next seed's run in the same folder replaces)
-and the needle_cue files. --tag names the runs (default: the variant); give a new tag to every
-change made with --set, so runs of different models never share a folder.
+results.json and table.md of that stage as this seed's run wrote them: seeds of one tag share the
+stage's folder, so they may run in parallel) and the needle_cue files. --tag names the runs
+(default: the variant); give a new tag to every change made with --set, so runs of different
+models never share a folder.
 
 `--dry-run` prints the commands without running them; `--quick` runs every phase on the tiny
 preset for two steps and one needle at 1K (the smoke test).
@@ -152,12 +153,14 @@ def main(argv=None) -> list[dict]:
         print(f"[recipe] {phase['name']}: {command(phase)}", flush=True)
         if args.dry_run:
             continue
+        written = {}  # a stage's own report: another seed's run of the same tag may rewrite its folder's files
         if finished(phase):
             print(f"[recipe] {phase['name']}: {phase['out']} exists with these options, skipping", flush=True)
         elif phase["module"] == "long_context_table":
             from experiments import long_context_table
 
-            long_context_table.main(phase["argv"])
+            files = long_context_table.main(phase["argv"])["files"]
+            written = {phase["out"] / name: text for name, text in files.items()}
         else:
             from experiments import needle_cue
 
@@ -165,7 +168,10 @@ def main(argv=None) -> list[dict]:
         if results is not None:
             results.mkdir(parents=True, exist_ok=True)
             for source, name in phase["results"].items():
-                shutil.copyfile(source, results / name)
+                if source in written:
+                    (results / name).write_text(written[source])
+                else:
+                    shutil.copyfile(source, results / name)
     if not args.dry_run:
         from experiments.run_losses import run_losses
 

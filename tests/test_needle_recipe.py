@@ -91,3 +91,30 @@ def test_quick_recipe_runs_every_phase_and_a_rerun_skips_them(tmp_path, capsys):
     nr.main(argv)
     out = capsys.readouterr().out
     assert out.count("done, skipping") == 3 and out.count("exists with these options, skipping") == 3
+
+
+def test_a_stage_keeps_its_own_report_when_another_seed_rewrites_the_shared_folder(tmp_path, monkeypatch):
+    """Seeds of one tag share a stage's folder: the files kept under --results are the ones this
+    run wrote, even when a parallel seed's run replaced the folder's results.json before the copy."""
+    from experiments import long_context_table, needle_cue, run_losses
+
+    def stage(argv):
+        out = pathlib.Path(argv[argv.index("--out") + 1])
+        files = {"results.json": json.dumps([{"run_seed": 2}]), "table.md": "seed 2\n"}
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files:  # what the other seed's run left there after this one wrote its report
+            (out / name).write_text("seed 0\n")
+        return {"files": files}
+
+    def cue(argv):
+        out = pathlib.Path(argv[argv.index("--out") + 1])
+        out.write_text(json.dumps({"args": {"out": str(out)}}))
+
+    monkeypatch.setattr(long_context_table, "main", stage)
+    monkeypatch.setattr(needle_cue, "main", cue)
+    monkeypatch.setattr(run_losses, "run_losses", lambda run: {"loss": 1.0, "books_bits_per_byte": None})
+    nr.main(["--variant", "lmm", "--seed", "2", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")])
+    for stem in ("lc_niah_lmm_scratch_seed2", "lc_niah_lmm_scratch_stage2_seed2"):
+        assert json.loads((tmp_path / "res" / f"{stem}.json").read_text()) == [{"run_seed": 2}]
+        assert (tmp_path / "res" / f"{stem}_table.md").read_text() == "seed 2\n"
+    assert (tmp_path / "res" / "needle_cue_lmm_scratch_seed2.json").exists()
