@@ -66,7 +66,8 @@ def _reference_figures(config, model, params):
     return figures
 
 
-@pytest.mark.parametrize("changes", [{}, {"lmm.use_momentum": False, "lmm.use_forgetting": False}],
+@pytest.mark.parametrize("changes", [{}, pytest.param({"lmm.use_momentum": False, "lmm.use_forgetting": False},
+                                                    marks=pytest.mark.slow)],  # the same replays without the gate
                          ids=["lmm", "ttt"])
 def test_streamed_replays_are_the_whole_sequence_reference_replays(changes):
     with jax.enable_x64(True):  # float64: the fits are small differences of losses
@@ -124,7 +125,8 @@ def test_a_write_the_gates_erase_has_no_later_writes_factor():
     assert "| undefined |" in table and "0.5 [0.5, 0.5] (1 of 2)" in table
 
 
-@pytest.mark.parametrize("clip", [None, 2.0], ids=["uncapped", "capped"])
+# capped: the cap binds on most tokens, not all, so both sides of min(|u|, cap) are checked by default
+@pytest.mark.parametrize("clip", [pytest.param(None, marks=pytest.mark.slow), 2.0], ids=["uncapped", "capped"])
 def test_stream_norms_are_the_whole_sequence_figures(clip):
     """stream_drift.norms (windows of 8, the prompt starting 3 tokens into a chunk of 4 after the
     persistent prefix) against one whole-sequence call's memory inputs: |u| and |W| per token
