@@ -44,6 +44,7 @@ def test_quick_grid_runs_every_phase_and_a_rerun_reuses_it(tmp_path, monkeypatch
     assert f"`python -m experiments.long_context_table --quick --out {out}`" in table  # the command that made it
     assert (out / "accuracy_vs_length.png").exists() and (out / "heatmap_mac_niah_single_1.png").exists()
     assert len(json.loads((out / "results.json").read_text())) == 2 * 2 + 2 * 1
+    assert first["files"] == {"table.md": table, "results.json": (out / "results.json").read_text()}  # what it wrote
     config = json.loads((out / "mac" / "seed0" / "config.json").read_text())
     assert config["config"]["data"]["task_fraction"] == 0.5 and config["config"]["preset"] == "tiny"
     evaluated = sorted((out / "mac" / "seed0" / "long_context").iterdir())
