@@ -1042,14 +1042,14 @@ def load_trained(run_dir: str | pathlib.Path, changes: dict | None = None) -> tu
         expected = jax.eval_shape(lambda: init_params(changed, jax.random.PRNGKey(0)))
         leaves = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
         trained = dict(jax.tree_util.tree_flatten_with_path(state["params"])[0])
-        for path in sorted(set(leaves) | set(trained), key=jax.tree_util.keystr):
-            def spec(tree):
-                leaf = tree.get(path)
-                return "absent" if leaf is None else f"{leaf.dtype}{list(leaf.shape)}"
+        def spec(tree, path):
+            leaf = tree.get(path)
+            return "absent" if leaf is None else f"{leaf.dtype}{list(leaf.shape)}"
 
-            if spec(leaves) != spec(trained):
+        for path in sorted(set(leaves) | set(trained), key=jax.tree_util.keystr):
+            if spec(leaves, path) != spec(trained, path):
                 raise ValueError(f"{changes} changes the model's parameters at {jax.tree_util.keystr(path)} "
-                                 f"(trained {spec(trained)}, changed {spec(leaves)}): only changes that keep "
-                                 "them apply")
+                                 f"(trained {spec(trained, path)}, changed {spec(leaves, path)}): only changes "
+                                 "that keep them apply")
         model_config = changed
     return model_config, state["params"], meta
