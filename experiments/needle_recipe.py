@@ -6,14 +6,16 @@
 Runs, in order, each phase skipped when its output exists (an interrupted training resumes from
 its last checkpoint, experiments.train):
 1. stage 1: `experiments.long_context_table` on the `lc_<variant>` config, 600 steps of 8 rows of
-   1,024 bytes, three quarters of them passkey / number task rows (RULER's niah_single_1/2),
+   1,024 bytes, three quarters of them passkey / number task rows (RULER's niah_single_1/2; other
+   tasks with --tasks, e.g. the BABILong-style qa1,qa2,qa3,qa4,qa5, evaluated in the same cells),
    the inner step capped (`model.lmm.theta_max=0.003`), data seed = run seed, from
    initialisation -> <runs>/lc_niah_<tag>_scratch/<variant>/seed<k>; the driver's 2-needle cells
    (1K / 4K / 16K, depths 0.1 / 0.5 / 0.9, two examples a cell).
 2. stage 2: 900 more steps on fresh examples (data seed 1 for run seed 0, else 1000 + seed),
    warm-up and cosine restarted -> <runs>/lc_niah_<tag>_scratch_stage2; the same cells.
-3. passkeys: `experiments.needle_cue`, 96 passkeys at depth 0.5 (evaluation seeds 0-95) at 1K /
-   4K / 16K with cues of 0 and 1 digits -> <runs>/needle_cue_<tag>_scratch_seed<k>.json.
+3. passkeys (when niah_single_1 is trained on): `experiments.needle_cue`, 96 passkeys at depth 0.5
+   (evaluation seeds 0-95) at 1K / 4K / 16K with cues of 0 and 1 digits ->
+   <runs>/needle_cue_<tag>_scratch_seed<k>.json.
 4. with --numbers N: N numbers in the essays (niah_single_2, cue 0) -> ..._seed<k>_number.json.
 5. with --stage16k: 300 steps of one 16,384-token row (data seed 2000 + seed) from stage 2 ->
    <runs>/lc_niah_<tag>_scratch_long16k, then its 96 passkeys at 1K / 4K / 16K (cue 0) ->
@@ -38,17 +40,21 @@ import pathlib
 import shlex
 import shutil
 
-from experiments.configs import CONFIGS
+from experiments.configs import CONFIGS, LONG_CONTEXT_TASKS
 
-TASKS = "niah_single_1,niah_single_2"
-# The training and the driver's cells, as every model of long_context_niah_cpu.md was trained.
-RECIPE = ("--ablations", "", "--long-lengths", "", "--tasks", TASKS, "--lengths", "1024,4096,16384",
-          "--depths", "0.1,0.5,0.9", "--per-cell", "2", "--set", f"data.tasks={TASKS}",
-          "--set", "data.task_fraction=0.75", "--set", "model.lmm.theta_max=0.003", "--set", "run.save_every=100")
+TASKS = "niah_single_1,niah_single_2"  # the task rows every model of long_context_niah_cpu.md trained on
+
+
+def recipe(tasks: str = TASKS) -> tuple[str, ...]:
+    """The driver's training options and cells: the same for every model but for its task rows."""
+    return ("--ablations", "", "--long-lengths", "", "--tasks", tasks, "--lengths", "1024,4096,16384",
+            "--depths", "0.1,0.5,0.9", "--per-cell", "2", "--set", f"data.tasks={tasks}",
+            "--set", "data.task_fraction=0.75", "--set", "model.lmm.theta_max=0.003", "--set", "run.save_every=100")
+
 STEPS = {"stage1": 600, "stage2": 900, "long16k": 300}
 QUICK_TRAIN = ("preset=tiny", "run.seq_len=1024", "run.batch_size=2", "run.save_every=2", "run.log_every=1",
                "run.eval_batches=1", "run.sample_tokens=4", "optim.warmup_steps=1")
-QUICK_CELLS = ("--tasks", "niah_single_1", "--lengths", "1024", "--depths", "0.5", "--per-cell", "1")
+QUICK_CELLS = ("--lengths", "1024", "--depths", "0.5", "--per-cell", "1")  # and the first task
 
 
 def stage2_data_seed(seed: int) -> int:
@@ -57,15 +63,16 @@ def stage2_data_seed(seed: int) -> int:
 
 
 def plan(variant: str, seed: int, tag: str, sets: list[str], runs: pathlib.Path, numbers: int = 0,
-         stage16k: bool = False, quick: bool = False) -> list[dict]:
+         stage16k: bool = False, quick: bool = False, tasks: str = TASKS) -> list[dict]:
     """The phases in order: {"name", "module" (long_context_table / needle_cue), "argv", "out" (the
     stage's --out folder or the needle_cue file), "results" ({source: committed name}), and for
-    needle_cue the "options" its file must have been made with}."""
+    needle_cue the "options" its file must have been made with}. The passkeys are evaluated when
+    `tasks` trains on them (niah_single_1)."""
     stem = f"lc_niah_{tag}_scratch"
-    common = ["--variants", variant, "--seeds", str(seed), *RECIPE]
+    common = ["--variants", variant, "--seeds", str(seed), *recipe(tasks)]
     extra = [item for s in (QUICK_TRAIN if quick else ()) + tuple(sets) for item in ("--set", s)]
     if quick:
-        common += QUICK_CELLS
+        common += ["--tasks", tasks.split(",")[0], *QUICK_CELLS]
     steps = {name: 2 if quick else n for name, n in STEPS.items()}
     lengths, passkeys = ("1024", 1) if quick else ("1024,4096,16384", 96)
 
@@ -88,8 +95,9 @@ def plan(variant: str, seed: int, tag: str, sets: list[str], runs: pathlib.Path,
     phases = [stage("stage1", stem, [f"run.steps={steps['stage1']}"]),
               stage("stage2", f"{stem}_stage2", [f"run.steps={steps['stage2']}", f"data.seed={stage2_data_seed(seed)}"],
                     runs / stem, "_stage2")]
-    phases.append(cue("passkeys", runs / f"{stem}_stage2", f"needle_cue_{tag}_scratch_seed{seed}.json",
-                      "niah_single_1", passkeys, "0,1"))
+    if "niah_single_1" in tasks.split(","):
+        phases.append(cue("passkeys", runs / f"{stem}_stage2", f"needle_cue_{tag}_scratch_seed{seed}.json",
+                          "niah_single_1", passkeys, "0,1"))
     if numbers:
         phases.append(cue("numbers", runs / f"{stem}_stage2", f"needle_cue_{tag}_scratch_seed{seed}_number.json",
                           "niah_single_2", numbers, "0"))
@@ -126,7 +134,10 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", required=True, help="a long-context variant (the lc_<variant> configs)")
     parser.add_argument("--seed", type=int, required=True, help="the run seed (stage 1's data seed)")
-    parser.add_argument("--tag", help="names the runs and files (default: the variant); a new one for every --set")
+    parser.add_argument("--tag", help="names the runs and files (default: the variant); a new one for every --set "
+                        "and --tasks")
+    parser.add_argument("--tasks", default=TASKS, help=f"the task rows trained on and the stages' cells (default "
+                        f"{TASKS}; the passkeys / numbers phases need niah_single_1 / niah_single_2 among them)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training override of every stage (the model's: an intervention)")
     parser.add_argument("--numbers", type=int, default=0, metavar="N", help="also N numbers in the essays")
@@ -145,9 +156,19 @@ def main(argv=None) -> list[dict]:
         parser.error(f"--numbers must be >= 0, got {args.numbers}")
     if args.set and not args.tag:
         parser.error("--set changes the model or its training: give it a --tag of its own (runs are named by tag)")
+    tasks = args.tasks.split(",")
+    unknown = [task for task in tasks if task not in LONG_CONTEXT_TASKS]
+    if unknown or len(set(tasks)) != len(tasks):
+        parser.error(f"--tasks {args.tasks!r}: give distinct tasks from {list(LONG_CONTEXT_TASKS)}")
+    if args.tasks != TASKS and not args.tag:
+        parser.error("--tasks changes the training: give it a --tag of its own (runs are named by tag)")
+    if args.numbers and "niah_single_2" not in tasks:
+        parser.error(f"--numbers evaluates niah_single_2, which --tasks {args.tasks!r} does not train on")
+    if args.stage16k and "niah_single_1" not in tasks:
+        parser.error(f"--stage16k evaluates passkeys (niah_single_1), which --tasks {args.tasks!r} does not train on")
     tag = args.tag or args.variant
     phases = plan(args.variant, args.seed, tag, args.set, pathlib.Path(args.runs), args.numbers, args.stage16k,
-                  args.quick)
+                  args.quick, args.tasks)
     results = pathlib.Path(args.results) if args.results else None
     for phase in phases:
         print(f"[recipe] {phase['name']}: {command(phase)}", flush=True)

@@ -76,10 +76,42 @@ def test_bad_arguments_are_named(capsys):
         capsys.readouterr().out)
 
 
+def test_other_tasks_train_and_fill_the_cells_and_need_a_tag(capsys):
+    phases = nr.main(["--variant", "swa", "--seed", "1", "--tag", "swa_qa", "--tasks", "qa1,qa3", "--dry-run"])
+    assert [p["name"] for p in phases] == ["stage1", "stage2"]  # no passkeys: not trained on
+    argv = " ".join(phases[1]["argv"])
+    assert "--tasks qa1,qa3 " in argv and "--set data.tasks=qa1,qa3 " in argv
+    assert "--out runs/lc_niah_swa_qa_scratch_stage2" in argv
+    quick = nr.plan("lmm", 0, "lmm_qa", [], pathlib.Path("runs"), quick=True, tasks="qa2,niah_single_1")
+    argv = quick[0]["argv"]
+    assert argv[len(argv) - 1 - argv[::-1].index("--tasks") + 1] == "qa2"  # the quick cell: the last --tasks wins
+    assert [p["name"] for p in quick] == ["stage1", "stage2", "passkeys"]
+    capsys.readouterr()
+    for argv, message in [
+            (["--tasks", "qa1", "--dry-run"], "--tasks changes the training: give it a --tag"),
+            (["--tasks", "qa1,qa9", "--tag", "x", "--dry-run"], "--tasks 'qa1,qa9': give distinct tasks from"),
+            (["--tasks", "qa1,qa1", "--tag", "x", "--dry-run"], "give distinct tasks"),
+            (["--tasks", "niah_single_1,qa1", "--tag", "x", "--numbers", "4", "--dry-run"],
+             "--numbers evaluates niah_single_2, which --tasks 'niah_single_1,qa1' does not train on"),
+            (["--tasks", "qa1", "--tag", "x", "--stage16k", "--dry-run"], "--stage16k evaluates passkeys")]:
+        with pytest.raises(SystemExit):
+            nr.main(["--variant", "lmm", "--seed", "0", *argv])
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_quick_recipe_runs_every_phase_and_a_rerun_skips_them(tmp_path, capsys):
     """Every phase on the tiny preset, the outputs copied under their committed names; run again,
-    nothing is trained or evaluated anew (~1.5 minutes on 2 cores)."""
+    nothing is trained or evaluated anew (~1.5 minutes on 2 cores). It trains on the books and
+    evaluates numbers in the essays: skipped where they are not fetched."""
+    from titans_jax.data import corpora
+    from titans_jax.long_context import haystacks
+
+    try:
+        corpora.corpus_fingerprint("books")
+        haystacks.essays_haystack()
+    except FileNotFoundError as exc:
+        pytest.skip(f"books or essays not fetched ({exc}); run `python -m titans_jax.data.fetch all`")
     argv = ["--variant", "lmm", "--seed", "0", "--quick", "--numbers", "1", "--stage16k",
             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
     phases = nr.main(argv)
