@@ -16,18 +16,29 @@ titans_jax.long_context.tasks.example_answer, so the haystack and the length do 
 - last: the last such word in the story: a model that copies the most recent fact.
 
 Evaluation seeds 0 .. --examples - 1, as the harness draws them (its cells use seeds from 0).
+
+    python -m experiments.qa_baselines --results lmm=runs/qa_lmm/results.json swa=runs/qa_swa/results.json
+
+puts models beside the readers on the stories the models were asked (the seeds of each
+experiments.long_context results.json): per task, each model's accuracy by length with its
+binomial 95% interval and how often its answer is the last mentioned word (copying the most
+recent fact scores that reader's accuracy, not more), then the readers on the same stories.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
+import pathlib
 import re
 
+from experiments.long_context_table import binomial_interval, said_answer
 from titans_jax.long_context import babilong
 from titans_jax.long_context.tasks import _rng
 from titans_jax.long_context.training_mix import TRAIN_SEED_OFFSET
 
+ROW_KEYS = {"task", "length", "seed", "output", "score"}  # of an experiments.long_context results.json row
 KINDS = {"place": babilong.PLACES, "person": babilong.PEOPLE, "object": babilong.OBJECTS}
 
 
@@ -51,26 +62,98 @@ def candidates(item: babilong.Story) -> list[str]:
     return sorted(last, key=last.get)
 
 
-def baselines(task: str, examples: int, prior_examples: int = 5000) -> dict:
-    """Accuracy (fractions) of the three readers on evaluation seeds 0 .. examples - 1."""
-    counts = collections.Counter(story(task, TRAIN_SEED_OFFSET + s).answer for s in range(prior_examples))
-    prior = counts.most_common(1)[0][0]
-    stories = [story(task, seed) for seed in range(examples)]
+def prior_answer(task: str, examples: int = 5000) -> str:
+    """The answer most frequent among `examples` training stories of the task."""
+    counts = collections.Counter(story(task, TRAIN_SEED_OFFSET + s).answer for s in range(examples))
+    return counts.most_common(1)[0][0]
+
+
+def baselines(task: str, seeds, prior_examples: int = 5000) -> dict:
+    """Accuracy (fractions) of the three readers on the stories of these evaluation seeds."""
+    prior = prior_answer(task, prior_examples)
+    stories = [story(task, seed) for seed in seeds]
     found = [candidates(item) for item in stories]
+    n = len(stories)
     return {
-        "prior": sum(item.answer == prior for item in stories) / examples,
+        "prior": sum(item.answer == prior for item in stories) / n,
         "prior_answer": prior,
-        "mentioned": sum((item.answer in c) / len(c) for item, c in zip(stories, found) if c) / examples,
-        "last": sum(bool(c) and c[-1] == item.answer for item, c in zip(stories, found)) / examples,
-        "answer_mentioned": sum(item.answer in c for item, c in zip(stories, found)) / examples,
+        "mentioned": sum((item.answer in c) / len(c) for item, c in zip(stories, found) if c) / n,
+        "last": sum(bool(c) and c[-1] == item.answer for item, c in zip(stories, found)) / n,
+        "answer_mentioned": sum(item.answer in c for item, c in zip(stories, found)) / n,
+        "stories": n,
     }
 
 
+def percent_interval(successes: float, n: int) -> str:
+    lo, hi = binomial_interval(successes, n)
+    return f"{100 * successes / n:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def says_last(row: dict) -> bool:
+    """Whether a model's answer (its first word) is the last mentioned word of the row's story."""
+    found = candidates(story(row["task"], row["seed"]))
+    return bool(found) and said_answer(row["output"]).lower() == found[-1].lower()
+
+
+def report(results: dict[str, list[dict]]) -> tuple[str, dict]:
+    """The models' accuracy and agreement with the last-mentioned reader, and the readers, per task."""
+    rows = [row for model_rows in results.values() for row in model_rows]
+    tasks = [task for task in babilong.QA_TASKS if any(row["task"] == task for row in rows)]
+    lengths = sorted({row["length"] for row in rows})
+    lines, summary = [], {}
+    for task in tasks:
+        seeds = sorted({row["seed"] for row in rows if row["task"] == task})
+        readers = baselines(task, seeds)
+        lines += [f"**{task}** ({len(seeds)} stories; accuracy % [binomial 95% interval], and how often the "
+                  "answer is the last mentioned word)", "",
+                  "| model | " + " | ".join(f"{length:,}" for length in lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        for model, model_rows in results.items():
+            cells = []
+            for length in lengths:
+                picked = [row for row in model_rows if row["task"] == task and row["length"] == length]
+                if not picked:
+                    cells.append("")
+                    continue
+                last = sum(says_last(row) for row in picked)
+                correct = sum(row["score"] for row in picked)
+                summary[(model, task, length)] = {"accuracy": correct / len(picked), "n": len(picked),
+                                                  "answers_last": last / len(picked)}
+                cells.append(f"{percent_interval(correct, len(picked))}, last {100 * last / len(picked):.0f}")
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        for name, label in (("last", "reader: last mentioned"), ("mentioned", "reader: a mentioned word"),
+                            ("prior", f"reader: prior ({readers['prior_answer']})")):
+            lines.append(f"| {label} | " + " | ".join(f"{100 * readers[name]:.0f}" for _ in lengths) + " |")
+        lines.append("")
+    return "\n".join(lines), summary
+
+
 def main(argv=None) -> dict:
+    """The readers on seeds 0 .. --examples - 1 ({task: figures}), or with --results the report's
+    figures ({(model, task, length): {"accuracy", "n", "answers_last"}})."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=2000, help="evaluation stories per task")
     parser.add_argument("--tasks", default=",".join(babilong.QA_TASKS))
+    parser.add_argument("--results", nargs="+", metavar="NAME=JSON",
+                        help="experiments.long_context results.json files to put beside the readers")
     args = parser.parse_args(argv)
+    if args.results:
+        results = {}
+        for item in args.results:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                parser.error(f"--results takes NAME=JSON, got {item!r}")
+            if not pathlib.Path(path).is_file():
+                parser.error(f"--results {name}: {path} does not exist")
+            rows = json.loads(pathlib.Path(path).read_text())
+            if not isinstance(rows, list) or not all(isinstance(row, dict) and ROW_KEYS <= set(row) for row in rows):
+                parser.error(f"{path} is not an experiments.long_context results.json (a list of scored rows)")
+            results[name] = [row for row in rows if row["task"] in babilong.QA_TASKS]
+            if not results[name]:
+                parser.error(f"{path} has no qa1-qa5 rows")
+        text, summary = report(results)
+        print(text)
+        return summary
     if args.examples < 1:
         parser.error(f"--examples must be >= 1, got {args.examples}")
     tasks = args.tasks.split(",")
@@ -82,7 +165,7 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|---|")
     rows = {}
     for task in tasks:
-        row = rows[task] = baselines(task, args.examples)
+        row = rows[task] = baselines(task, range(args.examples))
         print(f"| {task} | {100 * row['prior']:.1f} ({row['prior_answer']}) | {100 * row['mentioned']:.1f} | "
               f"{100 * row['last']:.1f} | {100 * row['answer_mentioned']:.1f} |")
     return rows

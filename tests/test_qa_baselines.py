@@ -1,5 +1,7 @@
 """experiments.qa_baselines: the readers that skip the QA tasks' reasoning."""
 
+import json
+
 import pytest
 
 from experiments import qa_baselines as qb
@@ -32,3 +34,30 @@ def test_the_stories_are_the_harness_ones_and_the_readers_score_what_they_should
     assert rows["qa4"]["mentioned"] == 0.5  # two places in the story but the question's: a coin toss
     with pytest.raises(SystemExit):
         qb.main(["--tasks", "qa6"])
+
+
+def test_models_are_put_beside_the_readers_on_their_own_stories(tmp_path, capsys):
+    def row(task, seed, length, said):
+        answer = example_answer(task, seed)
+        return {"task": task, "seed": seed, "length": length, "output": f" {said}.\n",
+                "score": float(said.lower() == answer.lower())}
+
+    last = {seed: qb.candidates(qb.story("qa1", seed))[-1] for seed in range(4)}
+    rows = [row("qa1", seed, length, last[seed]) for seed in range(4) for length in (1024, 4096)]
+    rows[-1] = row("qa1", 3, 4096, example_answer("qa1", 3))  # one answer right whatever the last word
+    rows.append({"task": "niah_single_1", "seed": 0, "length": 1024, "output": " 1.\n", "score": 0.0})  # ignored
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(rows))
+    summary = qb.main(["--results", f"m={path}"])
+    expected = sum(last[seed] == example_answer("qa1", seed) for seed in range(4)) / 4
+    assert summary[("m", "qa1", 1024)] == {"accuracy": expected, "n": 4, "answers_last": 1.0}
+    assert summary[("m", "qa1", 4096)]["answers_last"] == (3 + (last[3] == example_answer("qa1", 3))) / 4
+    out = capsys.readouterr().out
+    assert f"| reader: last mentioned | {100 * expected:.0f} | {100 * expected:.0f} |" in out
+    assert "**qa1** (4 stories;" in out and "**niah" not in out
+    path.write_text(json.dumps([{"task": "qa1"}]))
+    for bad, message in [("m", "takes NAME=JSON"), (f"m={tmp_path / 'none.json'}", "none.json does not exist"),
+                         (f"m={path}", "is not an experiments.long_context results.json")]:
+        with pytest.raises(SystemExit):
+            qb.main(["--results", bad])
+        assert message in capsys.readouterr().err
