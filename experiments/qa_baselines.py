@@ -6,7 +6,7 @@ A small model trained on qa1..qa5 rows can score well above zero without followi
 an object through the story: the answer is one of six places (or a handful of people / objects),
 and it is always a word the story mentions. The accuracy of a trained model means something only
 beside these readers, computed on the same stories (a story is a function of (task, seed) only,
-titans_jax.long_context.tasks.example_answer, so the haystack and the length do not change them):
+titans_jax.long_context.tasks.example_story, so the haystack and the length do not change them):
 
 - prior: always the answer most frequent among training stories (seeds from TRAIN_SEED_OFFSET):
   a model that ignores the context;
@@ -35,16 +35,11 @@ import re
 
 from experiments.long_context_table import binomial_interval, said_answer
 from titans_jax.long_context import babilong
-from titans_jax.long_context.tasks import _rng
+from titans_jax.long_context.tasks import example_story
 from titans_jax.long_context.training_mix import TRAIN_SEED_OFFSET
 
 ROW_KEYS = {"task", "length", "seed", "output", "score"}  # of an experiments.long_context results.json row
 KINDS = {"place": babilong.PLACES, "person": babilong.PEOPLE, "object": babilong.OBJECTS}
-
-
-def story(task: str, seed: int) -> babilong.Story:
-    """The story of every example of (task, seed), as tasks.make_example draws it."""
-    return babilong.generate_story(task, _rng(task, seed, "story"))
 
 
 def answer_kind(answer: str) -> str:
@@ -64,14 +59,14 @@ def candidates(item: babilong.Story) -> list[str]:
 
 def prior_answer(task: str, examples: int = 5000) -> str:
     """The answer most frequent among `examples` training stories of the task."""
-    counts = collections.Counter(story(task, TRAIN_SEED_OFFSET + s).answer for s in range(examples))
+    counts = collections.Counter(example_story(task, TRAIN_SEED_OFFSET + s).answer for s in range(examples))
     return counts.most_common(1)[0][0]
 
 
 def baselines(task: str, seeds, prior_examples: int = 5000) -> dict:
     """Accuracy (fractions) of the three readers on the stories of these evaluation seeds."""
     prior = prior_answer(task, prior_examples)
-    stories = [story(task, seed) for seed in seeds]
+    stories = [example_story(task, seed) for seed in seeds]
     found = [candidates(item) for item in stories]
     n = len(stories)
     return {
@@ -91,7 +86,7 @@ def percent_interval(successes: float, n: int) -> str:
 
 def says_last(row: dict) -> bool:
     """Whether a model's answer (its first word) is the last mentioned word of the row's story."""
-    found = candidates(story(row["task"], row["seed"]))
+    found = candidates(example_story(row["task"], row["seed"]))
     return bool(found) and said_answer(row["output"]).lower() == found[-1].lower()
 
 
@@ -133,7 +128,7 @@ def main(argv=None) -> dict:
     figures ({(model, task, length): {"accuracy", "n", "answers_last"}})."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=2000, help="evaluation stories per task")
-    parser.add_argument("--tasks", default=",".join(babilong.QA_TASKS))
+    parser.add_argument("--tasks", default=",".join(babilong.QA_TASKS), help="the readers' tasks (without --results)")
     parser.add_argument("--results", nargs="+", metavar="NAME=JSON",
                         help="experiments.long_context results.json files to put beside the readers")
     args = parser.parse_args(argv)

@@ -6,7 +6,8 @@ import pytest
 
 from experiments import qa_baselines as qb
 from titans_jax.long_context import babilong
-from titans_jax.long_context.tasks import example_answer
+from titans_jax.long_context.haystacks import text_haystack
+from titans_jax.long_context.tasks import example_answer, example_story, make_example
 
 
 def test_candidates_are_the_answers_kind_in_order_of_last_mention_without_the_questions():
@@ -23,8 +24,14 @@ def test_candidates_are_the_answers_kind_in_order_of_last_mention_without_the_qu
 
 
 def test_the_stories_are_the_harness_ones_and_the_readers_score_what_they_should():
-    assert all(qb.story(task, seed).answer == example_answer(task, seed) for task in babilong.QA_TASKS
-               for seed in range(5))
+    documents = [" ".join(f"Line {d} {i} of a quiet page." for i in range(300)) for d in range(4)]
+    haystack = text_haystack("fixture", documents)
+    for task in babilong.QA_TASKS:
+        example, item = make_example(task, 2048, seed=3, haystack=haystack), example_story(task, 3)
+        at = [example.prompt.index(fact) for fact in item.facts]  # the harness's prompt tells this story
+        assert at == sorted(at) and item.question in example.prompt and example.answer == item.answer
+    with pytest.raises(ValueError, match="'niah_single_1' has no story"):
+        example_story("niah_single_1", 0)
     rows = qb.main(["--examples", "200"])
     for task, row in rows.items():
         assert row["answer_mentioned"] == 1.0  # every answer is a word of the story
@@ -42,7 +49,7 @@ def test_models_are_put_beside_the_readers_on_their_own_stories(tmp_path, capsys
         return {"task": task, "seed": seed, "length": length, "output": f" {said}.\n",
                 "score": float(said.lower() == answer.lower())}
 
-    last = {seed: qb.candidates(qb.story("qa1", seed))[-1] for seed in range(4)}
+    last = {seed: qb.candidates(example_story("qa1", seed))[-1] for seed in range(4)}
     rows = [row("qa1", seed, length, last[seed]) for seed in range(4) for length in (1024, 4096)]
     rows[-1] = row("qa1", 3, 4096, example_answer("qa1", 3))  # one answer right whatever the last word
     rows.append({"task": "niah_single_1", "seed": 0, "length": 1024, "output": " 1.\n", "score": 0.0})  # ignored

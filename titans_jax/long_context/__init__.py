@@ -39,6 +39,7 @@ from titans_jax.long_context.tasks import (
     babilong_match,
     example_answer,
     example_key,
+    example_story,
     make_example,
     make_examples,
     min_length,
@@ -63,7 +64,7 @@ def __getattr__(name):
 
 __all__ = [
     "babilong_match", "books_haystack", "build_eval_set", "essays_haystack", "eval_set_builder",
-    "EvalSetSpec", "Example", "example_answer", "example_key", "examples_by_key", "fetch_essays",
+    "EvalSetSpec", "Example", "example_answer", "example_key", "example_story", "examples_by_key", "fetch_essays",
     "FETCH_ESSAYS_COMMAND", "format_prompt", "generate_story", "GENERATOR_VERSION", "get_haystack",
     "Haystack", "HAYSTACKS", "load_eval_set", "make_example", "make_examples", "NIAH_TASKS",
     "noise_haystack", "QA_TASKS", "score", "split_sentences", "Story", "string_match_all", "TASKS",

@@ -178,12 +178,19 @@ def niah_key_value(task: str, seed: int) -> tuple[str, str]:
     return key, value
 
 
+def example_story(task: str, seed: int) -> babilong.Story:
+    """The story of every example of a qa task and seed, whatever its length, depth or haystack."""
+    if task not in QA_TASKS:
+        raise ValueError(f"{task!r} has no story; expected one of {QA_TASKS}")
+    return babilong.generate_story(task, _rng(task, seed, "story"))
+
+
 def example_answer(task: str, seed: int) -> str:
     """The gold answer of every example of (task, seed), whatever its length, depth or haystack."""
     if task in NIAH_TASKS:
         return niah_key_value(task, seed)[1]
     if task in QA_TASKS:
-        return babilong.generate_story(task, _rng(task, seed, "story")).answer
+        return example_story(task, seed).answer
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
@@ -343,7 +350,7 @@ def _layout_spec(task: str, seed: int, depth, qa_examples: bool):
             return head, "\n" + question + answer_prefix
 
         return [needle], [depth], render, value, question, answer_prefix, depth
-    story = babilong.generate_story(task, _rng(task, seed, "story"))
+    story = example_story(task, seed)
     lo, hi = depth
     fact_rng = _rng(task, seed, "positions")
     fractions = sorted(fact_rng.uniform(lo, hi) for _ in story.facts)
