@@ -100,6 +100,7 @@ def test_other_tasks_train_and_fill_the_cells_and_need_a_tag(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.realdata
 def test_quick_recipe_runs_every_phase_and_a_rerun_skips_them(tmp_path, capsys):
     """Every phase on the tiny preset, the outputs copied under their committed names; run again,
     nothing is trained or evaluated anew (~1.5 minutes on 2 cores). It trains on the books and
