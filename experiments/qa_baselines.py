@@ -57,10 +57,14 @@ def candidates(item: babilong.Story) -> list[str]:
     return sorted(last, key=last.get)
 
 
+def answer_counts(task: str, examples: int = 5000) -> collections.Counter:
+    """How often each word is the answer among `examples` training stories of the task."""
+    return collections.Counter(example_story(task, TRAIN_SEED_OFFSET + s).answer for s in range(examples))
+
+
 def prior_answer(task: str, examples: int = 5000) -> str:
     """The answer most frequent among `examples` training stories of the task."""
-    counts = collections.Counter(example_story(task, TRAIN_SEED_OFFSET + s).answer for s in range(examples))
-    return counts.most_common(1)[0][0]
+    return answer_counts(task, examples).most_common(1)[0][0]
 
 
 def baselines(task: str, seeds, prior_examples: int = 5000) -> dict:

@@ -2,6 +2,7 @@
 
     runner = StreamingRunner(model, params, window=4096)
     answer_ids, stats = runner.answer(prompt_ids, max_new_tokens=16)
+    scores = runner.continuation_logprobs(prompt_ids, [ids_a, ids_b])   # log p(each | prompt)
 
 The prompt goes through `model.apply(params, tokens, cache, logits_at=...)` in windows of
 `window` tokens (the cache carries everything: memory state, conv states, sliding-window keys, MAC
@@ -22,7 +23,7 @@ import dataclasses
 import os
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +175,26 @@ class StreamingRunner:
         stats = StreamStats(tokens=int(ids.size), calls=calls, stream_seconds=time.perf_counter() - start,
                             decode_seconds=0.0, cache_bytes=tree_bytes(cache))
         return logits, cache, stats
+
+    def continuation_logprobs(self, ids: np.ndarray, continuations: Sequence[Sequence[int]]) -> list[float]:
+        """log p(continuation | prompt `ids`) (natural log, summed over its tokens) of each
+        continuation, teacher-forced: the prompt is streamed once and every continuation is fed
+        token by token from that same cache (a cache is a value: feeding one does not change it)."""
+        if not continuations or any(len(c) == 0 for c in continuations):
+            raise ValueError("continuation_logprobs needs at least one continuation, none of them empty")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= token < vocab for c in continuations for token in c):
+            raise ValueError(f"continuation token ids must be in [0, {vocab})")
+        logits, cache, _ = self.prefill(ids, max(len(c) for c in continuations))
+        first = jax.nn.log_softmax(logits)
+        scores = []
+        for continuation in continuations:
+            total, state = float(first[continuation[0]]), cache
+            for previous, token in zip(continuation[:-1], continuation[1:]):
+                step, state = self._call(self.params, jnp.asarray([[previous]], jnp.int32), state, "last")
+                total += float(jax.nn.log_softmax(step[0, -1])[token])
+            scores.append(total)
+        return scores
 
     def answer(self, ids: np.ndarray, max_new_tokens: int,
                stop: Callable[[list[int]], bool] | None = None) -> tuple[list[int], StreamStats]:
