@@ -15,6 +15,8 @@ teacher-forced from the prompt's cache (harness.StreamingRunner.continuation_log
 Renormalised over those words it is the model's choice. Per task and length, over the stories:
 
 - choice: how often the gold word is the most probable one (% with a binomial 95% interval);
+  greedy: how often greedy decoding restricted to the words picks it (letter by letter, so words
+  that share a first letter, bathroom and bedroom, pool their probability at the first);
 - bits: the mean -log2 p(gold) of the choice, beside the prior's: the training answers'
   frequencies over the same words (qa_baselines.answer_counts, add-one smoothed). A model that
   reads nothing of the story does no better than the prior; and prior - model, the bits it
@@ -97,6 +99,21 @@ def choice(row: dict) -> np.ndarray:
     return p / p.sum()
 
 
+def greedy_pick(words, p) -> int:
+    """The word that greedy decoding among `words` writes: at each character the one whose words
+    hold the most probability, so words sharing a first letter (bathroom, bedroom) pool theirs."""
+    alive, depth = list(range(len(words))), 0
+    while len(alive) > 1:
+        mass: dict[str, float] = {}
+        for i in alive:
+            letter = words[i][depth] if depth < len(words[i]) else ""
+            mass[letter] = mass.get(letter, 0.0) + float(p[i])
+        best = max(mass, key=mass.get)
+        alive = [i for i in alive if (words[i][depth] if depth < len(words[i]) else "") == best]
+        depth += 1
+    return alive[0]
+
+
 def measures(row: dict, prior: np.ndarray, blind: np.ndarray) -> dict:
     """One scored row's figures (see the module's docstring); `prior` and `blind` (the model's mean
     choice over its cell) are distributions over row["words"]."""
@@ -107,7 +124,8 @@ def measures(row: dict, prior: np.ndarray, blind: np.ndarray) -> dict:
     gold = words.index(row["answer"])
     story = [words.index(word) for word in candidates(example_story(row["task"], row["seed"]))]
     bits, prior_bits = -math.log2(p[gold]), -math.log2(prior[gold])
-    return {"right": float(np.argmax(p) == gold), "bits": bits, "prior_bits": prior_bits, "gain": prior_bits - bits,
+    return {"right": float(np.argmax(p) == gold), "greedy_right": float(greedy_pick(words, p) == gold),
+            "bits": bits, "prior_bits": prior_bits, "gain": prior_bits - bits,
             "story": float(p[story].sum()), "blind_story": float(blind[story].sum()),
             "story_gain": float(p[story].sum() - blind[story].sum()), "last": float(p[story[-1]]) if story else 0.0,
             "kind": float(np.exp(np.asarray(row["logprobs"], float)).sum())}
@@ -153,16 +171,16 @@ def report(results: dict[str, list[dict]], prior_examples: int = 5000) -> str:
     for task in tasks:
         lines += [f"**{task}**: the choice among the answer's words (mean over the stories; the prior: the training "
                   "answers' frequencies)", "",
-                  "| model | length | stories | choice % [95%] | bits: model / prior | prior - model [95%] | "
-                  "story: model / blind [95%] | last mentioned | kind |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | length | stories | choice % [95%] | greedy % | bits: model / prior | prior - model "
+                  "[95%] | story: model / blind [95%] | last mentioned | kind |", "|---" * 10 + "|"]
         for name, summary in by_model.items():
             for (row_task, length), s in summary.items():
                 if row_task != task:
                     continue
                 lo, hi = s["interval"]
                 lines.append(f"| {name} | {length:,} | {s['n']} | {100 * s['right']:.0f} [{100 * lo:.0f}, "
-                             f"{100 * hi:.0f}] | {s['bits']:.2f} / {s['prior_bits']:.2f} | "
-                             f"{s['gain']:+.2f} ± {s['gain_95']:.2f} | "
+                             f"{100 * hi:.0f}] | {100 * s['greedy_right']:.0f} | {s['bits']:.2f} / "
+                             f"{s['prior_bits']:.2f} | {s['gain']:+.2f} ± {s['gain_95']:.2f} | "
                              f"{s['story']:.2f} / {s['blind_story']:.2f} ({s['story_gain']:+.2f} ± "
                              f"{s['story_gain_95']:.2f}) | {s['last']:.2f} | {s['kind']:.2f} |")
         lines.append("")

@@ -147,3 +147,11 @@ def test_main_scores_a_run_and_writes_its_rows(tmp_path, monkeypatch):
         qc.main(["--run", str(run), "--per-cell", "0"])
     with pytest.raises(SystemExit):
         qc.main(["--report", "no-equals-sign"])
+
+
+def test_greedy_among_the_words_pools_a_shared_first_letter():
+    words = ["bathroom", "hallway", "kitchen", "garden", "office", "bedroom"]
+    p = np.array([0.2, 0.25, 0.1, 0.1, 0.15, 0.2])  # b: 0.4 against the hallway's 0.25
+    assert words[int(np.argmax(p))] == "hallway" and words[qc.greedy_pick(words, p)] in ("bathroom", "bedroom")
+    assert words[qc.greedy_pick(words, np.array([0.2, 0.25, 0.1, 0.1, 0.15, 0.21]))] == "bedroom"
+    assert qc.greedy_pick(["ab", "abc"], np.array([0.6, 0.4])) == 0  # a word ending before another
