@@ -127,6 +127,20 @@ def report(results: dict[str, list[dict]]) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def named_paths(parser: argparse.ArgumentParser, option: str, items) -> dict[str, pathlib.Path]:
+    """The NAME=PATH items of a command-line option, as {name: path}; a malformed item or a missing
+    file is the parser's error, naming it."""
+    paths = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"{option} takes NAME=JSON, got {item!r}")
+        if not pathlib.Path(path).is_file():
+            parser.error(f"{option} {name}: {path} does not exist")
+        paths[name] = pathlib.Path(path)
+    return paths
+
+
 def main(argv=None) -> dict:
     """The readers on seeds 0 .. --examples - 1 ({task: figures}), or with --results the report's
     figures ({(model, task, length): {"accuracy", "n", "answers_last"}})."""
@@ -138,13 +152,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.results:
         results = {}
-        for item in args.results:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                parser.error(f"--results takes NAME=JSON, got {item!r}")
-            if not pathlib.Path(path).is_file():
-                parser.error(f"--results {name}: {path} does not exist")
-            rows = json.loads(pathlib.Path(path).read_text())
+        for name, path in named_paths(parser, "--results", args.results).items():
+            rows = json.loads(path.read_text())
             if not isinstance(rows, list) or not all(isinstance(row, dict) and ROW_KEYS <= set(row) for row in rows):
                 parser.error(f"{path} is not an experiments.long_context results.json (a list of scored rows)")
             results[name] = [row for row in rows if row["task"] in babilong.QA_TASKS]

@@ -41,7 +41,7 @@ import pathlib
 import numpy as np
 
 from experiments.long_context_table import binomial_interval
-from experiments.qa_baselines import KINDS, answer_counts, answer_kind, candidates
+from experiments.qa_baselines import KINDS, answer_counts, answer_kind, candidates, named_paths
 from titans_jax.long_context import babilong
 from titans_jax.long_context.tasks import example_story
 from titans_jax.long_context.training_mix import answer_text
@@ -225,13 +225,8 @@ def main(argv=None) -> str:
     if bool(args.run) == bool(args.report):
         parser.error("give either --run (score a model) or --report NAME=JSON ... (tabulate scored files)")
     if args.report:
-        results = {}
-        for item in args.report:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                parser.error(f"--report {item!r}: expected NAME=JSON")
-            results[name] = json.loads(pathlib.Path(path).read_text())["rows"]
-        text = report(results)
+        paths = named_paths(parser, "--report", args.report)
+        text = report({name: json.loads(path.read_text())["rows"] for name, path in paths.items()})
     else:
         if args.per_cell < 1:
             parser.error(f"--per-cell must be >= 1, got {args.per_cell}")
