@@ -26,11 +26,18 @@ def _runner(arch: str, window: int):
     return model, params, harness.StreamingRunner(model, params, window=window)
 
 
+@pytest.fixture(scope="module")
+def lmm():
+    """(model, params, runner) of a tiny untrained LMM streaming windows of 32: one set of compiled
+    programs for the tests below."""
+    return _runner("lmm", window=32)
+
+
 @pytest.mark.parametrize("arch", ["lmm", "transformer"])
-def test_continuation_logprobs_are_those_of_one_parallel_pass(arch):
+def test_continuation_logprobs_are_those_of_one_parallel_pass(arch, lmm):
     """Streamed prompt (two windows of 32) + continuations fed from the shared cache,
     against the log-softmax of one parallel pass over prompt + continuation."""
-    model, params, runner = _runner(arch, window=32)
+    model, params, runner = lmm if arch == "lmm" else _runner(arch, window=32)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 256, 64).astype(np.int32)  # two windows
     continuations = [[5], [7, 8, 9], [7, 8, 200, 3]]  # one token; two sharing a prefix
@@ -113,10 +120,10 @@ def test_summary_the_blind_control_and_the_report(tmp_path):
         qc.main([])
 
 
-def test_scored_rows_are_the_harness_stories():
+def test_scored_rows_are_the_harness_stories(lmm):
     """score_rows on an untrained model: one row per prompt, every word of the answer's kind (qa5:
     people or objects, as its question asks) scored, a non-qa row refused."""
-    _, _, runner = _runner("lmm", window=1024)
+    runner = lmm[2]
     documents = [" ".join(f"Line {d} {i} of a quiet page." for i in range(300)) for d in range(4)]
     haystack = text_haystack("fixture", documents)
     tokenizer = ByteTokenizer()
