@@ -26,7 +26,9 @@ Renormalised over those words it is the model's choice. Per task and length, ove
   the cell's other stories on the same words (what a model that ignores the story but keeps its
   preferences gives them; the training prior's figure is no control, since a model whose fixed
   choice favours often mentioned words scores above it). Above it, the model looks at the story
-  (the difference paired, as the bits'); last: on the last mentioned one (the last reader's pick);
+  (the difference paired, as the bits'); last: on the last mentioned one (the last reader's pick),
+  and the choice's accuracy on the stories whose answer is not the last mentioned word (where
+  copying the last place scores 0 and following the asked person is needed);
 - kind: the mean unnormalised probability of writing one of the words at all (the answer's form;
   the LMM's answers at 16K were not words).
 """
@@ -128,6 +130,7 @@ def measures(row: dict, prior: np.ndarray, blind: np.ndarray) -> dict:
             "bits": bits, "prior_bits": prior_bits, "gain": prior_bits - bits,
             "story": float(p[story].sum()), "blind_story": float(blind[story].sum()),
             "story_gain": float(p[story].sum() - blind[story].sum()), "last": float(p[story[-1]]) if story else 0.0,
+            "gold_last": float(bool(story) and story[-1] == gold),
             "kind": float(np.exp(np.asarray(row["logprobs"], float)).sum())}
 
 
@@ -156,10 +159,12 @@ def summarise(rows: list[dict], prior_examples: int = 5000) -> dict[tuple[str, i
     summary = {}
     for key, group in sorted(groups.items()):
         n, right = len(group), sum(item["right"] for item in group)
+        hard = [item["right"] for item in group if not item["gold_last"]]
         mean = {name: float(np.mean([item[name] for item in group])) for name in group[0]}
         half = {f"{name}_95": 1.96 * float(np.std([item[name] for item in group], ddof=1)) / math.sqrt(n)
                 if n > 1 else math.inf for name in ("gain", "story_gain")}
-        summary[key] = {**mean, **half, "n": n, "interval": binomial_interval(right, n)}
+        summary[key] = {**mean, **half, "n": n, "interval": binomial_interval(right, n), "not_last_n": len(hard),
+                        "not_last_right": float(np.mean(hard)) if hard else math.nan}
     return summary
 
 
@@ -172,7 +177,9 @@ def report(results: dict[str, list[dict]], prior_examples: int = 5000) -> str:
         lines += [f"**{task}**: the choice among the answer's words (mean over the stories; the prior: the training "
                   "answers' frequencies)", "",
                   "| model | length | stories | choice % [95%] | greedy % | bits: model / prior | prior - model "
-                  "[95%] | story: model / blind [95%] | last mentioned | kind |", "|---" * 10 + "|"]
+                  "[95%] | story: model / blind [95%] | last mentioned | choice %, answer not the last mentioned "
+                  "| kind |",
+                  "|---" * 11 + "|"]
         for name, summary in by_model.items():
             for (row_task, length), s in summary.items():
                 if row_task != task:
@@ -182,7 +189,8 @@ def report(results: dict[str, list[dict]], prior_examples: int = 5000) -> str:
                              f"{100 * hi:.0f}] | {100 * s['greedy_right']:.0f} | {s['bits']:.2f} / "
                              f"{s['prior_bits']:.2f} | {s['gain']:+.2f} ± {s['gain_95']:.2f} | "
                              f"{s['story']:.2f} / {s['blind_story']:.2f} ({s['story_gain']:+.2f} ± "
-                             f"{s['story_gain_95']:.2f}) | {s['last']:.2f} | {s['kind']:.2f} |")
+                             f"{s['story_gain_95']:.2f}) | {s['last']:.2f} | {100 * s['not_last_right']:.0f} "
+                             f"(n={s['not_last_n']}) | {s['kind']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -76,6 +76,7 @@ def test_measures_of_a_reader_a_prior_and_a_formless_model():
     assert sure["prior_bits"] == pytest.approx(-math.log2(prior[words.index(item.answer)]))
     assert sure["gain"] == pytest.approx(sure["prior_bits"] - sure["bits"])
     assert sure["blind_story"] == pytest.approx(len(mentioned) / 6)
+    assert sure["gold_last"] == float(mentioned[-1] == item.answer)
     assert sure["story_gain"] == pytest.approx(1 - len(mentioned) / 6)
     # the prior itself, written at a tenth of the probability: the prior's bits, kind 0.1
     copy = qc.measures(_row("qa1", 4, list(np.log(0.1 * prior))), prior, prior)
@@ -109,6 +110,10 @@ def test_summary_the_blind_control_and_the_report(tmp_path):
         rows.append(_row("qa1", seed, [0.0 if (i == gold) == (seed < 7) else -9.0 for i in range(len(words))]))
     cell = qc.summarise(rows, prior_examples=200)[("qa1", 1024)]
     assert cell["n"] == 10 and cell["right"] == pytest.approx(0.7)
+    not_last = [seed for seed in range(10) if qb.candidates(example_story("qa1", seed))[-1] != example_story(
+        "qa1", seed).answer]
+    assert 0 < cell["not_last_n"] == len(not_last) < 10  # both kinds of story among the ten
+    assert cell["not_last_right"] == pytest.approx(np.mean([seed < 7 for seed in not_last]))
     assert cell["interval"][0] < 0.7 < cell["interval"][1]
     path = tmp_path / "m.json"
     path.write_text(json.dumps({"rows": rows}))
