@@ -205,6 +205,10 @@ def evaluate(run_dir: str, tasks, lengths, per_cell: int, seed: int, window: int
     unknown = [task for task in tasks if task not in babilong.QA_TASKS]
     if unknown:
         raise SystemExit(f"--tasks {unknown}: qa_choice scores the qa tasks {babilong.QA_TASKS}")
+    record = json.loads((pathlib.Path(run_dir) / "config.json").read_text())
+    if record["config"]["data"]["tokenizer"] != "byte":  # the prompts and words are bytes: refuse, not misread
+        raise SystemExit(f"{run_dir} uses a {record['config']['data']['tokenizer']} tokenizer; qa_choice scores "
+                         "byte-level runs")
     config, params, meta = load_trained(run_dir)
     tokenizer = ByteTokenizer()
     runner = harness.StreamingRunner(TitansLM(config), params, window)

@@ -167,3 +167,11 @@ def test_greedy_among_the_words_pools_a_shared_first_letter():
     assert words[int(np.argmax(p))] == "hallway" and words[qc.greedy_pick(words, p)] in ("bathroom", "bedroom")
     assert words[qc.greedy_pick(words, np.array([0.2, 0.25, 0.1, 0.1, 0.15, 0.21]))] == "bedroom"
     assert qc.greedy_pick(["ab", "abc"], np.array([0.6, 0.4])) == 0  # a word ending before another
+
+
+def test_a_run_with_another_tokenizer_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"data": {"tokenizer": "bpe"}}}))
+    with pytest.raises(SystemExit, match="bpe tokenizer; qa_choice scores byte-level runs"):
+        qc.evaluate(str(tmp_path), ["qa1"], [1024], 1, 0, 4096, False)
+    with pytest.raises(SystemExit, match="qa_choice scores the qa tasks"):
+        qc.evaluate(str(tmp_path), ["niah_single_1"], [1024], 1, 0, 4096, False)
