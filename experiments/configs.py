@@ -32,6 +32,7 @@ class DataConfig:
     task_answer_weight: str = "token"  # token: pooled targets; row: a task row weighs as much as a text row
     task_prompt_length: str = "full"  # full: each example fills its row; uniform: a length drawn per row
     task_full_steps: int = 0  # with uniform: steps below this still use full rows (a curriculum; TaskMixture)
+    task_qa_span: str = "whole"  # whole: qa facts anywhere; drawn: in the row's last fraction w ~ U[0, 1) (TaskMixture)
 
     def __post_init__(self):
         for corpus in (self.corpus,) + tuple(self.eval_corpora):
@@ -39,7 +40,7 @@ class DataConfig:
                 raise ValueError(f"unknown corpus {corpus!r}; choose books or code")
         if self.tokenizer not in ("byte", "bpe"):
             raise ValueError(f"unknown tokenizer {self.tokenizer!r}; choose byte or bpe")
-        from titans_jax.long_context.tasks import TASKS
+        from titans_jax.long_context.tasks import QA_TASKS, TASKS
 
         unknown = [task for task in self.tasks if task not in TASKS]
         if unknown:
@@ -55,6 +56,10 @@ class DataConfig:
         if self.task_full_steps and self.task_prompt_length != "uniform":
             raise ValueError("data.task_full_steps switches from full to drawn prompt lengths: it needs "
                              f"data.task_prompt_length=uniform, got {self.task_prompt_length!r}")
+        if self.task_qa_span not in ("whole", "drawn"):
+            raise ValueError(f"data.task_qa_span must be whole or drawn, got {self.task_qa_span!r}")
+        if self.task_qa_span != "whole" and not set(self.tasks) & set(QA_TASKS):
+            raise ValueError(f"data.task_qa_span={self.task_qa_span} places qa stories: data.tasks has no qa task")
         if self.task_fraction > 0 and not self.tasks:
             raise ValueError("data.task_fraction > 0 needs data.tasks (e.g. data.tasks=niah_single_1,qa1)")
         if self.task_fraction > 0 and self.tokenizer != "byte":

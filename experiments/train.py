@@ -79,7 +79,7 @@ def build_data(config: ExperimentConfig):
 
         train_batch = TaskMixture(dataset.batch, run.batch_size, run.seq_len, data.tasks, data.task_fraction,
                                   data.seed, tokenizer, data.task_answer_weight,
-                                  data.task_prompt_length, data.task_full_steps)
+                                  data.task_prompt_length, data.task_full_steps, data.task_qa_span)
         meta["task_mixture"] = train_batch.fingerprint
     return tokenizer, train_batch, eval_sets, meta, prompt
 

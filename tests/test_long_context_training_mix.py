@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from titans_jax.long_context import TASKS, make_example, text_haystack
-from titans_jax.long_context.tasks import example_answer, min_length
+from titans_jax.long_context.babilong import format_prompt
+from titans_jax.long_context.tasks import example_answer, example_story, min_length
 from titans_jax.long_context import haystacks as haystacks_lib
 from titans_jax.long_context.training_mix import (
     TRAIN_HAYSTACK,
@@ -125,6 +126,53 @@ def test_full_steps_keep_full_rows_first_then_draw_lengths(monkeypatch):
     assert DataConfig(tasks=("qa1",), task_fraction=0.5, task_prompt_length="uniform", task_full_steps=9)
     with pytest.raises(ValueError, match="task_full_steps .* needs data.task_prompt_length=uniform"):
         DataConfig(tasks=("qa1",), task_fraction=0.5, task_full_steps=9)
+
+
+def test_a_drawn_qa_span_puts_the_story_anywhere_from_right_before_the_question_to_the_whole_row(monkeypatch):
+    _fixture_haystacks(monkeypatch)
+    seq_len, batch_size = 1024, 8
+    lm = lambda step: np.random.default_rng([5, step]).integers(1, 256, (batch_size, seq_len + 1))  # noqa: E731
+    args = (lm, batch_size, seq_len, ("niah_single_1", "qa1"))
+    drawn = TaskMixture(*args, task_fraction=1.0, seed=4, qa_span="drawn")
+    whole = TaskMixture(*args, task_fraction=1.0, seed=4)
+    assert drawn.fingerprint != whole.fingerprint
+    starts = []
+    for step in range(4):
+        got, want = drawn(step), whole(step)
+        for row, task in enumerate(drawn.rows(step)):
+            text = bytes(got[0][row].tolist()).decode()
+            if task == "niah_single_1":  # needle rows are untouched
+                assert drawn.depth(task, step, row) is None
+                np.testing.assert_array_equal(got[0][row], want[0][row])
+                continue
+            lo, hi = drawn.depth(task, step, row)
+            assert hi == 1.0 and 0.0 <= lo <= 1.0
+            seed = drawn.example_seed(step, row)
+            ids, _ = task_window(task, seq_len, seed, haystack=haystacks_lib.get_haystack("books:train"),
+                                 depth=(lo, hi))
+            np.testing.assert_array_equal(got[0][row], ids)
+            story = example_story(task, seed)
+            head, tail = format_prompt(task, "\x00", story.question, False).split("\x00")
+            assert text.startswith(head)
+            context = text[len(head):text.rindex(tail)]
+            haystack_chars = len(context) - sum(len(fact) for fact in story.facts)
+            first = context.index(story.facts[0])  # haystack text before the story
+            # the story lies in the context's last (1 - lo), up to a sentence boundary's slack
+            assert first >= lo * haystack_chars - 120, (lo, first, haystack_chars)
+            starts.append(first / haystack_chars)
+    # stories right before the question and stories from the row's start both occur
+    assert min(starts) < 0.3 and max(starts) > 0.85, starts
+    with pytest.raises(ValueError, match="qa_span must be"):
+        TaskMixture(*args, qa_span="near")
+    with pytest.raises(ValueError, match="no qa task"):
+        TaskMixture(lm, batch_size, seq_len, ("niah_single_1",), qa_span="drawn")
+    from experiments.configs import DataConfig
+
+    assert DataConfig(tasks=("qa1",), task_fraction=0.5, task_qa_span="drawn")
+    with pytest.raises(ValueError, match="data.tasks has no qa task"):
+        DataConfig(tasks=("niah_single_1",), task_fraction=0.5, task_qa_span="drawn")
+    with pytest.raises(ValueError, match="task_qa_span must be"):
+        DataConfig(tasks=("qa1",), task_fraction=0.5, task_qa_span="near")
 
 
 def test_the_mixture_is_a_pure_function_of_the_step_and_keeps_language_model_rows(monkeypatch):

@@ -38,7 +38,7 @@ import numpy as np
 
 from titans_jax.data.tokenizers import ByteTokenizer
 from titans_jax.long_context.haystacks import Haystack, get_haystack
-from titans_jax.long_context.tasks import GENERATOR_VERSION, TASKS, example_answer, make_example, min_length
+from titans_jax.long_context.tasks import GENERATOR_VERSION, QA_TASKS, TASKS, example_answer, make_example, min_length
 
 TRAIN_SEED_OFFSET = 1_000_000_000  # training examples' seeds start here; evaluation seeds stay below
 TRAIN_HAYSTACK = {task: "books:train" for task in TASKS}
@@ -112,12 +112,20 @@ class TaskMixture:
     curriculum: a fixed answer position first, where a Transformer++ formed the copy mechanism
     by step ~900 and did not within 1,500 steps of drawn lengths; then drawn lengths, so that
     the answer's position is not what is learnt). 0 (default): drawn lengths from the start.
+    qa_span: where a qa row's story lies. "whole" (default) -- its facts anywhere in the context,
+    as the evaluation draws them; "drawn" -- in the last fraction w of the context, w uniform in
+    [0, 1) per row (a function of (seed, step, row)): the story as often right before the question
+    (w ~ 0: contiguous there, inside a local window) as spread over the whole row. On qa1 alone the
+    LMM learnt to answer the last place mentioned, not the asked person's
+    (experiments/results/long_context_niah_cpu.md); near stories are where binding the place to
+    the person can be learnt first. niah rows are unchanged.
     Task seeds are TRAIN_SEED_OFFSET + a counter over (step, row), so no two training examples
     share a needle and none shares one with an evaluation example."""
 
     def __init__(self, lm_batch: Callable[[int], np.ndarray], batch_size: int, seq_len: int,
                  tasks: Sequence[str] = TASKS, task_fraction: float = 0.5, seed: int = 0, tokenizer=None,
-                 answer_weight: str = "token", prompt_lengths: str = "full", full_steps: int = 0):
+                 answer_weight: str = "token", prompt_lengths: str = "full", full_steps: int = 0,
+                 qa_span: str = "whole"):
         unknown = [task for task in tasks if task not in TASKS]
         if unknown or not tasks:
             raise ValueError(f"unknown tasks {unknown} (or none); expected a subset of {TASKS}")
@@ -132,7 +140,13 @@ class TaskMixture:
         if full_steps and prompt_lengths != "uniform":
             raise ValueError(f"full_steps={full_steps} switches from full to drawn prompt lengths: it needs "
                              f"prompt_lengths='uniform', got {prompt_lengths!r}")
+        if qa_span not in ("whole", "drawn"):
+            raise ValueError(f"qa_span must be 'whole' or 'drawn', got {qa_span!r}")
+        if qa_span != "whole" and not any(task in QA_TASKS for task in tasks):
+            raise ValueError(f"qa_span={qa_span!r} places the qa stories' facts, but no qa task is among "
+                             f"{tuple(tasks)}")
         self.answer_weight, self.prompt_lengths, self.full_steps = answer_weight, prompt_lengths, int(full_steps)
+        self.qa_span = qa_span
         self.lm_batch, self.batch_size, self.seq_len = lm_batch, int(batch_size), int(seq_len)
         self.tasks, self.task_fraction, self.seed = tuple(tasks), float(task_fraction), int(seed)
         self.tokenizer = tokenizer or ByteTokenizer()
@@ -161,6 +175,13 @@ class TaskMixture:
                              f"token row leaves for the prompt ({hi}); use a longer run.seq_len or fewer tasks")
         return int(np.random.default_rng([self.seed, int(step), row, 0x1E6]).integers(lo, hi + 1))
 
+    def depth(self, task: str, step: int, row: int) -> tuple[float, float] | None:
+        """The depth window of task row `row` of batch `step` (None: the task's default, make_example's)."""
+        if self.qa_span == "whole" or task not in QA_TASKS:
+            return None
+        width = float(np.random.default_rng([self.seed, int(step), row, 0x5BA]).random())
+        return (1.0 - width, 1.0)
+
     def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         lm = np.asarray(self.lm_batch(step))
         if lm.shape != (self.batch_size, self.seq_len + 1):
@@ -172,6 +193,7 @@ class TaskMixture:
             if task is not None:
                 ids[row], answer = task_window(task, self.seq_len, self.example_seed(step, row), self.tokenizer,
                                                self.haystacks[TRAIN_HAYSTACK[task]],
+                                               depth=self.depth(task, step, row),
                                                prompt_length=self.prompt_length(task, step, row))
                 mask[row] = answer * (self.seq_len / answer.sum()) if by_row else answer
                 end = int(np.flatnonzero(answer)[-1]) + 2  # ids[end:] follow the answer
@@ -185,6 +207,7 @@ class TaskMixture:
                 "answer_weight": self.answer_weight,
                 **({"prompt_lengths": self.prompt_lengths} if self.prompt_lengths != "full" else {}),
                 **({"full_steps": self.full_steps} if self.full_steps else {}),
+                **({"qa_span": self.qa_span} if self.qa_span != "whole" else {}),
                 "seq_len": self.seq_len, "batch_size": self.batch_size, "generator": GENERATOR_VERSION,
                 "haystacks": {name: stack.fingerprint for name, stack in sorted(self.haystacks.items())},
                 "tokenizer": getattr(self.tokenizer, "fingerprint", repr(self.tokenizer))}
