@@ -8,7 +8,8 @@ words the answer could be ([C2]).
 A greedy answer says which word a model writes, not whether the story moved it: a model that
 writes the most frequent training answer to every story scores the prior reader's accuracy
 (experiments.qa_baselines) whether or not it has begun to read. Here each evaluation prompt (those
-of experiments.long_context with --depths none: the same evaluation set, facts anywhere) is
+of experiments.long_context with --depths none: the same evaluation set, facts anywhere; with
+--depth d those of --depths d, the story contiguous at depth d, 1 right before the question) is
 streamed once and every word of the answer's kind (qa1-qa4: the six places; qa5: the people or
 the objects, as its question asks) is scored as the model is trained to write it, " {word}.\\n",
 teacher-forced from the prompt's cache (harness.StreamingRunner.continuation_logprobs).
@@ -140,10 +141,15 @@ def summarise(rows: list[dict], prior_examples: int = 5000) -> dict[tuple[str, i
     normal, 1.96 sd / sqrt(n): paired by story). `blind` is the model's mean choice over the
     other stories of the cell (of the same words): what the model gives the story's words on
     average, read or not, so that story - blind_story is what reading the story adds."""
+    depths: dict[tuple[str, int], set] = {}
     for row in rows:
         missing = [key for key in ROW_KEYS if key not in row]
         if missing:
             raise ValueError(f"a qa_choice row lacks {missing}: {sorted(row)}")
+        depths.setdefault((row["task"], row["length"]), set()).add(row.get("depth"))
+    mixed = {key: sorted(map(str, found)) for key, found in depths.items() if len(found) > 1}
+    if mixed:  # stories placed differently are different cells: pooling them would hide the placement's effect
+        raise ValueError(f"rows of one task and length at different story depths {mixed}; score each depth apart")
     counts = {task: answer_counts(task, prior_examples) for task in {row["task"] for row in rows}}
     cells: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -164,6 +170,7 @@ def summarise(rows: list[dict], prior_examples: int = 5000) -> dict[tuple[str, i
         half = {f"{name}_95": 1.96 * float(np.std([item[name] for item in group], ddof=1)) / math.sqrt(n)
                 if n > 1 else math.inf for name in ("gain", "story_gain")}
         summary[key] = {**mean, **half, "n": n, "interval": binomial_interval(right, n), "not_last_n": len(hard),
+                        "depth": next(iter(depths[key])),
                         "not_last_right": float(np.mean(hard)) if hard else math.nan}
     return summary
 
@@ -185,7 +192,8 @@ def report(results: dict[str, list[dict]], prior_examples: int = 5000) -> str:
                 if row_task != task:
                     continue
                 lo, hi = s["interval"]
-                lines.append(f"| {name} | {length:,} | {s['n']} | {100 * s['right']:.0f} [{100 * lo:.0f}, "
+                at = "" if s["depth"] is None else f" (story at {s['depth']:g})"
+                lines.append(f"| {name} | {length:,}{at} | {s['n']} | {100 * s['right']:.0f} [{100 * lo:.0f}, "
                              f"{100 * hi:.0f}] | {100 * s['greedy_right']:.0f} | {s['bits']:.2f} / "
                              f"{s['prior_bits']:.2f} | {s['gain']:+.2f} ± {s['gain_95']:.2f} | "
                              f"{s['story']:.2f} / {s['blind_story']:.2f} ({s['story_gain']:+.2f} ± "
@@ -195,7 +203,8 @@ def report(results: dict[str, list[dict]], prior_examples: int = 5000) -> str:
     return "\n".join(lines)
 
 
-def evaluate(run_dir: str, tasks, lengths, per_cell: int, seed: int, window: int, progress: bool) -> list[dict]:
+def evaluate(run_dir: str, tasks, lengths, per_cell: int, seed: int, window: int, progress: bool,
+             depth: float | None = None) -> list[dict]:
     from titans_jax.data.tokenizers import ByteTokenizer
     from titans_jax.long_context import harness
     from titans_jax.long_context.eval_sets import EvalSetSpec, load_eval_set
@@ -212,13 +221,14 @@ def evaluate(run_dir: str, tasks, lengths, per_cell: int, seed: int, window: int
     config, params, meta = load_trained(run_dir)
     tokenizer = ByteTokenizer()
     runner = harness.StreamingRunner(TitansLM(config), params, window)
-    # the evaluation set experiments.long_context --depths none reads: the same prompts, the same stories
-    spec = EvalSetSpec(tasks=tuple(tasks), lengths=tuple(lengths), depths=(None,), num_per_cell=per_cell, seed=seed,
+    # the evaluation set experiments.long_context --depths none reads (--depths <depth> with a depth): the
+    # same prompts, the same stories
+    spec = EvalSetSpec(tasks=tuple(tasks), lengths=tuple(lengths), depths=(depth,), num_per_cell=per_cell, seed=seed,
                        name="harness")
     source = load_eval_set(spec, tokenizer)
     rows = score_rows(runner, [source[i] for i in range(len(source))], tokenizer, progress)
     for row in rows:
-        row["step"] = int(meta["step"])
+        row["step"], row["depth"] = int(meta["step"]), depth
     return rows
 
 
@@ -229,6 +239,9 @@ def main(argv=None) -> str:
     parser.add_argument("--lengths", default="1024")
     parser.add_argument("--per-cell", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0, help="the first evaluation seed (stories seed .. seed + n - 1)")
+    parser.add_argument("--depth", type=float, default=None,
+                        help="the story contiguous at this depth of the context (1: right before the question); "
+                             "default: facts anywhere, as trained")
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--out", help="JSON file for the scored rows (with --run)")
     parser.add_argument("--report", nargs="+", metavar="NAME=JSON", help="tabulate --out files side by side")
@@ -242,8 +255,11 @@ def main(argv=None) -> str:
     else:
         if args.per_cell < 1:
             parser.error(f"--per-cell must be >= 1, got {args.per_cell}")
+        if args.depth is not None and not 0.0 <= args.depth <= 1.0:
+            parser.error(f"--depth must be in [0, 1], got {args.depth}")
         tasks, lengths = args.tasks.split(","), [int(n) for n in args.lengths.split(",")]
-        rows = evaluate(args.run, tasks, lengths, args.per_cell, args.seed, args.window, not args.no_progress)
+        rows = evaluate(args.run, tasks, lengths, args.per_cell, args.seed, args.window, not args.no_progress,
+                        args.depth)
         if args.out:
             pathlib.Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
         text = report({"/".join(pathlib.Path(args.run).parts[-3:]): rows})
