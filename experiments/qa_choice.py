@@ -9,7 +9,8 @@ A greedy answer says which word a model writes, not whether the story moved it: 
 writes the most frequent training answer to every story scores the prior reader's accuracy
 (experiments.qa_baselines) whether or not it has begun to read. Here each evaluation prompt (those
 of experiments.long_context with --depths none: the same evaluation set, facts anywhere; with
---depth d those of --depths d, the story contiguous at depth d, 1 right before the question) is
+--depth d those of --depths d, the story contiguous at depth d, 1 right before the question; --set model.KEY=VALUE
+runs the trained parameters under a change of the model, as experiments.needle_cue's) is
 streamed once and every word of the answer's kind (qa1-qa4: the six places; qa5: the people or
 the objects, as its question asks) is scored as the model is trained to write it, " {word}.\\n",
 teacher-forced from the prompt's cache (harness.StreamingRunner.continuation_logprobs).
@@ -43,6 +44,7 @@ import pathlib
 
 import numpy as np
 
+from experiments.configs import add_model_changes_argument, parse_model_changes
 from experiments.long_context_table import binomial_interval
 from experiments.qa_baselines import KINDS, answer_counts, answer_kind, candidates, named_paths
 from titans_jax.long_context import babilong
@@ -204,7 +206,7 @@ def report(results: dict[str, list[dict]], prior_examples: int = 5000) -> str:
 
 
 def evaluate(run_dir: str, tasks, lengths, per_cell: int, seed: int, window: int, progress: bool,
-             depth: float | None = None) -> list[dict]:
+             depth: float | None = None, changes: dict | None = None) -> list[dict]:
     from titans_jax.data.tokenizers import ByteTokenizer
     from titans_jax.long_context import harness
     from titans_jax.long_context.eval_sets import EvalSetSpec, load_eval_set
@@ -218,7 +220,7 @@ def evaluate(run_dir: str, tasks, lengths, per_cell: int, seed: int, window: int
     if record["config"]["data"]["tokenizer"] != "byte":  # the prompts and words are bytes: refuse, not misread
         raise SystemExit(f"{run_dir} uses a {record['config']['data']['tokenizer']} tokenizer; qa_choice scores "
                          "byte-level runs")
-    config, params, meta = load_trained(run_dir)
+    config, params, meta = load_trained(run_dir, changes)
     tokenizer = ByteTokenizer()
     runner = harness.StreamingRunner(TitansLM(config), params, window)
     # the evaluation set experiments.long_context --depths none reads (--depths <depth> with a depth): the
@@ -243,6 +245,7 @@ def main(argv=None) -> str:
                         help="the story contiguous at this depth of the context (1: right before the question); "
                              "default: facts anywhere, as trained")
     parser.add_argument("--window", type=int, default=4096)
+    add_model_changes_argument(parser)
     parser.add_argument("--out", help="JSON file for the scored rows (with --run)")
     parser.add_argument("--report", nargs="+", metavar="NAME=JSON", help="tabulate --out files side by side")
     parser.add_argument("--no-progress", action="store_true")
@@ -259,7 +262,7 @@ def main(argv=None) -> str:
             parser.error(f"--depth must be in [0, 1], got {args.depth}")
         tasks, lengths = args.tasks.split(","), [int(n) for n in args.lengths.split(",")]
         rows = evaluate(args.run, tasks, lengths, args.per_cell, args.seed, args.window, not args.no_progress,
-                        args.depth)
+                        args.depth, parse_model_changes(parser, args.set))
         if args.out:
             pathlib.Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
         text = report({"/".join(pathlib.Path(args.run).parts[-3:]): rows})

@@ -146,22 +146,25 @@ def test_main_scores_a_run_and_writes_its_rows(tmp_path, monkeypatch):
     """The --run path of main (the model stubbed: test_scored_rows_are_the_harness_stories covers it)."""
     calls = []
 
-    def fake_evaluate(run_dir, tasks, lengths, per_cell, seed, window, progress, depth):
-        calls.append((run_dir, tasks, lengths, per_cell, seed, window, progress, depth))
+    def fake_evaluate(run_dir, tasks, lengths, per_cell, seed, window, progress, depth, changes):
+        calls.append((run_dir, tasks, lengths, per_cell, seed, window, progress, depth, changes))
         return [{**row, "depth": depth} for row in _cell(reads=True, n=per_cell)]
 
     monkeypatch.setattr(qc, "evaluate", fake_evaluate)
     run, out = tmp_path / "lc_x" / "lmm" / "seed0", tmp_path / "rows.json"
     text = qc.main(["--run", str(run), "--per-cell", "5", "--lengths", "1024", "--out", str(out), "--no-progress"])
-    assert calls == [(str(run), ["qa1"], [1024], 5, 0, 4096, False, None)]
+    assert calls == [(str(run), ["qa1"], [1024], 5, 0, 4096, False, None, {})]
     assert "| lc_x/lmm/seed0 | 1,024 | 5 |" in text and len(json.loads(out.read_text())["rows"]) == 5
-    text = qc.main(["--run", str(run), "--per-cell", "5", "--lengths", "1024", "--depth", "1", "--no-progress"])
-    assert calls[-1][-1] == 1.0 and "| lc_x/lmm/seed0 | 1,024 (story at 1) | 5 |" in text
+    text = qc.main(["--run", str(run), "--per-cell", "5", "--lengths", "1024", "--depth", "1", "--no-progress",
+                    "--set", "model.lmm.memory.every_layer_floor=true"])
+    assert calls[-1][-2:] == (1.0, {"lmm.memory.every_layer_floor": True}) and "| lc_x/lmm/seed0 | 1,024 (story at 1) | 5 |" in text
     rows = json.loads(out.read_text())["rows"]
     with pytest.raises(ValueError, match="different story depths"):  # one cell never pools two placements
         qc.summarise(rows + [{**row, "seed": row["seed"] + 100, "depth": 1.0} for row in rows])
     with pytest.raises(SystemExit):
         qc.main(["--run", str(run), "--depth", "1.5"])
+    with pytest.raises(SystemExit):  # an intervention on the model only
+        qc.main(["--run", str(run), "--set", "run.steps=3"])
     with pytest.raises(SystemExit):
         qc.main(["--run", str(run), "--per-cell", "0"])
     with pytest.raises(SystemExit):
