@@ -9,8 +9,8 @@ A greedy answer says which word a model writes, not whether the story moved it: 
 writes the most frequent training answer to every story scores the prior reader's accuracy
 (experiments.qa_baselines) whether or not it has begun to read. Here each evaluation prompt (those
 of experiments.long_context with --depths none: the same evaluation set, facts anywhere; with
---depth d those of --depths d, the story contiguous at depth d, 1 right before the question; --set model.KEY=VALUE
-runs the trained parameters under a change of the model, as experiments.needle_cue's) is
+--depth d those of --depths d, the story contiguous at depth d, 1 right before the question;
+--set model.KEY=VALUE runs the trained parameters under a change of the model, as needle_cue's) is
 streamed once and every word of the answer's kind (qa1-qa4: the six places; qa5: the people or
 the objects, as its question asks) is scored as the model is trained to write it, " {word}.\\n",
 teacher-forced from the prompt's cache (harness.StreamingRunner.continuation_logprobs).

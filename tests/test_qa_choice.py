@@ -157,7 +157,8 @@ def test_main_scores_a_run_and_writes_its_rows(tmp_path, monkeypatch):
     assert "| lc_x/lmm/seed0 | 1,024 | 5 |" in text and len(json.loads(out.read_text())["rows"]) == 5
     text = qc.main(["--run", str(run), "--per-cell", "5", "--lengths", "1024", "--depth", "1", "--no-progress",
                     "--set", "model.lmm.memory.every_layer_floor=true"])
-    assert calls[-1][-2:] == (1.0, {"lmm.memory.every_layer_floor": True}) and "| lc_x/lmm/seed0 | 1,024 (story at 1) | 5 |" in text
+    assert calls[-1][-2:] == (1.0, {"lmm.memory.every_layer_floor": True})
+    assert "| lc_x/lmm/seed0 | 1,024 (story at 1) | 5 |" in text
     rows = json.loads(out.read_text())["rows"]
     with pytest.raises(ValueError, match="different story depths"):  # one cell never pools two placements
         qc.summarise(rows + [{**row, "seed": row["seed"] + 100, "depth": 1.0} for row in rows])

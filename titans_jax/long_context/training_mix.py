@@ -118,7 +118,8 @@ class TaskMixture:
     (w ~ 0: contiguous there, inside a local window) as spread over the whole row. On qa1 alone the
     LMM learnt to answer the last place mentioned, not the asked person's
     (experiments/results/long_context_niah_cpu.md); near stories are where binding the place to
-    the person can be learnt first. niah rows are unchanged.
+    the person should be learnt first (tried there once: SWA learnt to read the near stories,
+    neither it nor the LMM bound the place to the person). niah rows are unchanged.
     Task seeds are TRAIN_SEED_OFFSET + a counter over (step, row), so no two training examples
     share a needle and none shares one with an evaluation example."""
 
