@@ -161,9 +161,9 @@ def said_answer(output: str) -> str:
 def answer_in_place(answer: str, output: str) -> list[bool]:
     """For each character of a needle's answer, whether the model's answer (said_answer) has it at
     the same place: how far a partly right answer got (RULER's score, the exact match, counts only
-    the whole needle)."""
-    said = said_answer(output)
-    return [i < len(said) and said[i] == char for i, char in enumerate(answer)]
+    the whole needle). Case-insensitive, as RULER's match (a UUID's hex digits)."""
+    said = said_answer(output).lower()
+    return [i < len(said) and said[i] == char for i, char in enumerate(answer.lower())]
 
 
 def characters_in_place(row: dict) -> float:

@@ -276,12 +276,14 @@ def main(argv=None) -> str:
     source.add_argument("--heatmap", metavar="PNG",
                         help="plot exact match by depth and length for the JSON files given (one model, one task)")
     parser.add_argument("files", nargs="*", help="with --curves or --heatmap: needle_cue --out files")
-    parser.add_argument("--task", default="niah_single_1", choices=("niah_single_1", "niah_single_2"))
+    parser.add_argument("--task", default="niah_single_1",
+                        choices=("niah_single_1", "niah_single_2", "niah_single_3"),
+                        help="passkeys in noise, numbers in the essays, or UUIDs in the essays (RULER's S-NIAH 1-3)")
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--depth", type=float, default=0.5)
     parser.add_argument("--per-cell", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="first evaluation seed")
-    parser.add_argument("--cues", default="0,1", help="digits of the needle given, comma-separated")
+    parser.add_argument("--cues", default="0,1", help="the needle's first characters given, comma-separated")
     parser.add_argument("--window", type=int, default=4096)
     add_model_changes_argument(parser)
     parser.add_argument("--out", help="write the rows (JSON) here")

@@ -25,6 +25,12 @@ def test_cued_prompts_and_their_scores():
     assert half["exact"] == 0.0 and half["in_place"] == pytest.approx(2 / 6)
     plain = nc.continuation_row("niah_single_1", "6976681", 0, " 6976681.\n")
     assert plain["exact"] == 1.0 and plain["in_place"] == 1.0
+    # a UUID (niah_single_3): RULER's match and the characters in place ignore case
+    uuid = "3f2a9c1e-07b4-4d2e-9a1b-5c6d7e8f9a0b"
+    upper = nc.continuation_row("niah_single_3", uuid, 1, "F2A9C1E-07B4-4D2E-9A1B-5C6D7E8F9A0B.\n")
+    assert upper["exact"] == 1.0 and upper["in_place"] == 1.0
+    cut = nc.continuation_row("niah_single_3", uuid, 0, " 3f2a9c1e-07b4.\n")   # its first 13 of 36 characters
+    assert cut["exact"] == 0.0 and cut["in_place"] == pytest.approx(13 / 36)
 
 
 def test_no_cue_is_the_plain_evaluation():
@@ -69,6 +75,8 @@ def test_main_evaluates_a_run_and_writes_its_rows(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["args"]["set"] == ["model.lmm.memory.every_layer_floor=true"]
     with pytest.raises(SystemExit):
         nc.main(["--run", str(tmp_path), "--set", "lmm.theta_max=1"])
+    nc.main(["--run", str(tmp_path), "--task", "niah_single_3", "--per-cell", "1", "--cues", "0", "--no-progress"])
+    assert calls[-1][1] == "niah_single_3"   # UUIDs in the essays
 
 
 def _cue_file(per_cell, exact_by_length):
