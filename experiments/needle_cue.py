@@ -30,6 +30,12 @@ Exact match by needle depth and context length for one model and task (the NIAH 
 files at several depths:
 
     python -m experiments.needle_cue --heatmap heatmap.png runs/needle_cue_mag_seed1*.json
+
+UUIDs in the essays (`--task niah_single_3`; the models here were trained on 7-digit needles): how
+much of each answer is the UUID's digits in place, its letters and dashes dropped, against another
+example's UUID (chance), per file and length:
+
+    python -m experiments.needle_cue --uuid-digits runs/needle_cue_*_uuid.json
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import time
 
 import numpy as np
 
-from experiments.long_context_table import answer_in_place, binomial_interval, cell
+from experiments.long_context_table import answer_in_place, binomial_interval, cell, said_answer
 
 
 def cued_prompt(prompt: str, answer: str, cue: int) -> str:
@@ -251,6 +257,36 @@ def needle_consistency(files: dict[str, dict]) -> str:
             f"{wrong} in none, {len(everywhere) - right - wrong} in some\n")
 
 
+def digits_in_place(output: str, answer: str) -> float:
+    """Of the characters of the model's answer (said_answer), the share equal to the character at the
+    same place of the needle's digits alone (a UUID with its letters and dashes dropped); 0 for no
+    answer. A model that learnt 7-digit needles may copy a UUID's digits and skip its letters."""
+    said, digits = said_answer(output).lower(), "".join(char for char in answer if char.isdigit())
+    return float(np.mean([i < len(digits) and char == digits[i] for i, char in enumerate(said)])) if said else 0.0
+
+
+def uuid_digits(files: dict[str, dict]) -> str:
+    """Per file and length (uncued rows): the exact rate, the answers that are 7-digit numbers (the
+    needles trained on), and digits_in_place against the row's own UUID and, as chance, against the
+    next example's UUID of the same length."""
+    lines = ["| run | length | exact % | 7-digit answers % | its UUID's digits in place | another UUID's (chance) |",
+             "|---|---|---|---|---|---|"]
+    for name, contents in files.items():
+        if not isinstance(contents, dict) or contents.get("args", {}).get("task") != "niah_single_3":
+            raise ValueError(f"{name} is not a needle_cue --out file of niah_single_3 (UUIDs)")
+        for length in sorted({row["length"] for row in contents["rows"]}):
+            group = [row for row in contents["rows"] if row["length"] == length and row["cue"] == 0]
+            if len(group) < 2:
+                raise ValueError(f"{name} has {len(group)} uncued row at {length}: chance needs another UUID")
+            own = [digits_in_place(row["output"], row["answer"]) for row in group]
+            other = [digits_in_place(row["output"], group[(i + 1) % len(group)]["answer"])
+                     for i, row in enumerate(group)]
+            seven = [len(said := said_answer(row["output"])) == 7 and said.isdigit() for row in group]
+            lines.append(f"| {contents['args']['run']} | {length:,} | {100 * np.mean([r['exact'] for r in group]):.0f} "
+                         f"| {100 * np.mean(seven):.0f} | {np.mean(own):.2f} | {np.mean(other):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def read_files(paths) -> dict[str, dict]:
     """path -> contents; a file given twice would count twice in a mean: refused."""
     files = {}
@@ -275,6 +311,8 @@ def main(argv=None) -> str:
     source.add_argument("--curves", metavar="PNG", help="plot exact match against length for the JSON files given")
     source.add_argument("--heatmap", metavar="PNG",
                         help="plot exact match by depth and length for the JSON files given (one model, one task)")
+    source.add_argument("--uuid-digits", nargs="+", metavar="JSON",
+                        help="--out files of niah_single_3: the UUID's digits the answers copy, against chance")
     parser.add_argument("files", nargs="*", help="with --curves or --heatmap: needle_cue --out files")
     parser.add_argument("--task", default="niah_single_1",
                         choices=("niah_single_1", "niah_single_2", "niah_single_3"),
@@ -295,10 +333,12 @@ def main(argv=None) -> str:
     if plot and not args.files:
         flag = "--curves" if args.curves else "--heatmap"
         raise SystemExit(f"{flag} needs needle_cue --out files after the plot's path")
-    if args.combine or plot:
-        files = read_files(args.combine or args.files)
+    if args.combine or args.uuid_digits or plot:
+        files = read_files(args.combine or args.uuid_digits or args.files)
         try:
-            if args.combine:
+            if args.uuid_digits:
+                text = uuid_digits(files)
+            elif args.combine:
                 names = [pathlib.Path(name).name for name in files]  # the paths where two files share a name
                 text = combine(dict(zip(names if len(set(names)) == len(names) else list(files), files.values())))
             elif args.curves:

@@ -182,3 +182,25 @@ def test_heatmap_lays_one_models_depths_against_lengths(tmp_path):
         nc.main(["--heatmap", str(tmp_path / "h3.png"), *paths, *other_task])
     with pytest.raises(SystemExit, match="--heatmap needs needle_cue --out files"):
         nc.main(["--heatmap", str(tmp_path / "h4.png")])
+
+
+def test_uuid_digits_compare_the_answers_with_their_uuids_digits_and_anothers(tmp_path):
+    """needle_cue --uuid-digits: a 7-digit answer against a UUID's digits (letters dropped), with the
+    next example's UUID as chance."""
+    first, second = "3f2a9c1e-07b4-4d2e-9a1b-5c6d7e8f9a0b", "a1b2c3d4-e5f6-0718-293a-4b5c6d7e8f90"
+    assert nc.digits_in_place(" 3291074.\n", first) == 1.0   # 3, 2, 9, 1, 0, 7, 4: its digits in order
+    assert nc.digits_in_place(" 3290000.\n", first) == pytest.approx(4 / 7)
+    assert nc.digits_in_place("\n", first) == 0.0 and nc.digits_in_place(" 1234560.\n", second) == 1.0
+    rows = [{"cue": 0, "length": 1024, "answer": first, "output": " 3291074.\n", "exact": 0.0},
+            {"cue": 0, "length": 1024, "answer": second, "output": " 12345.\n", "exact": 0.0}]
+    path = tmp_path / "uuid.json"
+    path.write_text(json.dumps({"args": {"task": "niah_single_3", "run": "runs/m"}, "rows": rows}))
+    # own: 1.0 and 1.0; chance: 3291074 against the second's 1234560718... (the 2: 1/7), 12345 against
+    # the first's 3291074... (the 2: 1/5); one answer of two has 7 digits
+    assert "| runs/m | 1,024 | 0 | 50 | 1.00 | 0.17 |" in nc.main(["--uuid-digits", str(path)])
+    path.write_text(json.dumps({"args": {"task": "niah_single_1", "run": "runs/m"}, "rows": rows}))
+    with pytest.raises(SystemExit, match="not a needle_cue --out file of niah_single_3"):
+        nc.main(["--uuid-digits", str(path)])
+    path.write_text(json.dumps({"args": {"task": "niah_single_3", "run": "runs/m"}, "rows": rows[:1]}))
+    with pytest.raises(SystemExit, match="1 uncued row at 1024: chance needs another UUID"):
+        nc.main(["--uuid-digits", str(path)])
