@@ -16,7 +16,9 @@ its last checkpoint, experiments.train):
 3. passkeys (when niah_single_1 is trained on): `experiments.needle_cue`, 96 passkeys at depth 0.5
    (evaluation seeds 0-95) at 1K / 4K / 16K with cues of 0 and 1 digits ->
    <runs>/needle_cue_<tag>_scratch_seed<k>.json.
-4. with --numbers N: N numbers in the essays (niah_single_2, cue 0) -> ..._seed<k>_number.json.
+4. with --numbers N: N numbers in the essays (niah_single_2, cue 0) -> ..._seed<k>_number.json;
+   with --uuids N: N UUIDs in the essays (niah_single_3, cue 0; trained on or not: a model of
+   7-digit needles answers them with digits, `needle_cue --uuid-digits`) -> ..._seed<k>_uuid.json.
 5. with --stage16k: 300 steps of one 16,384-token row (data seed 2000 + seed) from stage 2 ->
    <runs>/lc_niah_<tag>_scratch_long16k, then its 96 passkeys at 1K / 4K / 16K (cue 0) ->
    needle_cue_<tag>_scratch_long16k_seed<k>.json.
@@ -63,7 +65,7 @@ def stage2_data_seed(seed: int) -> int:
 
 
 def plan(variant: str, seed: int, tag: str, sets: list[str], runs: pathlib.Path, numbers: int = 0,
-         stage16k: bool = False, quick: bool = False, tasks: str = TASKS) -> list[dict]:
+         stage16k: bool = False, quick: bool = False, tasks: str = TASKS, uuids: int = 0) -> list[dict]:
     """The phases in order: {"name", "module" (long_context_table / needle_cue), "argv", "out" (the
     stage's --out folder or the needle_cue file), "results" ({source: committed name}), and for
     needle_cue the "options" its file must have been made with}. The passkeys are evaluated when
@@ -101,6 +103,9 @@ def plan(variant: str, seed: int, tag: str, sets: list[str], runs: pathlib.Path,
     if numbers:
         phases.append(cue("numbers", runs / f"{stem}_stage2", f"needle_cue_{tag}_scratch_seed{seed}_number.json",
                           "niah_single_2", numbers, "0"))
+    if uuids:
+        phases.append(cue("uuids", runs / f"{stem}_stage2", f"needle_cue_{tag}_scratch_seed{seed}_uuid.json",
+                          "niah_single_3", uuids, "0"))
     if stage16k:
         long_sets = [f"run.steps={steps['long16k']}"] + ([] if quick else ["run.seq_len=16384", "run.batch_size=1"])
         long_sets.append(f"data.seed={2000 + seed}")
@@ -141,6 +146,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training override of every stage (the model's: an intervention)")
     parser.add_argument("--numbers", type=int, default=0, metavar="N", help="also N numbers in the essays")
+    parser.add_argument("--uuids", type=int, default=0, metavar="N", help="also N UUIDs in the essays")
     parser.add_argument("--stage16k", action="store_true", help="also the 16K-row stage and its passkeys")
     parser.add_argument("--runs", default="runs", help="where the runs and needle_cue files go")
     parser.add_argument("--results", metavar="DIR", help="copy every output here under its committed name")
@@ -152,8 +158,9 @@ def main(argv=None) -> list[dict]:
                      f"{sorted(k[3:] for k in CONFIGS if k.startswith('lc_'))}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
-    if args.numbers < 0:
-        parser.error(f"--numbers must be >= 0, got {args.numbers}")
+    for name in ("numbers", "uuids"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.set and not args.tag:
         parser.error("--set changes the model or its training: give it a --tag of its own (runs are named by tag)")
     tasks = args.tasks.split(",")
@@ -168,7 +175,7 @@ def main(argv=None) -> list[dict]:
         parser.error(f"--stage16k evaluates passkeys (niah_single_1), which --tasks {args.tasks!r} does not train on")
     tag = args.tag or args.variant
     phases = plan(args.variant, args.seed, tag, args.set, pathlib.Path(args.runs), args.numbers, args.stage16k,
-                  args.quick, args.tasks)
+                  args.quick, args.tasks, args.uuids)
     results = pathlib.Path(args.results) if args.results else None
     for phase in phases:
         print(f"[recipe] {phase['name']}: {command(phase)}", flush=True)

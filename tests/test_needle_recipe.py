@@ -34,12 +34,14 @@ def test_the_stages_are_the_commands_of_the_committed_results(variant, seed, tag
     ("passkeys", "needle_cue_lmm_noln_scratch_seed1.json"),
     ("numbers", "needle_cue_lmm_clip_scratch_seed1_number.json"),
     ("long16k passkeys", "needle_cue_lmm_linear_scratch_long16k_seed0.json"),
+    ("uuids", "needle_cue_mag_no_persistent_scratch_seed1_uuid.json"),
 ])
 def test_the_needles_are_those_of_the_committed_files(phase, file):
     saved = json.loads((RESULTS / file).read_text())["args"]
     variant, tag = saved["run"].split("/")[-2], file.split("needle_cue_")[1].split("_scratch")[0]
     seed = int(saved["run"].rsplit("seed", 1)[1])
-    phases = {p["name"]: p for p in nr.plan(variant, seed, tag, [], pathlib.Path("runs"), numbers=48, stage16k=True)}
+    phases = {p["name"]: p for p in nr.plan(variant, seed, tag, [], pathlib.Path("runs"), numbers=48, stage16k=True,
+                                            uuids=48)}
     assert {key: saved[key] for key in phases[phase]["options"]} == phases[phase]["options"]
     assert phases[phase]["out"] == pathlib.Path(saved["out"]) and phases[phase]["results"] == {
         phases[phase]["out"]: file}
@@ -74,6 +76,12 @@ def test_bad_arguments_are_named(capsys):
     assert [p["name"] for p in phases] == ["stage1", "stage2", "passkeys"]
     assert "[recipe] passkeys: python -m experiments.needle_cue --run runs/lc_niah_lmm_scratch_stage2/lmm/seed0" in (
         capsys.readouterr().out)
+    phases = nr.main(["--variant", "lmm", "--seed", "0", "--uuids", "48", "--dry-run"])   # not trained on: allowed
+    assert [p["name"] for p in phases] == ["stage1", "stage2", "passkeys", "uuids"]
+    assert "--task niah_single_3 --lengths 1024,4096,16384 --per-cell 48 --cues 0" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        nr.main(["--variant", "lmm", "--seed", "0", "--uuids", "-1", "--dry-run"])
+    assert "--uuids must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_other_tasks_train_and_fill_the_cells_and_need_a_tag(capsys):
