@@ -281,7 +281,7 @@ def uuid_digits(files: dict[str, dict]) -> str:
             own = [digits_in_place(row["output"], row["answer"]) for row in group]
             other = [digits_in_place(row["output"], group[(i + 1) % len(group)]["answer"])
                      for i, row in enumerate(group)]
-            seven = [len(said := said_answer(row["output"])) == 7 and said.isdigit() for row in group]
+            seven = [len(said) == 7 and said.isdigit() for said in (said_answer(row["output"]) for row in group)]
             lines.append(f"| {contents['args']['run']} | {length:,} | {100 * np.mean([r['exact'] for r in group]):.0f} "
                          f"| {100 * np.mean(seven):.0f} | {np.mean(own):.2f} | {np.mean(other):.2f} |")
     return "\n".join(lines) + "\n"
