@@ -56,7 +56,6 @@ def test_quick_grid_runs_every_phase_and_a_rerun_reuses_it(tmp_path, monkeypatch
     assert report["rows"] == first["rows"]
     assert f"`python -m experiments.long_context_table --quick --report-only --ablations '' --out {out}`" in (
         out / "table.md").read_text()  # the command as it can be pasted back, empty arguments included
-    check_prompt_length_probe(out / "mac" / "seed0")
     check_init_from(out / "mac" / "seed0", tmp_path / "continued")
     check_evaluation_changes(out / "mac" / "seed0")
 
@@ -115,10 +114,11 @@ def check_prompt_length_probe(run):
     assert probe[(420, 0.0)][2] > probe[(420, 1.0)][2] > 0 and all(count == 1 for _, count, _ in probe.values())
 
 
-@pytest.mark.slow  # ~1.5 min: its own quick grid, then two tools that each compile the model's gradient
-def test_gate_trace_and_grad_spikes_on_a_quick_grid_run(tmp_path, monkeypatch):
-    """The probe tools on the quick grid's MAC run. gate_trace: one row per window for every
-    memory layer, the gates in their ranges, the gradient reach normalised to the last window."""
+@pytest.mark.slow  # ~2 min: its own quick grid, then three tools that each compile the model anew
+def test_probe_tools_on_a_quick_grid_run(tmp_path, monkeypatch):
+    """The probe tools on the quick grid's MAC run (here, not in the default grid test: ~20 s of
+    compilation each). gate_trace: one row per window for every memory layer, the gates in their
+    ranges, the gradient reach normalised to the last window; prompt_length_probe."""
     from experiments import gate_trace, grad_spikes
 
     monkeypatch.setenv("TITANS_JAX_CACHE", str(tmp_path / "cache"))
@@ -140,6 +140,7 @@ def test_gate_trace_and_grad_spikes_on_a_quick_grid_run(tmp_path, monkeypatch):
                              "--by-position"])
     assert [(lo, hi) for lo, hi, _ in rows] == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]
     assert all(0 < norm < float("inf") for _, _, norm in rows)
+    check_prompt_length_probe(run)
 
 
 def test_cells_give_spread_over_seeds_or_a_binomial_interval():

@@ -44,10 +44,10 @@ def test_streamed_gates_are_the_whole_sequence_gates_of_the_prompt_tokens():
                                 mlp_hidden=64, window=8, num_persistent=3).replace({"lmm.memory.chunk_size": 4})
     model = models.TitansLM(config)
     ids = np.random.RandomState(0).randint(0, 256, 40).astype(np.int32)
-    params = model.init(jax.random.key(0), jnp.asarray(ids[None]))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(ids[None]))["params"]  # one program, not eager ops
     streamed = needle_gates.GateStream(model, params, window=16).gates(ids)  # pieces 16, 16, 8
-    whole = memory_layers(model.apply({"params": params}, jnp.asarray(ids[None]), mutable=["diagnostics"])[1][
-        "diagnostics"])
+    whole = memory_layers(jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["diagnostics"])[1])(
+        params, jnp.asarray(ids[None]))["diagnostics"])
     assert [path for path, _, _ in streamed] == ["/".join(path) for path, _ in whole] == [
         "block_0/memory", "block_1/memory"]
     for (_, theta, log_keep), (_, inputs) in zip(streamed, whole):
@@ -55,7 +55,7 @@ def test_streamed_gates_are_the_whole_sequence_gates_of_the_prompt_tokens():
         np.testing.assert_allclose(theta, np.asarray(inputs[3][0, :, 3:]), rtol=1e-5, atol=1e-9)
         np.testing.assert_allclose(log_keep, np.asarray(inputs[5][0, :, 3:]), rtol=1e-5, atol=1e-9)
     no_gate = models.TitansLM(config.replace({"lmm.use_forgetting": False}))
-    params = no_gate.init(jax.random.key(0), jnp.asarray(ids[None]))["params"]
+    params = jax.jit(no_gate.init)(jax.random.key(0), jnp.asarray(ids[None]))["params"]
     assert all(keep is None for _, _, keep in needle_gates.GateStream(no_gate, params, window=16).gates(ids))
 
 

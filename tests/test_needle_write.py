@@ -25,7 +25,7 @@ def _model(**changes):
                                 param_dtype="float64").replace(
         {"lmm.memory.chunk_size": 4, "lmm.theta_max": 0.5, **changes})
     model = models.TitansLM(config)
-    return config, model, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    return config, model, jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
 
 
 # a prompt with a needle ("4711") and a question after its context; offsets are bytes
@@ -95,6 +95,7 @@ def test_a_needle_without_a_question_after_it_is_refused():
             needle_write.example_figures(needle_gates.GateStream(model, params, window=8), config, late)
 
 
+@pytest.mark.slow  # ~15 s; the contract itself is test_streaming's, this is the stream_drift tool on it
 def test_stream_drift_is_zero_in_float64_whatever_the_window():
     """Streaming's contract: any split of a prompt gives the same memory (float64: to rounding)."""
     from experiments import stream_drift
