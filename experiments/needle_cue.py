@@ -36,6 +36,12 @@ much of each answer is the UUID's digits in place, its letters and dashes droppe
 example's UUID (chance), per file and length:
 
     python -m experiments.needle_cue --uuid-digits runs/needle_cue_*_uuid.json
+
+Where the copy of a UUID breaks (a model trained on UUID needles): per file and length, the answers
+shaped like a UUID, the characters in place by the UUID's five groups, and the answer's later groups
+that begin as another of its groups (a copy that jumps from one group to another):
+
+    python -m experiments.needle_cue --uuid-groups runs/needle_cue_*_uuid.json
 """
 
 from __future__ import annotations
@@ -43,11 +49,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import time
 
 import numpy as np
 
-from experiments.long_context_table import answer_in_place, binomial_interval, cell, said_answer
+from experiments.long_context_table import (answer_in_place, binomial_interval, cell, characters_in_place,
+                                             said_answer)
 
 
 def cued_prompt(prompt: str, answer: str, cue: int) -> str:
@@ -272,10 +280,7 @@ def uuid_digits(files: dict[str, dict]) -> str:
     lines = ["| run | length | exact % | 7-digit answers % | its UUID's digits in place | another UUID's (chance) |",
              "|---|---|---|---|---|---|"]
     for name, contents in files.items():
-        if not isinstance(contents, dict) or contents.get("args", {}).get("task") != "niah_single_3":
-            raise ValueError(f"{name} is not a needle_cue --out file of niah_single_3 (UUIDs)")
-        for length in sorted({row["length"] for row in contents["rows"]}):
-            group = [row for row in contents["rows"] if row["length"] == length and row["cue"] == 0]
+        for length, group in uuid_rows(name, contents).items():
             if len(group) < 2:
                 raise ValueError(f"{name} has {len(group)} uncued row at {length}: chance needs another UUID")
             own = [digits_in_place(row["output"], row["answer"]) for row in group]
@@ -284,6 +289,61 @@ def uuid_digits(files: dict[str, dict]) -> str:
             seven = [len(said) == 7 and said.isdigit() for said in (said_answer(row["output"]) for row in group)]
             lines.append(f"| {contents['args']['run']} | {length:,} | {100 * np.mean([r['exact'] for r in group]):.0f} "
                          f"| {100 * np.mean(seven):.0f} | {np.mean(own):.2f} | {np.mean(other):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+UUID_SHAPE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def uuid_rows(name: str, contents) -> dict[int, list[dict]]:
+    """A niah_single_3 needle_cue file's uncued rows by length; any other file refused."""
+    if not isinstance(contents, dict) or contents.get("args", {}).get("task") != "niah_single_3":
+        raise ValueError(f"{name} is not a needle_cue --out file of niah_single_3 (UUIDs)")
+    by_length: dict[int, list[dict]] = {}
+    for row in contents["rows"]:
+        if row["cue"] == 0:
+            by_length.setdefault(row["length"], []).append(row)
+    return dict(sorted(by_length.items()))
+
+
+def group_figures(output: str, answer: str) -> tuple[bool, list[float], int, int]:
+    """One answer against its UUID: whether it is UUID-shaped (8-4-4-4-12 hex digits, any case),
+    the share of each of the UUID's groups' characters in place (answer_in_place), and of the
+    answer's groups after the first (split at its dashes) those that begin with the first four
+    characters of another of the UUID's groups and not of their own (the copy jumped), and how many
+    such later groups of at least four characters it has."""
+    said = said_answer(output).lower()
+    in_place = answer_in_place(answer, output)
+    groups, shares, start = answer.lower().split("-"), [], 0
+    for group in groups:
+        shares.append(float(np.mean(in_place[start:start + len(group)])))
+        start += len(group) + 1
+    later = [(i, part) for i, part in enumerate(said.split("-")[1:], 1) if len(part) >= 4]
+    jumped = sum(any(part[:4] == other[:4] for j, other in enumerate(groups) if j != i)
+                 and not (i < len(groups) and part[:4] == groups[i][:4]) for i, part in later)
+    return bool(UUID_SHAPE.fullmatch(said)), shares, jumped, len(later)
+
+
+def uuid_groups(files: dict[str, dict]) -> str:
+    """Per file and length (uncued rows): exact %, UUID-shaped answers %, characters in place % over
+    the whole UUID, against the next example's UUID as chance (the dashes, the version's 4 and a
+    format learnt are in place whatever was read), and by the UUID's five groups, and the share of
+    the answers' later groups that jumped to another group of the UUID (group_figures)."""
+    lines = ["| run | length | exact % | UUID-shaped % | in place % | another UUID's (chance) | by group 1 / 2 / 3 / 4 "
+             "/ 5, % | later groups from another group % |", "|---|---|---|---|---|---|---|---|"]
+    for name, contents in files.items():
+        for length, group in uuid_rows(name, contents).items():
+            figures = [group_figures(row["output"], row["answer"]) for row in group]
+            shares = np.mean([shares for _, shares, _, _ in figures], axis=0)
+            later = sum(n for *_, n in figures)
+            jumped = f"{100 * sum(j for _, _, j, _ in figures) / later:.0f} (n={later})" if later else "- (n=0)"
+            whole = np.mean([characters_in_place(row) for row in group])
+            chance = [characters_in_place({**row, "answer": group[(i + 1) % len(group)]["answer"]})
+                      for i, row in enumerate(group)]
+            chance = f"{100 * np.mean(chance):.0f}" if len(group) > 1 else "-"
+            lines.append(f"| {contents['args']['run']} | {length:,} | {100 * np.mean([r['exact'] for r in group]):.0f} "
+                         f"| {100 * np.mean([shape for shape, *_ in figures]):.0f} | {100 * whole:.0f} | {chance} | "
+                         + " / ".join(f"{100 * share:.0f}" for share in shares) + f" | {jumped} |")
     return "\n".join(lines) + "\n"
 
 
@@ -313,6 +373,8 @@ def main(argv=None) -> str:
                         help="plot exact match by depth and length for the JSON files given (one model, one task)")
     source.add_argument("--uuid-digits", nargs="+", metavar="JSON",
                         help="--out files of niah_single_3: the UUID's digits the answers copy, against chance")
+    source.add_argument("--uuid-groups", nargs="+", metavar="JSON",
+                        help="--out files of niah_single_3: where the copy of the UUID breaks, group by group")
     parser.add_argument("files", nargs="*", help="with --curves or --heatmap: needle_cue --out files")
     parser.add_argument("--task", default="niah_single_1",
                         choices=("niah_single_1", "niah_single_2", "niah_single_3"),
@@ -333,11 +395,13 @@ def main(argv=None) -> str:
     if plot and not args.files:
         flag = "--curves" if args.curves else "--heatmap"
         raise SystemExit(f"{flag} needs needle_cue --out files after the plot's path")
-    if args.combine or args.uuid_digits or plot:
-        files = read_files(args.combine or args.uuid_digits or args.files)
+    if args.combine or args.uuid_digits or args.uuid_groups or plot:
+        files = read_files(args.combine or args.uuid_digits or args.uuid_groups or args.files)
         try:
             if args.uuid_digits:
                 text = uuid_digits(files)
+            elif args.uuid_groups:
+                text = uuid_groups(files)
             elif args.combine:
                 names = [pathlib.Path(name).name for name in files]  # the paths where two files share a name
                 text = combine(dict(zip(names if len(set(names)) == len(names) else list(files), files.values())))

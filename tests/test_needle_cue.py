@@ -204,3 +204,31 @@ def test_uuid_digits_compare_the_answers_with_their_uuids_digits_and_anothers(tm
     path.write_text(json.dumps({"args": {"task": "niah_single_3", "run": "runs/m"}, "rows": rows[:1]}))
     with pytest.raises(SystemExit, match="1 uncued row at 1024: chance needs another UUID"):
         nc.main(["--uuid-digits", str(path)])
+
+
+def test_uuid_groups_find_where_the_copy_breaks(tmp_path):
+    """needle_cue --uuid-groups: characters in place by the UUID's groups, the UUID-shaped answers,
+    and the later groups that begin as another of the UUID's groups; cued rows are left out."""
+    uuid, other = "3f2a9c1e-07b4-4d2e-9a1b-5c6d7e8f9a0b", "a1b2c3d4-e5f6-4718-893a-4b5c6d7e8f90"
+    # groups 2 and 4 swapped (each begins as the other's), group 5 wrong and short: not UUID-shaped
+    swapped = " 3F2A9C1E-9a1b-4d2e-07b4-0000.\n"
+    assert nc.group_figures(swapped, uuid) == (False, [1.0, 0.0, 1.0, 0.0, 0.0], 2, 4)
+    assert nc.group_figures(f" {uuid}.\n", uuid) == (True, [1.0] * 5, 0, 4)
+    assert nc.group_figures(" 3291074.\n", uuid) == (False, [0.125, 0.0, 0.0, 0.0, 0.0], 0, 0)
+    # a group that begins as its own group is in place, even where another group begins alike
+    assert nc.group_figures(" aaaa0000-aaaa.\n", "aaaa0000-aaaa-4d2e-9a1b-5c6d7e8f9a0b")[2:] == (0, 1)
+    rows = [{"cue": 0, "length": 1024, "answer": uuid, "output": f" {uuid}.\n", "exact": 1.0},
+            {"cue": 0, "length": 1024, "answer": uuid, "output": swapped, "exact": 0.0},
+            {"cue": 1, "length": 1024, "answer": uuid, "output": " 0000.\n", "exact": 0.0},
+            {"cue": 0, "length": 4096, "answer": uuid, "output": f" {uuid}.\n", "exact": 1.0},
+            {"cue": 0, "length": 4096, "answer": other, "output": " 0000.\n", "exact": 0.0}]
+    path = tmp_path / "uuid.json"
+    path.write_text(json.dumps({"args": {"task": "niah_single_3", "run": "runs/m"}, "rows": rows}))
+    # in place: 36 / 36 and 16 / 36 (groups 1 and 3 and the four dashes); later groups: 2 jumped of 4 + 4
+    table = nc.main(["--uuid-groups", str(path)])
+    assert "| runs/m | 1,024 | 50 | 50 | 72 | 72 | 100 / 50 / 100 / 50 / 50 | 25 (n=8) |" in table  # one UUID: chance = own
+    # chance: the exact answer against the other UUID has its dashes and version 4 in place (5 / 36), "0000" none
+    assert "| runs/m | 4,096 | 50 | 50 | 50 | 7 | 50 / 50 / 50 / 50 / 50 | 0 (n=4) |" in table
+    path.write_text(json.dumps({"args": {"task": "niah_single_2", "run": "runs/m"}, "rows": rows}))
+    with pytest.raises(SystemExit, match="not a needle_cue --out file of niah_single_3"):
+        nc.main(["--uuid-groups", str(path)])
