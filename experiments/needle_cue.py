@@ -334,16 +334,16 @@ def uuid_groups(files: dict[str, dict]) -> str:
     for name, contents in files.items():
         for length, group in uuid_rows(name, contents).items():
             figures = [group_figures(row["output"], row["answer"]) for row in group]
-            shares = np.mean([shares for _, shares, _, _ in figures], axis=0)
+            by_group = np.mean([shares for _, shares, _, _ in figures], axis=0)
             later = sum(n for *_, n in figures)
             jumped = f"{100 * sum(j for _, _, j, _ in figures) / later:.0f} (n={later})" if later else "- (n=0)"
             whole = np.mean([characters_in_place(row) for row in group])
-            chance = [characters_in_place({**row, "answer": group[(i + 1) % len(group)]["answer"]})
+            others = [characters_in_place({**row, "answer": group[(i + 1) % len(group)]["answer"]})
                       for i, row in enumerate(group)]
-            chance = f"{100 * np.mean(chance):.0f}" if len(group) > 1 else "-"
+            chance = f"{100 * np.mean(others):.0f}" if len(group) > 1 else "-"
             lines.append(f"| {contents['args']['run']} | {length:,} | {100 * np.mean([r['exact'] for r in group]):.0f} "
                          f"| {100 * np.mean([shape for shape, *_ in figures]):.0f} | {100 * whole:.0f} | {chance} | "
-                         + " / ".join(f"{100 * share:.0f}" for share in shares) + f" | {jumped} |")
+                         + " / ".join(f"{100 * share:.0f}" for share in by_group) + f" | {jumped} |")
     return "\n".join(lines) + "\n"
 
 

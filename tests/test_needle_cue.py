@@ -226,7 +226,8 @@ def test_uuid_groups_find_where_the_copy_breaks(tmp_path):
     path.write_text(json.dumps({"args": {"task": "niah_single_3", "run": "runs/m"}, "rows": rows}))
     # in place: 36 / 36 and 16 / 36 (groups 1 and 3 and the four dashes); later groups: 2 jumped of 4 + 4
     table = nc.main(["--uuid-groups", str(path)])
-    assert "| runs/m | 1,024 | 50 | 50 | 72 | 72 | 100 / 50 / 100 / 50 / 50 | 25 (n=8) |" in table  # one UUID: chance = own
+    # one UUID at 1K: chance is its own figure
+    assert "| runs/m | 1,024 | 50 | 50 | 72 | 72 | 100 / 50 / 100 / 50 / 50 | 25 (n=8) |" in table
     # chance: the exact answer against the other UUID has its dashes and version 4 in place (5 / 36), "0000" none
     assert "| runs/m | 4,096 | 50 | 50 | 50 | 7 | 50 / 50 / 50 / 50 / 50 | 0 (n=4) |" in table
     path.write_text(json.dumps({"args": {"task": "niah_single_2", "run": "runs/m"}, "rows": rows}))
