@@ -38,8 +38,9 @@ example's UUID (chance), per file and length:
     python -m experiments.needle_cue --uuid-digits runs/needle_cue_*_uuid.json
 
 Where the copy of a UUID breaks (a model trained on UUID needles): per file and length, the answers
-shaped like a UUID, the characters in place by the UUID's five groups, and the answer's later groups
-that begin as another of its groups (a copy that jumps from one group to another):
+shaped like a UUID, the characters in place (against another example's UUID as chance) and by the
+UUID's five groups, and the answer's later groups that begin as another of its groups (a copy that
+jumps from one group to another):
 
     python -m experiments.needle_cue --uuid-groups runs/needle_cue_*_uuid.json
 """
