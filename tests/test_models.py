@@ -13,7 +13,7 @@ from titans_jax import decoding as gen
 from titans_jax.models import ModelConfig, TitansLM, abstract_params, param_count
 from titans_jax.presets import MLP_MULTIPLE, PRESETS, preset
 
-from tiny_lm import ARCHS, model_getter, tiny_config
+from tiny_lm import ARCHS, LENGTH, TINY, model_getter, tiny_config
 from tiny_lm import arch_params as _arch_params
 
 SLOW = {"mac_learned", "mac_block_input", "ttt", "linear", "mal"}  # code paths of mac / lmm / mag with other settings
@@ -126,6 +126,18 @@ def test_mac_write_block_input_changes_what_the_memory_writes_not_the_parameters
         assert float(jnp.max(jnp.abs(a - b))) > 1e-6
 
 
+
+def test_transformer_is_swa_with_a_window_that_spans_the_sequence(tiny_models):
+    """The Transformer++ control differs from SWA by the attention mask alone: the same parameters,
+    and with a window as long as the sequence the same logits."""
+    with jax.enable_x64(True):
+        full, swa = tiny_models("transformer"), tiny_models("swa")
+        assert jax.tree.structure(full.params) == jax.tree.structure(swa.params)
+        spanning = TitansLM(tiny_config("swa", window=LENGTH))
+        logits = full.forward(full.params, full.tokens)
+        np.testing.assert_allclose(spanning.apply({"params": full.params}, full.tokens), logits, rtol=0, atol=1e-12)
+        windowed = swa.forward(full.params, full.tokens)  # the tiny window (6) changes every later position
+        assert float(jnp.max(jnp.abs(windowed[:, TINY["window"] + 1:] - logits[:, TINY["window"] + 1:]))) > 1e-6
 def test_bad_configs_are_rejected_with_clear_errors():
     with pytest.raises(ValueError, match="multiple of the memory chunk size"):
         tiny_config("mac", segment_size=6)
