@@ -250,6 +250,28 @@ def test_run_losses_reads_the_last_steps_once_each_and_the_last_books_figure(tmp
         run_losses(tmp_path)
 
 
+def test_run_losses_windows_average_consecutive_steps_once_each(tmp_path):
+    """--windows: steps 1-2, 3-4, 5 (the short last window named by its range); a resumed step
+    counts with its last value; the table holds every run's windows and books figure."""
+    import json
+
+    from experiments.run_losses import loss_windows, windows_table
+
+    rows = [{"step": s, "loss": float(s)} for s in range(1, 6)] + [{"step": 4, "loss": 8.0},
+                                                                   {"step": 5, "eval/books/bits_per_byte": 2.5}]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    assert loss_windows(tmp_path / "a", 2) == [(1, 2, 1.5), (3, 4, 5.5), (5, 5, 5.0)]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0}) for s in (1, 2)))
+    table = windows_table([str(tmp_path / "a"), str(tmp_path / "b")], 2).splitlines()
+    assert table[0] == "| run | loss 1-2 | loss 3-4 | loss 5-5 | books, bits per byte |"
+    assert table[2].endswith("| 1.500 | 5.500 | 5.000 | 2.500 |")
+    assert table[3].endswith("| 1.000 | - | - | - |")
+    with pytest.raises(ValueError, match="--windows must be >= 1"):
+        loss_windows(tmp_path / "a", 0)
+
+
 def test_model_changes_parse_model_fields_and_name_bad_items():
     """configs.model_changes: what --set gives an evaluation (needle_cue, stream_drift)."""
     from experiments.configs import model_changes
