@@ -126,7 +126,6 @@ def test_mac_write_block_input_changes_what_the_memory_writes_not_the_parameters
         assert float(jnp.max(jnp.abs(a - b))) > 1e-6
 
 
-
 def test_transformer_is_swa_with_a_window_that_spans_the_sequence(tiny_models):
     """The Transformer++ control differs from SWA by the attention mask alone: the same parameters,
     and with a window as long as the sequence the same logits."""
@@ -138,6 +137,8 @@ def test_transformer_is_swa_with_a_window_that_spans_the_sequence(tiny_models):
         np.testing.assert_allclose(spanning.apply({"params": full.params}, full.tokens), logits, rtol=0, atol=1e-12)
         windowed = swa.forward(full.params, full.tokens)  # the tiny window (6) changes every later position
         assert float(jnp.max(jnp.abs(windowed[:, TINY["window"] + 1:] - logits[:, TINY["window"] + 1:]))) > 1e-6
+
+
 def test_bad_configs_are_rejected_with_clear_errors():
     with pytest.raises(ValueError, match="multiple of the memory chunk size"):
         tiny_config("mac", segment_size=6)
