@@ -144,6 +144,30 @@ def test_ablation_switches(switch):
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
 
 
+def test_write_false_keeps_the_memory_at_its_initial_weights():
+    """write=False (an evaluation intervention) takes the trained parameters as they are, leaves
+    M_t = M_0 and S_t = 0 after a whole sequence, and so a token's output no longer depends on
+    tokens beyond the short convolution's reach, where the writing layer's does."""
+    with jax.enable_x64(True):
+        layer, variables, x = build(TINY)
+        frozen = LMMLayer(replace(TINY, {"write": False}))
+        assert jax.tree.structure(jax.eval_shape(frozen.init, jax.random.PRNGKey(0), x)) == \
+            jax.tree.structure(variables)
+        y, state = frozen.apply(variables, x)
+        initial = layer.apply(variables, x.shape[0], method=LMMLayer.initial_state).memory
+        for got, want in zip(jax.tree.leaves((state.memory.weights, state.memory.momentum)),
+                             jax.tree.leaves((initial.weights, initial.momentum))):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        changed = x.at[:, 0].add(1.0)
+        reach = TINY.conv_width  # token 0 reaches tokens 0 .. conv_width - 1 through the conv
+        y_changed, _ = frozen.apply(variables, changed)
+        np.testing.assert_array_equal(np.asarray(y_changed[:, reach:]), np.asarray(y[:, reach:]))
+        assert float(jnp.max(jnp.abs(y_changed[:, :reach] - y[:, :reach]))) > 1e-6
+        writing, _ = layer.apply(variables, x)
+        writing_changed, _ = layer.apply(variables, changed)
+        assert float(jnp.max(jnp.abs(writing_changed[:, -1] - writing[:, -1]))) > 1e-6
+
+
 def test_bf16_projections_keep_float32_memory_state():
     config = replace(TINY, dict(dtype="bfloat16", param_dtype="float32"))
     layer, variables, x = build(config)

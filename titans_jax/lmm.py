@@ -66,6 +66,11 @@ class LMMConfig:
     # early tokens grew ~10x per 256 tokens (5e13 at 4K tokens, d 512) while the forward stayed
     # bounded (tests/test_lmm.py::test_gradients_stay_bounded_over_long_sequences).
     alpha_bias_init: float = -8.0
+    # write=False: the memory never changes (theta and alpha are zero, so with the zero initial
+    # momentum M_t = M_0 at every token) and retrieves M_0(q_t), its learned initial weights applied
+    # to each query. An intervention for trained models (the parameters are the same): what a
+    # model reads without what its memory learns at test time (experiments.qa_choice --set).
+    write: bool = True
     # short convolution and normalisation
     conv_width: int = 4
     qk_l2_norm: bool = True
@@ -298,6 +303,8 @@ class LMMLayer(nn.Module):
         theta = cfg.theta_max * jax.nn.sigmoid(logits[0])
         log_eta = jax.nn.log_sigmoid(logits[1]) if cfg.use_momentum else None
         log_keep = jax.nn.log_sigmoid(-logits[-1]) if cfg.use_forgetting else None  # log(1 - alpha)
+        if not cfg.write:
+            theta, log_keep = jnp.zeros_like(theta), None if log_keep is None else jnp.zeros_like(log_keep)
         theta, log_eta, log_keep = (None if t is None else sharding.constrain(t, token_axes[:3])
                                     for t in (theta, log_eta, log_keep))
         # The memory's inputs, kept only when a caller makes "diagnostics" mutable
