@@ -33,6 +33,11 @@ Renormalised over those words it is the model's choice. Per task and length, ove
   copying the last place scores 0 and following the asked person is needed);
 - kind: the mean unnormalised probability of writing one of the words at all (the answer's form;
   the LMM's answers at 16K were not words).
+
+Each row also keeps how far from the prompt's end its story ends and its answer was last named
+(fact_distances, in tokens). `--report ... --reach N` splits every cell at N: the stories whose
+answer a sliding window of reach N (layers x (window - 1) tokens) can see, and the others. Files
+scored before the distances were kept get them from the evaluation set their args name.
 """
 
 from __future__ import annotations
@@ -82,11 +87,49 @@ def score_rows(runner, rows, tokenizer, progress: bool = False) -> list[dict]:
         ids = np.asarray(tokenizer.encode(_text(row["prompt"])), np.int32)
         logprobs = runner.continuation_logprobs(ids, [tokenizer.encode(answer_text(word)) for word in words])
         out.append({"task": task, "length": int(row["length"]), "seed": seed, "answer": _text(row["answer"]),
-                    "words": list(words), "logprobs": logprobs})
+                    "words": list(words), "logprobs": logprobs,
+                    **(fact_distances(row) if "needle_chars" in row else {})})
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    return out
+
+
+def fact_distances(row) -> dict:
+    """Tokens from the end of the story's last sentence (`story_distance`) and of its last sentence
+    that names the answer (`answer_distance`) to the prompt's end, where the model starts writing
+    the answer: past a sliding window's reach (layers x (window - 1) tokens) attention cannot see
+    them. `row`: an evaluation row (prompt, answer, needle_chars / needle_tokens: the story's
+    sentences, in order)."""
+    prompt, answer = _text(row["prompt"]), _text(row["answer"])
+    chars, tokens = np.asarray(row["needle_chars"]), np.asarray(row["needle_tokens"])
+    total = int(row["length"])  # the prompt's tokens
+    naming = [i for i, (start, end) in enumerate(chars) if answer in prompt[start:end]]
+    if len(chars) == 0 or not naming:
+        raise ValueError(f"row {_text(row['task'])}/{row['seed']}: no story sentence names the answer {answer!r}")
+    return {"story_distance": int(total - tokens[-1][1]), "answer_distance": int(total - tokens[naming[-1]][1])}
+
+
+def with_distances(rows: list[dict], args: dict) -> list[dict]:
+    """`rows` of a file scored before the distances were kept, given them from its evaluation set
+    (rebuilt from the file's args: the same tasks, lengths, stories and depth)."""
+    if all("answer_distance" in row for row in rows):
+        return rows
+    from titans_jax.data.tokenizers import ByteTokenizer
+    from titans_jax.long_context.eval_sets import EvalSetSpec, load_eval_set
+
+    spec = EvalSetSpec(tasks=tuple(args["tasks"].split(",")), lengths=tuple(int(n) for n in args["lengths"].split(",")),
+                       depths=(args.get("depth"),), num_per_cell=args["per_cell"], seed=args["seed"], name="harness")
+    source = load_eval_set(spec, ByteTokenizer())
+    found = {(_text(ex["task"]), int(ex["length"]), int(ex["seed"])): ex for ex in map(source.__getitem__,
+                                                                                        range(len(source)))}
+    out = []
+    for row in rows:
+        ex = found.get((row["task"], row["length"], row["seed"]))
+        if ex is None or _text(ex["answer"]) != row["answer"]:
+            raise ValueError(f"row {row['task']}/{row['length']}/{row['seed']} is not in the evaluation set of {args}")
+        out.append({**row, **fact_distances(ex)})
     return out
 
 
@@ -137,12 +180,11 @@ def measures(row: dict, prior: np.ndarray, blind: np.ndarray) -> dict:
             "kind": float(np.exp(np.asarray(row["logprobs"], float)).sum())}
 
 
-def summarise(rows: list[dict], prior_examples: int = 5000) -> dict[tuple[str, int], dict]:
-    """(task, length) -> the mean of each measure over its stories, with n, the choice's binomial
-    interval and the half-widths of the two gains' 95% intervals (`gain_95`, `story_gain_95`;
-    normal, 1.96 sd / sqrt(n): paired by story). `blind` is the model's mean choice over the
-    other stories of the cell (of the same words): what the model gives the story's words on
-    average, read or not, so that story - blind_story is what reading the story adds."""
+def cell_measures(rows: list[dict], prior_examples: int = 5000) -> tuple[dict, dict]:
+    """((task, length) -> [(row, its measures)], (task, length) -> the cell's story depth). `blind`
+    is the model's mean choice over the other stories of the cell (of the same words): what the
+    model gives the story's words on average, read or not, so that story - blind_story is what
+    reading the story adds."""
     depths: dict[tuple[str, int], set] = {}
     for row in rows:
         missing = [key for key in ROW_KEYS if key not in row]
@@ -163,18 +205,55 @@ def summarise(rows: list[dict], prior_examples: int = 5000) -> dict[tuple[str, i
         prior = kind_prior(counts[task], words)
         for row, own in zip(cell, choices):  # blind: the mean over the cell's other stories
             blind = (total - own) / (n - 1) if n > 1 else own
-            groups.setdefault((task, length), []).append(measures(row, prior, blind))
-    summary = {}
-    for key, group in sorted(groups.items()):
-        n, right = len(group), sum(item["right"] for item in group)
-        hard = [item["right"] for item in group if not item["gold_last"]]
-        mean = {name: float(np.mean([item[name] for item in group])) for name in group[0]}
-        half = {f"{name}_95": 1.96 * float(np.std([item[name] for item in group], ddof=1)) / math.sqrt(n)
-                if n > 1 else math.inf for name in ("gain", "story_gain")}
-        summary[key] = {**mean, **half, "n": n, "interval": binomial_interval(right, n), "not_last_n": len(hard),
-                        "depth": next(iter(depths[key])),
-                        "not_last_right": float(np.mean(hard)) if hard else math.nan}
-    return summary
+            groups.setdefault((task, length), []).append((row, measures(row, prior, blind)))
+    return groups, {key: next(iter(found)) for key, found in depths.items()}
+
+
+def mean_measures(group: list[dict]) -> dict:
+    """The mean of each measure over a group of stories' measures, with n, the choice's binomial
+    interval and the half-widths of the two gains' 95% intervals (`gain_95`, `story_gain_95`;
+    normal, 1.96 sd / sqrt(n): paired by story)."""
+    n, right = len(group), sum(item["right"] for item in group)
+    hard = [item["right"] for item in group if not item["gold_last"]]
+    mean = {name: float(np.mean([item[name] for item in group])) for name in group[0]}
+    half = {f"{name}_95": 1.96 * float(np.std([item[name] for item in group], ddof=1)) / math.sqrt(n)
+            if n > 1 else math.inf for name in ("gain", "story_gain")}
+    return {**mean, **half, "n": n, "interval": binomial_interval(right, n), "not_last_n": len(hard),
+            "not_last_right": float(np.mean(hard)) if hard else math.nan}
+
+
+def summarise(rows: list[dict], prior_examples: int = 5000) -> dict[tuple[str, int], dict]:
+    """(task, length) -> mean_measures over its stories (cell_measures) and the cell's depth."""
+    groups, depths = cell_measures(rows, prior_examples)
+    return {key: {**mean_measures([item for _, item in groups[key]]), "depth": depths[key]} for key in sorted(groups)}
+
+
+def reach_report(results: dict[str, list[dict]], reach: int, prior_examples: int = 5000) -> str:
+    """Each cell split by whether the story's last sentence naming the answer ends within `reach`
+    tokens of the prompt's end (fact_distances): the choice and the story mass above blind (blind
+    over the whole cell, as in the main table) of the stories whose answer a sliding window of that
+    reach can see, and of the others."""
+    lines = [f"Stories split by where the last sentence naming the answer ends: within {reach:,} tokens of the "
+             "prompt's end, or farther", "",
+             "| model | task | length | within: stories | choice % [95%] | story: model - blind [95%] | "
+             "farther: stories | choice % [95%] | story: model - blind [95%] |", "|---" * 9 + "|"]
+    for name, rows in results.items():
+        groups, depths = cell_measures(rows, prior_examples)
+        for (task, length), group in sorted(groups.items()):
+            at = "" if depths[(task, length)] is None else f" (story at {depths[(task, length)]:g})"
+            cells = []
+            for part in ([m for row, m in group if row["answer_distance"] <= reach],
+                         [m for row, m in group if row["answer_distance"] > reach]):
+                if not part:
+                    cells.append("0 | - | -")
+                    continue
+                s = mean_measures(part)
+                lo, hi = s["interval"]
+                spread = "" if s["n"] < 2 else f" ± {s['story_gain_95']:.2f}"
+                cells.append(f"{s['n']} | {100 * s['right']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}] | "
+                             f"{s['story_gain']:+.2f}{spread}")
+            lines.append(f"| {name} | {task} | {length:,}{at} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
 
 
 def report(results: dict[str, list[dict]], prior_examples: int = 5000) -> str:
@@ -248,13 +327,26 @@ def main(argv=None) -> str:
     add_model_changes_argument(parser)
     parser.add_argument("--out", help="JSON file for the scored rows (with --run)")
     parser.add_argument("--report", nargs="+", metavar="NAME=JSON", help="tabulate --out files side by side")
+    parser.add_argument("--reach", type=int, default=None,
+                        help="with --report: split each cell by whether the last sentence naming the answer ends "
+                             "within this many tokens of the prompt's end (a sliding window's reach: layers x "
+                             "(window - 1))")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.reach is not None and not args.report:
+        parser.error("--reach splits the cells of --report files")
     if bool(args.run) == bool(args.report):
         parser.error("give either --run (score a model) or --report NAME=JSON ... (tabulate scored files)")
     if args.report:
         paths = named_paths(parser, "--report", args.report)
-        text = report({name: json.loads(path.read_text())["rows"] for name, path in paths.items()})
+        files = {name: json.loads(path.read_text()) for name, path in paths.items()}
+        if args.reach is None:
+            text = report({name: data["rows"] for name, data in files.items()})
+        else:
+            if args.reach < 0:
+                parser.error(f"--reach must be >= 0, got {args.reach}")
+            text = reach_report({name: with_distances(data["rows"], data["args"]) for name, data in files.items()},
+                                args.reach)
     else:
         if args.per_cell < 1:
             parser.error(f"--per-cell must be >= 1, got {args.per_cell}")

@@ -125,6 +125,48 @@ def test_summary_the_blind_control_and_the_report(tmp_path):
         qc.main([])
 
 
+def test_reach_split_and_the_distances_of_older_files(tmp_path, monkeypatch):
+    """--reach splits each cell by the answer's distance from the question (the blind control over
+    the whole cell); files scored before the distances were kept get them from their evaluation set."""
+    near, far = _cell(reads=True, n=6), [row for row in _cell(reads=False, n=12) if row["seed"] >= 6]
+    rows = [{**row, "answer_distance": 100} for row in near] + [{**row, "answer_distance": 500} for row in far]
+    groups, _ = qc.cell_measures(rows, prior_examples=200)
+    within = qc.mean_measures([m for row, m in groups[("qa1", 1024)] if row["answer_distance"] <= 381])
+    farther = qc.mean_measures([m for row, m in groups[("qa1", 1024)] if row["answer_distance"] > 381])
+    assert within["n"] == farther["n"] == 6 and within["story_gain"] > 0.1 > farther["story_gain"]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"args": {}, "rows": rows}))
+    text = qc.main(["--report", f"m={path}", "--reach", "381"])
+    lo, hi = within["interval"]
+    assert (f"| m | qa1 | 1,024 | 6 | {100 * within['right']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}] | "
+            f"{within['story_gain']:+.2f} ± {within['story_gain_95']:.2f} | 6 |") in text
+    assert "| m | qa1 | 1,024 | 12 |" in qc.main(["--report", f"m={path}", "--reach", "1000"])
+    assert text.count("0 | - | -") == 0 and "| 0 | - | - |" in qc.main(["--report", f"m={path}", "--reach", "1000"])
+    for bad in (["--reach", "381"], ["--report", f"m={path}", "--reach", "-1"]):
+        with pytest.raises(SystemExit):
+            qc.main(bad)
+    # an older file: its rows carry no distances; the evaluation set its args name gives them
+    documents = [" ".join(f"Line {d} {i} of a quiet page." for i in range(300)) for d in range(4)]
+    examples = [make_example("qa1", 1024, seed=seed, haystack=text_haystack("fixture", documents)) for seed in (0, 1)]
+    source = [{**harness.example_row(e), "needle_chars": np.asarray(e.needle_chars),
+               "needle_tokens": np.asarray(e.needle_tokens)} for e in examples]
+    asked = []
+
+    def fake_load(spec, tokenizer):
+        asked.append(spec)
+        return source
+
+    monkeypatch.setattr("titans_jax.long_context.eval_sets.load_eval_set", fake_load)
+    old = [{**_row("qa1", e.seed, [0.0] * 6), "answer": e.answer} for e in examples]
+    args = {"tasks": "qa1", "lengths": "1024", "per_cell": 2, "seed": 0}
+    filled = qc.with_distances(old, args)
+    assert [row["answer_distance"] for row in filled] == [qc.fact_distances(row)["answer_distance"] for row in source]
+    assert asked[0].depths == (None,) and asked[0].num_per_cell == 2 and asked[0].lengths == (1024,)
+    assert qc.with_distances(filled, args) is filled and len(asked) == 1  # nothing to fill: no set built
+    with pytest.raises(ValueError, match="not in the evaluation set"):
+        qc.with_distances([{**old[0], "seed": 7}], args)
+
+
 def test_scored_rows_are_the_harness_stories(lmm):
     """score_rows on an untrained model: one row per prompt, every word of the answer's kind (qa5:
     people or objects, as its question asks) scored, a non-qa row refused."""
@@ -133,10 +175,18 @@ def test_scored_rows_are_the_harness_stories(lmm):
     haystack = text_haystack("fixture", documents)
     tokenizer = ByteTokenizer()
     examples = [make_example(task, 1024, seed=seed, haystack=haystack) for task in ("qa1", "qa5") for seed in (0, 1)]
-    rows = qc.score_rows(runner, [harness.example_row(e) for e in examples], tokenizer)
+    spans = [{"needle_chars": e.needle_chars, "needle_tokens": e.needle_tokens} for e in examples]
+    rows = qc.score_rows(runner, [{**harness.example_row(e), **s} for e, s in zip(examples, spans)], tokenizer)
     for row, example in zip(rows, examples):
         assert row["answer"] == example.answer and row["words"] == list(qb.KINDS[qb.answer_kind(example.answer)])
         assert len(row["logprobs"]) == len(row["words"]) and all(v < 0 for v in row["logprobs"])
+        # where the story ends and where its answer was last named, in bytes from the prompt's end (the
+        # haystack's lines name no place or person: the sentence with the answer's last mention names it)
+        context = example.prompt[:example.prompt.index("</context>")]
+        naming_end = context.index(".", context.rindex(example.answer)) + 1
+        assert row["answer_distance"] == len(example.prompt.encode()) - len(context[:naming_end].encode())
+        assert 0 < row["story_distance"] <= row["answer_distance"]
+    assert "answer_distance" not in qc.score_rows(runner, [harness.example_row(examples[0])], tokenizer)[0]
     niah = make_example("niah_single_1", 512, 0.5, 0, tokenizer)
     with pytest.raises(ValueError, match="scores the qa tasks"):
         qc.score_rows(runner, [harness.example_row(niah)], tokenizer)
