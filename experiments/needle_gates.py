@@ -26,6 +26,8 @@ example's figures to --out. With --exact (the model's experiments.needle_cue fil
 examples: same task, depth and evaluation seeds) it adds each example's exact match, and per
 length and layer the retention on the right answers against the wrong ones. A model
 without the forgetting gate has retention 1. --rows reports an earlier --out file again.
+With a BABILong-style --task (qa1 ... qa5; --depth none: the facts anywhere, as trained) the
+needle is the answer's word in the story's last sentence that names it (answer_sentence).
 Byte-level models whose memory reads the token sequence itself (LMM, MAG, MAL, the linear
 memory, TTT): MAC's memory reads per-segment block inputs, which this does not map to tokens.
 """
@@ -37,6 +39,8 @@ import json
 import pathlib
 
 import numpy as np
+
+from titans_jax.long_context import babilong
 
 
 def needle_span(prompt: str, answer: str, sentence: tuple[int, int]) -> tuple[int, int]:
@@ -114,12 +118,23 @@ class GateStream:
         return layers
 
 
+def answer_sentence(example) -> tuple[int, int]:
+    """The character span of the needle's sentence (niah: the only one) or, for a BABILong-style
+    story, of its last sentence that names the answer (the fact the question is answered from,
+    or a later one naming the same word)."""
+    naming = [span for span in example.needle_chars if example.answer in example.prompt[span[0]:span[1]]]
+    if not naming:
+        raise ValueError(f"no sentence of the {example.task} example (seed {example.seed}) names its answer "
+                         f"{example.answer!r}")
+    return tuple(naming[-1])
+
+
 def example_figures(stream: GateStream, example) -> dict:
     """{memory layer path: layer_figures} for one example (an Example of titans_jax.long_context)."""
     from titans_jax.data.tokenizers import ByteTokenizer
 
     ids = ByteTokenizer().encode(example.prompt)
-    start, end = needle_span(example.prompt, example.answer, example.needle_chars[0])
+    start, end = needle_span(example.prompt, example.answer, answer_sentence(example))
     return {path: layer_figures(theta, log_keep, start, end) for path, theta, log_keep in stream.gates(ids)}
 
 
@@ -221,7 +236,12 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cli(doc: str, run_fn, report_fn, argv=None, per_cell: int = 16, exact_help: str = "") -> list[dict]:
+def _depth(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def cli(doc: str, run_fn, report_fn, argv=None, per_cell: int = 16, exact_help: str = "",
+        tasks=("niah_single_1", "niah_single_2")) -> list[dict]:
     """The command line of needle_gates and needle_write: run `run_fn` on a trained model (or
     read an earlier --out file), join --exact answers, print `report_fn`'s table, write --out."""
     from experiments.configs import add_model_changes_argument, parse_model_changes
@@ -229,9 +249,11 @@ def cli(doc: str, run_fn, report_fn, argv=None, per_cell: int = 16, exact_help: 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a trained run's directory (<out>/<variant>/seed<k>)")
     parser.add_argument("--rows", help="report the rows of an earlier --out file instead of running a model")
-    parser.add_argument("--task", default="niah_single_1", choices=("niah_single_1", "niah_single_2"))
+    parser.add_argument("--task", default="niah_single_1", choices=tasks)
     parser.add_argument("--lengths", default="1024,4096,16384")
-    parser.add_argument("--depth", type=float, default=0.5)
+    parser.add_argument("--depth", type=_depth, default=0.5,
+                        help="where the needle or story sits; none: drawn (niah, RULER's depths) or the facts "
+                             "anywhere (qa, as trained)")
     parser.add_argument("--per-cell", type=int, default=per_cell)
     parser.add_argument("--seed", type=int, default=0, help="the first evaluation seed")
     parser.add_argument("--window", type=int, default=4096, help="tokens a streamed call (the evaluation's)")
@@ -268,7 +290,8 @@ def cli(doc: str, run_fn, report_fn, argv=None, per_cell: int = 16, exact_help: 
 
 
 def main(argv=None) -> list[dict]:
-    return cli(__doc__, run, report, argv, exact_help=" and the retention of right against wrong answers")
+    return cli(__doc__, run, report, argv, exact_help=" and the retention of right against wrong answers",
+               tasks=("niah_single_1", "niah_single_2", *babilong.QA_TASKS))
 
 
 if __name__ == "__main__":

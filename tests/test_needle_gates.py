@@ -1,6 +1,7 @@
 """experiments.needle_gates: the forgetting gate's product between the needle and the question,
 from the gates the model computes while the prompt is streamed as the evaluation streams it."""
 
+import dataclasses
 import json
 import math
 
@@ -21,6 +22,23 @@ def test_needle_span_is_in_bytes_and_inside_the_needle_sentence():
     assert prompt.encode()[32:35] == b"123"
     with pytest.raises(ValueError, match="not in its sentence"):
         needle_gates.needle_span(prompt, "999", sentence)
+
+
+def test_a_story_s_needle_is_its_last_sentence_naming_the_answer():
+    from titans_jax.long_context.tasks import make_example
+    from titans_jax.long_context.haystacks import text_haystack
+
+    documents = [" ".join(f"Line {d} {i} of a quiet page." for i in range(300)) for d in range(4)]
+    example = make_example("qa1", 1024, seed=4, haystack=text_haystack("fixture", documents))  # named 3 times
+    start, end = needle_gates.answer_sentence(example)
+    sentence = example.prompt[start:end]
+    later = example.prompt[end:example.prompt.index("</context>")]
+    assert example.answer in sentence and example.answer not in later and (start, end) in example.needle_chars
+    niah = make_example("niah_single_1", 512, 0.5, 0)
+    assert needle_gates.answer_sentence(niah) == tuple(niah.needle_chars[0])
+    with pytest.raises(ValueError, match="names its answer"):
+        needle_gates.answer_sentence(dataclasses.replace(example, answer="attic"))
+    assert needle_gates._depth("none") is None and needle_gates._depth("0.5") == 0.5
 
 
 def test_layer_figures_are_the_gate_products_after_the_needle():
