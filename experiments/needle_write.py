@@ -39,7 +39,7 @@ function on the same pieces, compiled apart; replay_gap, its relative distance, 
 experiments.stream_drift measures the model's own float32 scale for it), and after its first
 piece, where it must be the model's state. With --exact the rows
 get each example's exact match, as in needle_gates. Byte-level LMM / MAG / MAL / linear memory /
-TTT models, as needle_gates.
+TTT models, as needle_gates; a BABILong-style story's needle is its answer's last mention, as there.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import needle_gates
+from titans_jax.long_context import babilong
 from titans_jax import memory as memory_lib
 
 # The replay runs the memory outside the model's compiled program, so float32 rounding differs.
@@ -130,7 +131,7 @@ def example_figures(stream: needle_gates.GateStream, config, example) -> dict:
     from titans_jax.data.tokenizers import ByteTokenizer
 
     ids = ByteTokenizer().encode(example.prompt)
-    start, end = needle_gates.needle_span(example.prompt, example.answer, example.needle_chars[0])
+    start, end = needle_gates.needle_span(example.prompt, example.answer, needle_gates.answer_sentence(example))
     question = len(example.prompt[:example.context_chars[1]].encode("utf-8"))
     if not 0 < start < end < question < ids.size:
         raise ValueError(f"needle [{start}, {end}), question at {question}, prompt of {ids.size} tokens: "
@@ -238,7 +239,8 @@ def report(rows: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     return needle_gates.cli(__doc__, run, report, argv, per_cell=8,
-                            exact_help=" and the later writes' factor on right against wrong answers")
+                            exact_help=" and the later writes' factor on right against wrong answers",
+                            tasks=("niah_single_1", "niah_single_2", *babilong.QA_TASKS))
 
 
 if __name__ == "__main__":

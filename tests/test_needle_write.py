@@ -87,6 +87,20 @@ def test_streamed_replays_are_the_whole_sequence_reference_replays(changes):
         assert all(figures["retention"] < 1.0 for figures in streamed.values())
 
 
+def test_a_story_s_needle_is_the_answer_s_last_mention():
+    story = "Mary went to the office. Some text. John went to the office. More haystack. Question: where? "
+    sentences = ((0, 24), (36, 60))
+    assert [story[a:b] for a, b in sentences] == ["Mary went to the office.", "John went to the office."]
+    both = types.SimpleNamespace(task="qa1", seed=0, prompt=story, answer="office", needle_chars=sentences,
+                                 context_chars=(0, story.index("Question")))
+    last = types.SimpleNamespace(**{**vars(both), "needle_chars": sentences[1:]})
+    with jax.enable_x64(True):
+        config, model, params = _model()
+        stream = needle_gates.GateStream(model, params, window=8)
+        figures = [needle_write.example_figures(stream, config, example) for example in (both, last)]
+    assert figures[0] == figures[1]
+
+
 def test_a_needle_without_a_question_after_it_is_refused():
     late = types.SimpleNamespace(**{**vars(EXAMPLE), "context_chars": (0, 30)})  # the question inside the needle
     with jax.enable_x64(True):
