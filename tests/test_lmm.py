@@ -196,7 +196,8 @@ def test_initial_state_method_matches_fresh_call():
     ("conv_width", -1, "conv_width"), ("theta_max", 0.0, "theta_max"), ("memory.impl", "fastest", "impl"),
     ("memory.chunk_size", 0, "chunk_size"), ("num_heads", 0, "num_heads"), ("dtype", "int8", "dtype"),
     ("dtype", "int32", "dtype"), ("memory.depth", 7, "depth"), ("norm_eps", 0.0, "norm_eps"),
-    ("memory.key_dim", 8, "conflicts with the enclosing layer"),
+    ("memory.key_dim", 8, "conflicts with the enclosing layer"), ("write", "no", "write"),
+    ("use_forgetting", 0, "use_forgetting"),
 ])
 def test_bad_config(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -91,6 +91,9 @@ class LMMConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"LMMConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("use_momentum", "use_forgetting", "write", "qk_l2_norm"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"LMMConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.memory, memory_lib.MemoryConfig):
             raise TypeError(f"LMMConfig.memory must be a MemoryConfig, got {type(self.memory).__name__}")
         if not isinstance(self.conv_width, (int, np.integer)) or self.conv_width < 0:
