@@ -22,8 +22,8 @@ def test_the_gate_is_sigmoid_of_the_normalised_retrieval_at_the_last_tokens():
     figures = mag_gate.gate_figures(model, params, ids, last=5)
     assert [f["layer"] for f in figures] == ["block_0", "block_1"]
     # independently: the memory's retrieval of each block, normalised with the gate's own scale
-    _, state = model.apply({"params": params}, jnp.asarray(ids), logits_at="none", capture_intermediates=True,
-                           mutable=["intermediates"])
+    _, state = jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(ids), logits_at="none",
+                                             capture_intermediates=True, mutable=["intermediates"]))(params)
     for f in figures:
         block = state["intermediates"][f["layer"]]
         m = np.asarray(block["memory"]["__call__"][0][0], np.float64)[:, -5:]
