@@ -51,8 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import needle_gates
-from titans_jax.long_context import babilong
 from titans_jax import memory as memory_lib
+from titans_jax.long_context import babilong
 
 # The replay runs the memory outside the model's compiled program, so float32 rounding differs.
 # After its first piece it must be the model's state (a wrong state or wrong inputs are off by
