@@ -94,14 +94,18 @@ def test_other_tasks_train_and_fill_the_cells_and_need_a_tag(capsys):
     argv = quick[0]["argv"]
     assert argv[len(argv) - 1 - argv[::-1].index("--tasks") + 1] == "qa2"  # the quick cell: the last --tasks wins
     assert [p["name"] for p in quick] == ["stage1", "stage2", "passkeys"]
+    long = nr.main(["--variant", "mag", "--seed", "1", "--tag", "mag_qa1", "--tasks", "qa1", "--stage16k", "--dry-run"])
+    assert [p["name"] for p in long] == ["stage1", "stage2", "long16k"]  # the 16K rows of qa1, no passkeys
+    argv = " ".join(long[2]["argv"])
+    assert "--set data.tasks=qa1 " in argv and "--set run.seq_len=16384 --set run.batch_size=1 --set data.seed=2001" in argv
+    assert "--init-from runs/lc_niah_mag_qa1_scratch_stage2 --out runs/lc_niah_mag_qa1_scratch_long16k" in argv
     capsys.readouterr()
     for argv, message in [
             (["--tasks", "qa1", "--dry-run"], "--tasks changes the training: give it a --tag"),
             (["--tasks", "qa1,qa9", "--tag", "x", "--dry-run"], "--tasks 'qa1,qa9': give distinct tasks from"),
             (["--tasks", "qa1,qa1", "--tag", "x", "--dry-run"], "give distinct tasks"),
             (["--tasks", "niah_single_1,qa1", "--tag", "x", "--numbers", "4", "--dry-run"],
-             "--numbers evaluates niah_single_2, which --tasks 'niah_single_1,qa1' does not train on"),
-            (["--tasks", "qa1", "--tag", "x", "--stage16k", "--dry-run"], "--stage16k evaluates passkeys")]:
+             "--numbers evaluates niah_single_2, which --tasks 'niah_single_1,qa1' does not train on")]:
         with pytest.raises(SystemExit):
             nr.main(["--variant", "lmm", "--seed", "0", *argv])
         assert message in capsys.readouterr().err
