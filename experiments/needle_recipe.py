@@ -23,6 +23,8 @@ its last checkpoint, experiments.train):
    stage 2 -> <runs>/lc_niah_<tag>_scratch_long16k (its cells as the other stages'), then, when the
    passkeys are trained on, its 96 passkeys at 1K / 4K / 16K (cue 0) ->
    needle_cue_<tag>_scratch_long16k_seed<k>.json.
+6. with --stage4k: 300 steps of two 4,096-token rows of the same tasks (data seed 3000 + seed; the
+   tokens of a stage-2 step) from stage 2 -> <runs>/lc_niah_<tag>_scratch_long4k, its cells.
 Then it prints each run's loss over its last 100 steps and its books bits per byte
 (experiments.run_losses). With --results DIR every output is copied there under the names the
 committed results use: lc_niah_<tag>_scratch{,_stage2}_seed<k>{.json,_table.md} (the driver's
@@ -54,7 +56,7 @@ def recipe(tasks: str = TASKS) -> tuple[str, ...]:
             "--depths", "0.1,0.5,0.9", "--per-cell", "2", "--set", f"data.tasks={tasks}",
             "--set", "data.task_fraction=0.75", "--set", "model.lmm.theta_max=0.003", "--set", "run.save_every=100")
 
-STEPS = {"stage1": 600, "stage2": 900, "long16k": 300}
+STEPS = {"stage1": 600, "stage2": 900, "long16k": 300, "long4k": 300}
 QUICK_TRAIN = ("preset=tiny", "run.seq_len=1024", "run.batch_size=2", "run.save_every=2", "run.log_every=1",
                "run.eval_batches=1", "run.sample_tokens=4", "optim.warmup_steps=1")
 QUICK_CELLS = ("--lengths", "1024", "--depths", "0.5", "--per-cell", "1")  # and the first task
@@ -66,7 +68,8 @@ def stage2_data_seed(seed: int) -> int:
 
 
 def plan(variant: str, seed: int, tag: str, sets: list[str], runs: pathlib.Path, numbers: int = 0,
-         stage16k: bool = False, quick: bool = False, tasks: str = TASKS, uuids: int = 0) -> list[dict]:
+         stage16k: bool = False, quick: bool = False, tasks: str = TASKS, uuids: int = 0,
+         stage4k: bool = False) -> list[dict]:
     """The phases in order: {"name", "module" (long_context_table / needle_cue), "argv", "out" (the
     stage's --out folder or the needle_cue file), "results" ({source: committed name}), and for
     needle_cue the "options" its file must have been made with}. The passkeys are evaluated when
@@ -114,6 +117,10 @@ def plan(variant: str, seed: int, tag: str, sets: list[str], runs: pathlib.Path,
         if "niah_single_1" in tasks.split(","):
             phases.append(cue("long16k passkeys", runs / f"{stem}_long16k",
                               f"needle_cue_{tag}_scratch_long16k_seed{seed}.json", "niah_single_1", passkeys, "0"))
+    if stage4k:
+        long_sets = [f"run.steps={steps['long4k']}"] + ([] if quick else ["run.seq_len=4096", "run.batch_size=2"])
+        long_sets.append(f"data.seed={3000 + seed}")
+        phases.append(stage("long4k", f"{stem}_long4k", long_sets, runs / f"{stem}_stage2", "_long4k"))
     return phases
 
 
@@ -151,6 +158,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--uuids", type=int, default=0, metavar="N", help="also N UUIDs in the essays")
     parser.add_argument("--stage16k", action="store_true", help="also the 16K-row stage (and its passkeys when "
                         "niah_single_1 is trained on)")
+    parser.add_argument("--stage4k", action="store_true", help="also the stage of 4K rows (from stage 2)")
     parser.add_argument("--runs", default="runs", help="where the runs and needle_cue files go")
     parser.add_argument("--results", metavar="DIR", help="copy every output here under its committed name")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -176,7 +184,7 @@ def main(argv=None) -> list[dict]:
         parser.error(f"--numbers evaluates niah_single_2, which --tasks {args.tasks!r} does not train on")
     tag = args.tag or args.variant
     phases = plan(args.variant, args.seed, tag, args.set, pathlib.Path(args.runs), args.numbers, args.stage16k,
-                  args.quick, args.tasks, args.uuids)
+                  args.quick, args.tasks, args.uuids, args.stage4k)
     results = pathlib.Path(args.results) if args.results else None
     for phase in phases:
         print(f"[recipe] {phase['name']}: {command(phase)}", flush=True)

@@ -99,6 +99,12 @@ def test_other_tasks_train_and_fill_the_cells_and_need_a_tag(capsys):
     argv = " ".join(long[2]["argv"])
     assert "--set data.tasks=qa1 " in argv and "--set run.seq_len=16384 --set run.batch_size=1 --set data.seed=2001" in argv
     assert "--init-from runs/lc_niah_mag_qa1_scratch_stage2 --out runs/lc_niah_mag_qa1_scratch_long16k" in argv
+    long = nr.main(["--variant", "mag", "--seed", "0", "--tag", "mag_qa1", "--tasks", "qa1", "--stage4k", "--dry-run"])
+    assert [p["name"] for p in long] == ["stage1", "stage2", "long4k"]
+    argv = " ".join(long[2]["argv"])
+    assert "--set run.steps=300 --set run.seq_len=4096 --set run.batch_size=2 --set data.seed=3000" in argv
+    assert "--init-from runs/lc_niah_mag_qa1_scratch_stage2 --out runs/lc_niah_mag_qa1_scratch_long4k" in argv
+    assert long[2]["results"][long[2]["out"] / "table.md"] == "lc_niah_mag_qa1_scratch_long4k_seed0_table.md"
     capsys.readouterr()
     for argv, message in [
             (["--tasks", "qa1", "--dry-run"], "--tasks changes the training: give it a --tag"),
