@@ -97,7 +97,8 @@ def test_other_tasks_train_and_fill_the_cells_and_need_a_tag(capsys):
     long = nr.main(["--variant", "mag", "--seed", "1", "--tag", "mag_qa1", "--tasks", "qa1", "--stage16k", "--dry-run"])
     assert [p["name"] for p in long] == ["stage1", "stage2", "long16k"]  # the 16K rows of qa1, no passkeys
     argv = " ".join(long[2]["argv"])
-    assert "--set data.tasks=qa1 " in argv and "--set run.seq_len=16384 --set run.batch_size=1 --set data.seed=2001" in argv
+    assert "--set data.tasks=qa1 " in argv
+    assert "--set run.seq_len=16384 --set run.batch_size=1 --set data.seed=2001" in argv
     assert "--init-from runs/lc_niah_mag_qa1_scratch_stage2 --out runs/lc_niah_mag_qa1_scratch_long16k" in argv
     long = nr.main(["--variant", "mag", "--seed", "0", "--tag", "mag_qa1", "--tasks", "qa1", "--stage4k", "--dry-run"])
     assert [p["name"] for p in long] == ["stage1", "stage2", "long4k"]
