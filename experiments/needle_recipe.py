@@ -25,6 +25,10 @@ its last checkpoint, experiments.train):
    needle_cue_<tag>_scratch_long16k_seed<k>.json.
 6. with --stage4k: 300 steps of two 4,096-token rows of the same tasks (data seed 3000 + seed; the
    tokens of a stage-2 step) from stage 2 -> <runs>/lc_niah_<tag>_scratch_long4k, its cells.
+7. with --every-eval: the passkeys of 3 (and the numbers of 4) again, the same parameters streamed
+   with every memory layer floored at evaluation (`MemoryConfig.every_layer_floor`, an intervention
+   the model was not trained with: does its memory's drift cost the needle?) ->
+   ..._seed<k>_every_eval{,_number}.json.
 Then it prints each run's loss over its last 100 steps and its books bits per byte
 (experiments.run_losses). With --results DIR every output is copied there under the names the
 committed results use: lc_niah_<tag>_scratch{,_stage2}_seed<k>{.json,_table.md} (the driver's
@@ -62,6 +66,10 @@ QUICK_TRAIN = ("preset=tiny", "run.seq_len=1024", "run.batch_size=2", "run.save_
 QUICK_CELLS = ("--lengths", "1024", "--depths", "0.5", "--per-cell", "1")  # and the first task
 
 
+EVERY_LAYER_FLOOR = "model.lmm.memory.every_layer_floor=true"
+NO_MEMORY = ("swa", "transformer")  # the architectures without a neural memory to floor
+
+
 def stage2_data_seed(seed: int) -> int:
     """Stage 2's data seed: 1 for run seed 0 (the first runs), 1000 + seed otherwise."""
     return 1 if seed == 0 else 1000 + seed
@@ -69,7 +77,7 @@ def stage2_data_seed(seed: int) -> int:
 
 def plan(variant: str, seed: int, tag: str, sets: list[str], runs: pathlib.Path, numbers: int = 0,
          stage16k: bool = False, quick: bool = False, tasks: str = TASKS, uuids: int = 0,
-         stage4k: bool = False) -> list[dict]:
+         stage4k: bool = False, every_eval: bool = False) -> list[dict]:
     """The phases in order: {"name", "module" (long_context_table / needle_cue), "argv", "out" (the
     stage's --out folder or the needle_cue file), "results" ({source: committed name}), and for
     needle_cue the "options" its file must have been made with}. The passkeys are evaluated when
@@ -90,11 +98,15 @@ def plan(variant: str, seed: int, tag: str, sets: list[str], runs: pathlib.Path,
                 "results": {out / "results.json": f"{stem}{suffix}_seed{seed}.json",
                             out / "table.md": f"{stem}{suffix}_seed{seed}_table.md"}}
 
-    def cue(name, run, file, task, per_cell, cues):
+    def cue(name, run, file, task, per_cell, cues, sets=()):
         out = runs / file
         options = {"run": str(run / variant / f"seed{seed}"), "task": task, "lengths": lengths, "per_cell": per_cell,
                    "cues": cues}
-        argv = [item for key, value in options.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+        if sets:
+            options["set"] = list(sets)  # needle_cue keeps its --set overrides as a list
+        argv = [item for key, value in options.items()
+                for one in (value if isinstance(value, list) else [value])
+                for item in (f"--{key.replace('_', '-')}", str(one))]
         return {"name": name, "module": "needle_cue", "out": out, "results": {out: file}, "options": options,
                 "argv": argv + ["--out", str(out), "--no-progress"]}
 
@@ -110,6 +122,12 @@ def plan(variant: str, seed: int, tag: str, sets: list[str], runs: pathlib.Path,
     if uuids:
         phases.append(cue("uuids", runs / f"{stem}_stage2", f"needle_cue_{tag}_scratch_seed{seed}_uuid.json",
                           "niah_single_3", uuids, "0"))
+    if every_eval:
+        for phase in [p for p in phases if p["name"] in ("passkeys", "numbers")]:
+            o = phase["options"]
+            file = phase["out"].name.replace(f"_seed{seed}", f"_seed{seed}_every_eval")
+            phases.append(cue(f"{phase['name']} every_eval", runs / f"{stem}_stage2", file, o["task"], o["per_cell"],
+                              o["cues"], [EVERY_LAYER_FLOOR]))
     if stage16k:
         long_sets = [f"run.steps={steps['long16k']}"] + ([] if quick else ["run.seq_len=16384", "run.batch_size=1"])
         long_sets.append(f"data.seed={2000 + seed}")
@@ -159,6 +177,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--stage16k", action="store_true", help="also the 16K-row stage (and its passkeys when "
                         "niah_single_1 is trained on)")
     parser.add_argument("--stage4k", action="store_true", help="also the stage of 4K rows (from stage 2)")
+    parser.add_argument("--every-eval", action="store_true", help="also the passkeys (and numbers) with every "
+                        "memory layer floored at evaluation, the same parameters")
     parser.add_argument("--runs", default="runs", help="where the runs and needle_cue files go")
     parser.add_argument("--results", metavar="DIR", help="copy every output here under its committed name")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -182,9 +202,16 @@ def main(argv=None) -> list[dict]:
         parser.error("--tasks changes the training: give it a --tag of its own (runs are named by tag)")
     if args.numbers and "niah_single_2" not in tasks:
         parser.error(f"--numbers evaluates niah_single_2, which --tasks {args.tasks!r} does not train on")
+    if args.every_eval and CONFIGS[f"lc_{args.variant}"].arch in NO_MEMORY:
+        parser.error(f"--every-eval floors the memory's layers; {args.variant!r} has no neural memory")
+    if args.every_eval and "niah_single_1" not in tasks:
+        parser.error(f"--every-eval evaluates the passkeys (niah_single_1), which --tasks {args.tasks!r} does not "
+                     f"train on")
+    if args.every_eval and EVERY_LAYER_FLOOR in args.set:
+        parser.error(f"--every-eval with --set {EVERY_LAYER_FLOOR}: the model is trained floored already")
     tag = args.tag or args.variant
     phases = plan(args.variant, args.seed, tag, args.set, pathlib.Path(args.runs), args.numbers, args.stage16k,
-                  args.quick, args.tasks, args.uuids, args.stage4k)
+                  args.quick, args.tasks, args.uuids, args.stage4k, args.every_eval)
     results = pathlib.Path(args.results) if args.results else None
     for phase in phases:
         print(f"[recipe] {phase['name']}: {command(phase)}", flush=True)

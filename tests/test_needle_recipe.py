@@ -35,14 +35,17 @@ def test_the_stages_are_the_commands_of_the_committed_results(variant, seed, tag
     ("numbers", "needle_cue_lmm_clip_scratch_seed1_number.json"),
     ("long16k passkeys", "needle_cue_lmm_linear_scratch_long16k_seed0.json"),
     ("uuids", "needle_cue_mag_no_persistent_scratch_seed1_uuid.json"),
+    ("passkeys every_eval", "needle_cue_lmm_floor_scratch_seed1_every_eval.json"),
+    ("numbers every_eval", "needle_cue_lmm_floor_scratch_seed1_every_eval_number.json"),
 ])
 def test_the_needles_are_those_of_the_committed_files(phase, file):
     saved = json.loads((RESULTS / file).read_text())["args"]
     variant, tag = saved["run"].split("/")[-2], file.split("needle_cue_")[1].split("_scratch")[0]
     seed = int(saved["run"].rsplit("seed", 1)[1])
     phases = {p["name"]: p for p in nr.plan(variant, seed, tag, [], pathlib.Path("runs"), numbers=48, stage16k=True,
-                                            uuids=48)}
+                                            uuids=48, every_eval=True)}
     assert {key: saved[key] for key in phases[phase]["options"]} == phases[phase]["options"]
+    assert (saved.get("set") or []) == phases[phase]["options"].get("set", [])  # the evaluation's overrides
     assert phases[phase]["out"] == pathlib.Path(saved["out"]) and phases[phase]["results"] == {
         phases[phase]["out"]: file}
 
@@ -82,6 +85,18 @@ def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         nr.main(["--variant", "lmm", "--seed", "0", "--uuids", "-1", "--dry-run"])
     assert "--uuids must be >= 0, got -1" in capsys.readouterr().err
+    phases = nr.main(["--variant", "mag", "--seed", "0", "--numbers", "48", "--every-eval", "--dry-run"])
+    assert [p["name"] for p in phases] == ["stage1", "stage2", "passkeys", "numbers", "passkeys every_eval",
+                                           "numbers every_eval"]
+    assert ("--cues 0,1 --set model.lmm.memory.every_layer_floor=true --out "
+            "runs/needle_cue_mag_scratch_seed0_every_eval.json") in capsys.readouterr().out
+    for argv, message in [
+            (["--variant", "swa", "--every-eval"], "--every-eval floors the memory's layers; 'swa' has no neural memory"),
+            (["--variant", "lmm", "--tag", "q", "--tasks", "qa1", "--every-eval"], "which --tasks 'qa1' does not"),
+            (["--variant", "lmm", "--tag", "f", "--set", nr.EVERY_LAYER_FLOOR, "--every-eval"], "trained floored")]:
+        with pytest.raises(SystemExit):
+            nr.main([*argv, "--seed", "0", "--dry-run"])
+        assert message in capsys.readouterr().err
 
 
 def test_other_tasks_train_and_fill_the_cells_and_need_a_tag(capsys):
@@ -132,17 +147,19 @@ def test_quick_recipe_runs_every_phase_and_a_rerun_skips_them(tmp_path, capsys):
         haystacks.essays_haystack()
     except FileNotFoundError as exc:
         pytest.skip(f"books or essays not fetched ({exc}); run `python -m titans_jax.data.fetch all`")
-    argv = ["--variant", "lmm", "--seed", "0", "--quick", "--numbers", "1", "--stage16k",
+    argv = ["--variant", "lmm", "--seed", "0", "--quick", "--numbers", "1", "--stage16k", "--every-eval",
             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
     phases = nr.main(argv)
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted(
         name for phase in phases for name in phase["results"].values())
     assert json.loads((tmp_path / "results" / "needle_cue_lmm_scratch_seed0_number.json").read_text())["args"][
         "task"] == "niah_single_2"
+    assert json.loads((tmp_path / "results" / "needle_cue_lmm_scratch_seed0_every_eval_number.json").read_text())[
+        "args"]["set"] == [nr.EVERY_LAYER_FLOOR]
     capsys.readouterr()
     nr.main(argv)
     out = capsys.readouterr().out
-    assert out.count("done, skipping") == 3 and out.count("exists with these options, skipping") == 3
+    assert out.count("done, skipping") == 3 and out.count("exists with these options, skipping") == 5
 
 
 def test_a_stage_keeps_its_own_report_when_another_seed_rewrites_the_shared_folder(tmp_path, monkeypatch):
