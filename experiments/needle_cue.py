@@ -57,6 +57,7 @@ import numpy as np
 
 from experiments.long_context_table import (answer_in_place, binomial_interval, cell, characters_in_place,
                                              said_answer)
+from titans_jax.long_context.tasks import NIAH_VALUE_TYPE
 
 
 def cued_prompt(prompt: str, answer: str, cue: int) -> str:
@@ -170,8 +171,9 @@ def combine(files: dict[str, dict]) -> str:
         lines.append(f"| mean ± sd over runs | {cue} | " + " | ".join(cells) + " |")
     args = first["args"]
     seeds = f"{args['seed']}..{args['seed'] + args['per_cell'] - 1}"
+    unit = "characters" if NIAH_VALUE_TYPE.get(args["task"]) == "uuids" else "digits"
     return (f"{args['task']}, depth {args['depth']}, evaluation seeds {seeds}; exact % [Wilson 95%] / "
-            f"% of the digits after the cue in place\n\n" + "\n".join(lines) + "\n")
+            f"% of the {unit} after the cue in place\n\n" + "\n".join(lines) + "\n")
 
 
 def length_curves(files: dict[str, dict]) -> dict[tuple, dict[int, list[float]]]:

@@ -112,6 +112,9 @@ def test_combine_gives_each_run_and_the_spread_over_runs(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SystemExit, match="cannot read"):
         nc.main(["--combine", paths[0], str(tmp_path / "bad.json")])
+    assert "% of the digits after the cue in place" in text
+    uuids = {name: {**c, "args": dict(c["args"], task="niah_single_3")} for name, c in (("a", a), ("b", b))}
+    assert "% of the characters after the cue in place" in nc.combine(uuids)  # a UUID's are not all digits
 
 
 def evaluated(run, length, per_cell, right, seed=0, depth=0.5, task="niah_single_1"):
