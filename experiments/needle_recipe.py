@@ -27,7 +27,8 @@ its last checkpoint, experiments.train):
    tokens of a stage-2 step) from stage 2 -> <runs>/lc_niah_<tag>_scratch_long4k, its cells.
 7. with --every-eval: the passkeys of 3 (and the numbers of 4) again, the same parameters streamed
    with every memory layer floored at evaluation (`MemoryConfig.every_layer_floor`, an intervention
-   the model was not trained with: does its memory's drift cost the needle?) ->
+   the model was not trained with: does the gate's shrinking of the memory, or its drift, cost the
+   needle?) ->
    ..._seed<k>_every_eval{,_number}.json.
 Then it prints each run's loss over its last 100 steps and its books bits per byte
 (experiments.run_losses). With --results DIR every output is copied there under the names the
