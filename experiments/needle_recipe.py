@@ -208,7 +208,9 @@ def main(argv=None) -> list[dict]:
     if args.every_eval and "niah_single_1" not in tasks:
         parser.error(f"--every-eval evaluates the passkeys (niah_single_1), which --tasks {args.tasks!r} does not "
                      f"train on")
-    if args.every_eval and EVERY_LAYER_FLOOR in args.set:
+    floor_key = EVERY_LAYER_FLOOR.split("=")[0]
+    if args.every_eval and any(s.partition("=")[0].strip() == floor_key and s.partition("=")[2].strip().lower()
+                               in ("true", "1") for s in args.set):
         parser.error(f"--every-eval with --set {EVERY_LAYER_FLOOR}: the model is trained floored already")
     tag = args.tag or args.variant
     phases = plan(args.variant, args.seed, tag, args.set, pathlib.Path(args.runs), args.numbers, args.stage16k,

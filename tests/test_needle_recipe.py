@@ -93,7 +93,9 @@ def test_bad_arguments_are_named(capsys):
     for argv, message in [
             (["--variant", "swa", "--every-eval"], "--every-eval floors the memory's layers; 'swa' has no neural memory"),
             (["--variant", "lmm", "--tag", "q", "--tasks", "qa1", "--every-eval"], "which --tasks 'qa1' does not"),
-            (["--variant", "lmm", "--tag", "f", "--set", nr.EVERY_LAYER_FLOOR, "--every-eval"], "trained floored")]:
+            (["--variant", "lmm", "--tag", "f", "--set", nr.EVERY_LAYER_FLOOR, "--every-eval"], "trained floored"),
+            (["--variant", "lmm", "--tag", "f", "--set", "model.lmm.memory.every_layer_floor=True", "--every-eval"],
+             "trained floored")]:
         with pytest.raises(SystemExit):
             nr.main([*argv, "--seed", "0", "--dry-run"])
         assert message in capsys.readouterr().err
